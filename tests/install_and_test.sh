@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs Weir with its test extras into .venv and runs the whole test suite (CPU only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e '.[test]'
+# the numerical reference; its metadata pins an old torch, so no deps
+python -m pip install -q --no-deps streamdiffusionv2==0.1.1
+python -m ruff check .
+python -m pytest -q tests "$@"
