@@ -1,0 +1,213 @@
+"""`weir bench engine` and `weir bench pipeline`: speed and memory of the streaming engine.
+
+    weir bench engine [--model wan-1.3b] [--resolutions 480x832,512x512] [--steps 1,2,3,4]
+                      [--vae wan,taehv] [--chunks 40] [--json out.json]
+
+For each (resolution, steps, vae) one stream is opened and fed chunks of 4 frames as fast as the
+engine takes them. Reported per configuration (medians unless named):
+  fps            frames out / wall time over the measured chunks (no per-stage sync)
+  dit_ms         DiT time per chunk (one stream-batch forward)      } measured in a second pass with a
+  enc_ms/dec_ms  VAE encode / decode time per 4-frame chunk          } device sync around each stage
+  chunk_p50/p99  wall time of one push of 4 frames (end to end)
+  ttff_warm_ms   open a new stream on the warm engine, push frame 0, first output frame back
+  ttff_cold_ms   first output of the first stream after the engine was built (includes warm-up)
+  peak_mem_gib   peak device memory
+Tables print to stdout; --json writes every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class EngineRow:
+    model: str
+    resolution: str
+    steps: int
+    vae: str
+    fps: float
+    dit_ms: float
+    enc_ms: float
+    dec_ms: float
+    chunk_p50_ms: float
+    chunk_p99_ms: float
+    ttff_warm_ms: float
+    ttff_cold_ms: float
+    peak_mem_gib: float
+    device: str
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+class _StageTimer:
+    """Wraps a stage method with device-synchronised wall timing (for the per-stage breakdown pass)."""
+
+    def __init__(self, obj: object, name: str, sync) -> None:
+        self.obj, self.name, self.sync = obj, name, sync
+        self.fn = getattr(obj, name)
+        self.times: list[float] = []
+
+    def __enter__(self) -> _StageTimer:
+        def timed(*args, **kwargs):
+            self.sync()
+            t0 = time.perf_counter()
+            out = self.fn(*args, **kwargs)
+            self.sync()
+            self.times.append(1000 * (time.perf_counter() - t0))
+            return out
+
+        setattr(self.obj, self.name, timed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        setattr(self.obj, self.name, self.fn)
+
+
+def _frames(num: int, height: int, width: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return [np.roll(base, 3 * i, axis=1) for i in range(num)]
+
+
+def bench_engine_config(engine, *, model: str, height: int, width: int, steps: int, vae: str,
+                        chunks: int, ttff_cold_ms: float) -> EngineRow:
+    """Measure one (resolution, steps, vae) configuration on a built engine."""
+    import torch
+
+    from stages.engine import StreamParams
+
+    dev = engine.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    params = StreamParams(prompt="a watercolor painting of a city street", num_steps=steps,
+                          height=height, width=width, vae=vae)
+    frames = _frames(1 + 4 * (chunks + steps + 4), height, width, seed=steps)
+
+    # TTFF on the warm engine: a fresh stream, frame 0 in, first frame out
+    ttffs = []
+    for rep in range(3):
+        sid = f"ttff-{rep}"
+        sync()
+        t0 = time.perf_counter()
+        engine.open_stream(sid, params)
+        out = engine.push_frame(sid, 0, frames[0])
+        sync()
+        ttffs.append(1000 * (time.perf_counter() - t0))
+        assert out, "the first frame must come out of the prefill"
+        engine.close_stream(sid)
+
+    # end to end: chunks of 4 pushed back to back
+    sid = "bench"
+    engine.open_stream(sid, params)
+    engine.push_frame(sid, 0, frames[0])
+    seq = 1
+    for _ in range(steps + 2):  # fill the stream batch
+        for _ in range(4):
+            engine.push_frame(sid, seq, frames[seq])
+            seq += 1
+    sync()
+    chunk_ms, produced = [], 0
+    t_start = time.perf_counter()
+    for _ in range(chunks):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            produced += len(engine.push_frame(sid, seq, frames[seq]))
+            seq += 1
+        sync()
+        chunk_ms.append(1000 * (time.perf_counter() - t0))
+    fps = produced / (time.perf_counter() - t_start)
+
+    # breakdown pass: sync around each stage
+    c = engine.components
+    with _StageTimer(c.dit, "step", sync) as t_dit, _StageTimer(c.encoders[vae], "encode", sync) as t_enc, \
+            _StageTimer(c.decoders[vae], "decode", sync) as t_dec:
+        for _ in range(min(chunks, 12)):
+            for _ in range(4):
+                engine.push_frame(sid, seq, frames[seq % len(frames)])
+                seq += 1
+    engine.close_stream(sid)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
+    return EngineRow(
+        model=model, resolution=f"{height}x{width}", steps=steps, vae=vae, fps=fps,
+        dit_ms=statistics.median(t_dit.times), enc_ms=statistics.median(t_enc.times),
+        dec_ms=statistics.median(t_dec.times), chunk_p50_ms=_percentile(chunk_ms, 50),
+        chunk_p99_ms=_percentile(chunk_ms, 99), ttff_warm_ms=statistics.median(ttffs),
+        ttff_cold_ms=ttff_cold_ms, peak_mem_gib=peak,
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    )
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r[c]).rjust(widths[c]) for c in columns))
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def engine_main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from stages.engine import EngineSpec, StreamEngine, StreamParams
+
+    p = argparse.ArgumentParser(prog="weir bench engine", description="single-device engine speed")
+    p.add_argument("--model", default="wan-1.3b")
+    p.add_argument("--resolutions", default="480x832,512x512")
+    p.add_argument("--steps", default="1,2,3,4")
+    p.add_argument("--vae", default="wan,taehv")
+    p.add_argument("--chunks", type=int, default=40)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--json", default=None, help="write the rows here")
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    resolutions = [tuple(int(x) for x in r.split("x")) for r in args.resolutions.split(",")]
+    vaes = args.vae.split(",")
+
+    rows: list[EngineRow] = []
+    t0 = time.perf_counter()
+    engine = StreamEngine(EngineSpec(model=args.model, vae=vaes[0], device=device, dtype=dtype))
+    build_s = time.perf_counter() - t0
+    h0, w0 = resolutions[0]
+    frames = _frames(1, h0, w0, 0)
+    t0 = time.perf_counter()
+    engine.open_stream("cold", StreamParams(prompt="cold start", num_steps=1, height=h0, width=w0, vae=vaes[0]))
+    engine.push_frame("cold", 0, frames[0])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    ttff_cold_ms = 1000 * (time.perf_counter() - t0) + 1000 * build_s
+    engine.close_stream("cold")
+    print(f"# built {args.model} on {device} ({dtype}) in {build_s:.1f} s", file=sys.stderr)
+    for (h, w) in resolutions:
+        for vae in vaes:
+            for steps in [int(s) for s in args.steps.split(",")]:
+                row = bench_engine_config(engine, model=args.model, height=h, width=w, steps=steps, vae=vae,
+                                          chunks=args.chunks, ttff_cold_ms=ttff_cold_ms)
+                rows.append(row)
+                print(json.dumps(asdict(row)), file=sys.stderr)
+    table = [asdict(r) for r in rows]
+    print_table(table, ["resolution", "vae", "steps", "fps", "dit_ms", "enc_ms", "dec_ms", "chunk_p50_ms",
+                        "chunk_p99_ms", "ttff_warm_ms", "ttff_cold_ms", "peak_mem_gib"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": table, "argv": argv}, f, indent=1)
+    return 0
+
+
+def pipeline_main(argv: list[str] | None = None) -> int:
+    from cluster.pipeline_bench import main
+
+    return main(argv)

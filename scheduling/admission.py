@@ -1,0 +1,496 @@
+"""Admission control: which pipeline replica takes a new stream, or why none can. Pure logic.
+
+For each replica that serves the request's shape, the controller predicts, with the steady-state load
+model of `scheduling.batching` (per-forward fixed cost A, per-row cost B, per-chunk cost C from the
+replica's measured profile), the load and forward time with the new stream added, assigns every stream
+the mode the batching scheduler would give it (stream batch unless only step by step meets its deadline),
+and checks, with a safety margin:
+
+    * the replica has a free stream slot and is not draining;
+    * the row load ρ = Σ λ (n B + C) stays under `max_row_load` (headroom for jitter);
+    * the new stream's TTFF and per-frame latency fit its SLO;
+    * every stream already there still fits ITS deadline (admitted streams are protected).
+
+Among the replicas that pass, it picks the cheapest for this stream: the replica's price times the
+share of its capacity the stream takes, cost_per_hour * Δρ / max_row_load; ties go to the fuller replica
+(packing streams leaves whole replicas idle for scale-down). When none passes it raises
+`AdmissionRefusedError` with a retry hint and every replica's numbers; when not even an idle replica of
+any known GPU class could meet the SLO it raises `SLOUnattainableError` with the floors.
+
+Affinity: an admitted stream stays on its replica until `finish_stream`.
+
+Worked example (A = 0.052 s, B = 0.006 s, C = 0.008 s; 16 fps streams, n = 2, deadline 1 s, margin 10%):
+one stream adds Δρ = 4 * (2 * 0.006 + 0.008) = 0.08. With 8 streams there, a 9th gives ρ = 0.72 and a
+forward bound of (0.052 + 0.012 + 0.008) / 0.28 = 0.257 s; in stream-batch mode the latency is
+0.1875 + 0.25 + 2 * 0.257 * 1.15 = 1.03 s > 0.9 s (and step by step cannot keep up): refused. With 6
+there, ρ = 0.56, forward 0.164 s, latency 0.814 s <= 0.9 s: admitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from scheduling.batching import (
+    BatchMode,
+    LoadEstimate,
+    StreamLoad,
+    StreamSpec,
+    alone_floor_s,
+    estimate_load,
+    predicted_latency_s,
+    predicted_ttff_s,
+)
+from scheduling.profile import ProfileBook, ShapeKey, StageProfile
+from stages.errors import (
+    AdmissionRefusedError,
+    BadRequestError,
+    SLOUnattainableError,
+    StreamExistsError,
+    StreamNotFoundError,
+)
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """A stream asking to be admitted."""
+
+    stream_id: str
+    shape: ShapeKey
+    spec: StreamSpec
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """A pipeline replica as admission sees it (static; its streams are tracked by the controller)."""
+
+    replica_id: str
+    gpu_class: str
+    """Names the profile (with `shape`) and the autoscaling pool."""
+    shape: ShapeKey
+    """The model, resolution and VAE this replica serves."""
+    num_blocks: int
+    """DiT blocks one forward runs (L), >= 1."""
+    max_streams: int
+    """Stream slots (memory for per-stream caches), >= 1."""
+    cost_per_hour: float = 1.0
+    """Price of the replica, >= 0, in any consistent unit."""
+
+    def __post_init__(self) -> None:
+        if not self.replica_id:
+            raise ValueError("replica_id must be non-empty")
+        if self.num_blocks < 1:
+            raise ValueError(f"num_blocks={self.num_blocks} must be >= 1")
+        if self.max_streams < 1:
+            raise ValueError(f"max_streams={self.max_streams} must be >= 1")
+        if self.cost_per_hour < 0.0:
+            raise ValueError(f"cost_per_hour={self.cost_per_hour} must be >= 0")
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Tunables of admission."""
+
+    latency_margin: float = 0.1
+    """Predictions must fit within (1 - margin) of each objective, in [0, 0.9]."""
+    max_row_load: float = 0.85
+    """Largest row load ρ a replica may carry, in (0, 1)."""
+    safety_factor: float = 1.15
+    """Forward times are multiplied by this (as in the batching scheduler), in [1, 3]."""
+    retry_after_s: float = 5.0
+    """Retry hint of a refusal when the caller has no better estimate, in (0, 600]."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.latency_margin <= 0.9:
+            raise ValueError(f"latency_margin={self.latency_margin} must be in [0, 0.9]")
+        if not 0.0 < self.max_row_load < 1.0:
+            raise ValueError(f"max_row_load={self.max_row_load} must be in (0, 1)")
+        if not 1.0 <= self.safety_factor <= 3.0:
+            raise ValueError(f"safety_factor={self.safety_factor} must be in [1, 3]")
+        if not 0.0 < self.retry_after_s <= 600.0:
+            raise ValueError(f"retry_after_s={self.retry_after_s} must be in (0, 600]")
+
+
+@dataclass(frozen=True)
+class ReplicaEstimate:
+    """What admitting a stream on one replica would do. `reason` is "" when it fits."""
+
+    replica_id: str
+    gpu_class: str
+    fits: bool
+    reason: str
+    mode: BatchMode | None
+    """The new stream's predicted mode (None when the replica cannot serve the shape)."""
+    ttff_s: float
+    latency_s: float
+    """The new stream's predicted per-frame latency."""
+    row_load: float
+    """ρ after admission."""
+    tick_s: float
+    """Forward-time bound after admission."""
+    worst_slack_s: float
+    """Smallest (deadline * (1 - margin) - predicted latency) over the streams already there; inf if none."""
+    cost_per_hour: float
+    """The stream's share of the replica's price: price * Δρ / max_row_load."""
+
+
+@dataclass(frozen=True)
+class AdmissionDecision:
+    """An admitted stream: where it goes and what it was promised."""
+
+    stream_id: str
+    replica_id: str
+    mode: BatchMode
+    predicted_ttff_s: float
+    predicted_latency_s: float
+    estimates: tuple[ReplicaEstimate, ...]
+
+
+@dataclass(frozen=True)
+class ReplicaLoadStats:
+    """One replica's admitted load."""
+
+    replica_id: str
+    gpu_class: str
+    live_streams: int
+    max_streams: int
+    row_load: float
+    draining: bool
+
+
+@dataclass(frozen=True)
+class AdmissionStats:
+    """Cumulative counters and the current load per replica."""
+
+    admitted: int
+    refused: int
+    unattainable: int
+    live_streams: int
+    replicas: tuple[ReplicaLoadStats, ...]
+
+
+def assign_modes(
+    profile: StageProfile, num_blocks: int, specs: Sequence[StreamSpec], config: AdmissionConfig
+) -> tuple[list[BatchMode], LoadEstimate]:
+    """The modes the batching scheduler would settle on under this load, and the resulting estimate:
+    stream batch, except streams whose deadline only step by step can meet. Iterates to a fixed point
+    (at most 4 rounds; modes change the forward time).
+
+    Example: a 16 fps, 2-step stream with a 0.4 s deadline can never stream-batch (0.1875 + 0.25 > 0.36),
+    so it gets STEP_BY_STEP; one with a 1 s deadline gets STREAM_BATCH.
+    """
+    modes = [BatchMode.STREAM_BATCH] * len(specs)
+    estimate = estimate_load(profile, num_blocks, [StreamLoad(s, m) for s, m in zip(specs, modes)])
+    for _ in range(4):
+        budget = [s.slo.frame_deadline_s * (1.0 - config.latency_margin) for s in specs]
+        tick = estimate.tick_s * config.safety_factor
+        new = [
+            BatchMode.STEP_BY_STEP
+            if s.num_steps > 1 and predicted_latency_s(s, BatchMode.STREAM_BATCH, tick) > b
+            else BatchMode.STREAM_BATCH
+            for s, b in zip(specs, budget)
+        ]
+        if new == modes:
+            break
+        modes = new
+        estimate = estimate_load(profile, num_blocks, [StreamLoad(s, m) for s, m in zip(specs, modes)])
+    return modes, estimate
+
+
+@dataclass
+class _Replica:
+    info: ReplicaInfo
+    streams: dict[str, StreamSpec]
+    draining: bool = False
+
+
+class AdmissionController:
+    """Places streams on replicas (module docstring). State: the replicas and the streams on each.
+
+    Example: with replicas "h100-0" (price 4) and "l40-0" (price 1) both able to meet a stream's SLO,
+    admit() returns the one with the smaller price * Δρ; with neither able, it raises
+    AdmissionRefusedError(retry_after_s=...) whose details list both estimates.
+    """
+
+    def __init__(self, profiles: ProfileBook, config: AdmissionConfig | None = None) -> None:
+        self.profiles = profiles
+        self.config = config or AdmissionConfig()
+        self._replicas: dict[str, _Replica] = {}
+        self._placement: dict[str, str] = {}
+        self._admitted = 0
+        self._refused = 0
+        self._unattainable = 0
+
+    # -- replicas -----------------------------------------------------------------------------------
+
+    def add_replica(self, info: ReplicaInfo) -> None:
+        """Register a ready replica. Raises ValueError if the id exists or no profile covers it."""
+        if info.replica_id in self._replicas:
+            raise ValueError(f"replica {info.replica_id!r} is already registered")
+        self.profiles.get(info.gpu_class, info.shape)  # KeyError naming the missing profile
+        self._replicas[info.replica_id] = _Replica(info, {})
+
+    def remove_replica(self, replica_id: str) -> None:
+        """Forget a replica. Raises ValueError if it still carries live streams (drain it first)."""
+        replica = self._replica(replica_id)
+        if replica.streams:
+            raise ValueError(
+                f"replica {replica_id!r} still carries {len(replica.streams)} live streams; drain it first"
+            )
+        del self._replicas[replica_id]
+
+    def set_draining(self, replica_id: str, draining: bool = True) -> None:
+        """A draining replica keeps its streams but takes no new ones."""
+        self._replica(replica_id).draining = draining
+
+    def replicas(self) -> tuple[ReplicaInfo, ...]:
+        """The registered replicas."""
+        return tuple(r.info for r in self._replicas.values())
+
+    def streams_on(self, replica_id: str) -> tuple[str, ...]:
+        """Ids of the live streams on a replica."""
+        return tuple(self._replica(replica_id).streams)
+
+    def replica_of(self, stream_id: str) -> str:
+        """The replica a live stream is pinned to. Raises StreamNotFoundError."""
+        try:
+            return self._placement[stream_id]
+        except KeyError:
+            raise StreamNotFoundError(f"stream {stream_id!r} is not admitted", stream_id=stream_id) from None
+
+    # -- admission ----------------------------------------------------------------------------------
+
+    def estimate(self, request: StreamRequest) -> tuple[ReplicaEstimate, ...]:
+        """Every replica's estimate for the request, without changing anything."""
+        return tuple(self._estimate(r, request.spec, request.shape) for r in self._replicas.values())
+
+    def admit(
+        self, request: StreamRequest, now: float, retry_after_s: float | None = None
+    ) -> AdmissionDecision:
+        """Admit the stream on the best fitting replica, or raise.
+
+        `retry_after_s` is the caller's estimate of when capacity appears (e.g. a replica that is
+        starting); the config's default otherwise. Raises StreamExistsError for a live id,
+        BadRequestError when no GPU class has a profile for the shape, SLOUnattainableError when even an
+        idle replica of any profiled class misses the SLO, AdmissionRefusedError otherwise.
+        """
+        del now  # decisions depend on load, not on the time; kept for the scheduler interface
+        if request.stream_id in self._placement:
+            raise StreamExistsError(
+                f"stream {request.stream_id!r} is already admitted", stream_id=request.stream_id
+            )
+        self._check_attainable(request)
+        estimates = self.estimate(request)
+        fitting = [e for e in estimates if e.fits]
+        if not fitting:
+            self._refused += 1
+            hint = self.config.retry_after_s if retry_after_s is None else retry_after_s
+            reasons = "; ".join(f"{e.replica_id}: {e.reason}" for e in estimates) or "no replica serves it"
+            raise AdmissionRefusedError(
+                f"no replica can take stream {request.stream_id!r} within its SLO now ({reasons})",
+                retry_after_s=hint,
+                estimates=estimates,
+            )
+        best = min(fitting, key=lambda e: (e.cost_per_hour, -e.row_load, e.replica_id))
+        self._replicas[best.replica_id].streams[request.stream_id] = request.spec
+        self._placement[request.stream_id] = best.replica_id
+        self._admitted += 1
+        assert best.mode is not None
+        return AdmissionDecision(
+            request.stream_id, best.replica_id, best.mode, best.ttff_s, best.latency_s, estimates
+        )
+
+    def finish_stream(self, stream_id: str) -> None:
+        """Release a stream's slot. Raises StreamNotFoundError."""
+        replica_id = self.replica_of(stream_id)
+        del self._placement[stream_id]
+        del self._replicas[replica_id].streams[stream_id]
+
+    def free_slots(self, replica_id: str, template: StreamSpec) -> int:
+        """How many more streams like `template` the replica could take now (0 when draining).
+
+        Example: a replica with 6 of the worked example's streams (module docstring) and 16 slots has 2
+        free slots: a 7th (latency 0.814 s) and an 8th (0.898 s) fit the 0.9 s budget, a 9th does not.
+        """
+        replica = self._replica(replica_id)
+        if replica.draining:
+            return 0
+        specs = list(replica.streams.values())
+        free = 0
+        while len(specs) + free < replica.info.max_streams:
+            if self._violations(replica.info, [*specs, *([template] * (free + 1))]):
+                break
+            free += 1
+        return free
+
+    def check_replica(self, replica_id: str) -> list[str]:
+        """The live streams whose SLO the replica's current load no longer meets (predicted), e.g. after
+        its profile slowed down. Empty when all is well."""
+        replica = self._replica(replica_id)
+        ids = list(replica.streams)
+        bad = self._violations(replica.info, [replica.streams[i] for i in ids])
+        return [ids[i] for i in bad]
+
+    def stats(self) -> AdmissionStats:
+        """Counters and per-replica load."""
+        rows = []
+        for r in self._replicas.values():
+            profile = self.profiles.get(r.info.gpu_class, r.info.shape)
+            _, est = assign_modes(profile, r.info.num_blocks, list(r.streams.values()), self.config)
+            rows.append(
+                ReplicaLoadStats(
+                    r.info.replica_id,
+                    r.info.gpu_class,
+                    len(r.streams),
+                    r.info.max_streams,
+                    est.row_load,
+                    r.draining,
+                )
+            )
+        return AdmissionStats(
+            self._admitted, self._refused, self._unattainable, len(self._placement), tuple(rows)
+        )
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _replica(self, replica_id: str) -> _Replica:
+        try:
+            return self._replicas[replica_id]
+        except KeyError:
+            raise ValueError(f"unknown replica {replica_id!r}") from None
+
+    def _violations(self, info: ReplicaInfo, specs: Sequence[StreamSpec]) -> list[int]:
+        """Indices of streams whose deadline the replica misses under this load (all of them when the
+        row load exceeds the cap)."""
+        profile = self.profiles.get(info.gpu_class, info.shape)
+        modes, est = assign_modes(profile, info.num_blocks, specs, self.config)
+        if est.row_load > self.config.max_row_load or not est.keeps_up:
+            return list(range(len(specs)))
+        tick = est.tick_s * self.config.safety_factor
+        margin = 1.0 - self.config.latency_margin
+        return [
+            i
+            for i, (s, m) in enumerate(zip(specs, modes))
+            if predicted_latency_s(s, m, tick) > s.slo.frame_deadline_s * margin
+        ]
+
+    def _estimate(self, replica: _Replica, spec: StreamSpec, shape: ShapeKey) -> ReplicaEstimate:
+        info = replica.info
+        inf = float("inf")
+
+        def refuse(reason: str, **numbers: float) -> ReplicaEstimate:
+            values = {"ttff_s": inf, "latency_s": inf, "row_load": inf, "tick_s": inf, "worst_slack_s": -inf}
+            values.update(numbers)
+            return ReplicaEstimate(
+                info.replica_id, info.gpu_class, False, reason, None, cost_per_hour=inf, **values
+            )
+
+        if info.shape != shape:
+            return refuse(
+                f"serves {info.shape.model} {info.shape.height}x{info.shape.width} {info.shape.vae}"
+            )
+        if replica.draining:
+            return refuse("draining")
+        if len(replica.streams) >= info.max_streams:
+            return refuse(f"all {info.max_streams} stream slots taken")
+        profile = self.profiles.get(info.gpu_class, info.shape)
+        existing = list(replica.streams.values())
+        _, before = assign_modes(profile, info.num_blocks, existing, self.config)
+        modes, after = assign_modes(profile, info.num_blocks, [*existing, spec], self.config)
+        tick = after.tick_s * self.config.safety_factor
+        margin = 1.0 - self.config.latency_margin
+        mode = modes[-1]
+        ttff = predicted_ttff_s(spec, tick)
+        latency = predicted_latency_s(spec, mode, tick)
+        slacks = [
+            s.slo.frame_deadline_s * margin - predicted_latency_s(s, m, tick)
+            for s, m in zip(existing, modes[:-1])
+        ]
+        worst = min(slacks, default=inf)
+        numbers = {
+            "ttff_s": ttff,
+            "latency_s": latency,
+            "row_load": after.row_load,
+            "tick_s": after.tick_s,
+            "worst_slack_s": worst,
+        }
+        reason = ""
+        if after.row_load > self.config.max_row_load:
+            reason = f"row load {after.row_load:.2f} would exceed {self.config.max_row_load:.2f}"
+        elif not after.keeps_up:
+            reason = f"forwards of {after.tick_s * 1e3:.0f} ms too slow for step-by-step streams"
+        elif ttff > spec.slo.ttff_s * margin:
+            reason = f"TTFF {ttff:.3f}s > {spec.slo.ttff_s * margin:.3f}s"
+        elif latency > spec.slo.frame_deadline_s * margin:
+            reason = f"latency {latency:.3f}s > {spec.slo.frame_deadline_s * margin:.3f}s"
+        elif worst < 0.0:
+            reason = f"an admitted stream would miss its deadline by {-worst:.3f}s"
+        if reason:
+            return refuse(reason, **numbers)
+        share = info.cost_per_hour * (after.row_load - before.row_load) / self.config.max_row_load
+        return ReplicaEstimate(
+            info.replica_id, info.gpu_class, True, "", mode, cost_per_hour=share, **numbers
+        )
+
+    def _blocks_of(self, model: str) -> int | None:
+        for replica in self._replicas.values():
+            if replica.info.shape.model == model:
+                return replica.info.num_blocks
+        return None
+
+    def _check_attainable(self, request: StreamRequest) -> None:
+        """Raise SLOUnattainableError when no profiled GPU class could meet the SLO even idle."""
+        shape, spec = request.shape, request.spec
+        classes = self.profiles.gpu_classes(shape)
+        if not classes:
+            raise BadRequestError(
+                f"no GPU class is profiled for {shape.model} {shape.height}x{shape.width} {shape.vae}",
+                shape=shape,
+            )
+        num_blocks = self._blocks_of(shape.model)
+        if num_blocks is None:
+            return  # no replica for the model yet: admission refuses with a retry hint instead
+        floors: dict[str, tuple[float, float, float]] = {}
+        margin = 1.0 - self.config.latency_margin
+        for gpu_class in classes:
+            profile = self.profiles.get(gpu_class, shape)
+            ttff, latency = alone_floor_s(spec, profile, num_blocks)
+            load = estimate_load(profile, num_blocks, [StreamLoad(spec, BatchMode.STREAM_BATCH)]).row_load
+            floors[gpu_class] = (ttff, latency, load)
+            if (
+                ttff <= spec.slo.ttff_s * margin
+                and latency <= spec.slo.frame_deadline_s * margin
+                and load <= self.config.max_row_load
+            ):
+                return
+        self._unattainable += 1
+        best = min(floors.items(), key=lambda kv: kv[1])
+        raise SLOUnattainableError(
+            f"stream {request.stream_id!r}: even an idle {best[0]} needs TTFF >= {best[1][0]:.3f}s and "
+            f"latency >= {best[1][1]:.3f}s (asked {spec.slo.ttff_s:.3f}s / {spec.slo.frame_deadline_s:.3f}s "
+            f"with {self.config.latency_margin:.0%} margin) at row load {best[1][2]:.2f}",
+            floors=floors,
+        )
+
+
+def replica_capacity(
+    profile: StageProfile,
+    num_blocks: int,
+    max_streams: int,
+    template: StreamSpec,
+    config: AdmissionConfig | None = None,
+) -> int:
+    """How many `template` streams an empty replica with this profile admits (the autoscaler's
+    slots_per_replica). Example: the module docstring's profile with 16 slots and 16 fps, 2-step, 1 s
+    streams -> 8 (the 9th misses its latency budget)."""
+    shape = profile.shape
+    controller = AdmissionController(ProfileBook([profile]), config)
+    controller.add_replica(ReplicaInfo("probe", profile.gpu_class, shape, num_blocks, max_streams))
+    return controller.free_slots("probe", template)
+
+
+def fleet_free_slots(controller: AdmissionController, template: StreamSpec) -> Mapping[str, int]:
+    """Free slots for `template` streams per replica id (see AdmissionController.free_slots)."""
+    return {
+        info.replica_id: controller.free_slots(info.replica_id, template) for info in controller.replicas()
+    }

@@ -1,0 +1,87 @@
+"""Attention kernels of the DiT: dense (cross-attention) and KV-cache attention with per-row lengths.
+
+Shape legend:
+    B  rows (query batch)        M  query tokens per row
+    S  key tokens per row        N  heads        D  head dim (128)
+    C  cache capacity in tokens (num_kv_cache_frames * tokens_per_frame)
+    R  rows of the cache tensor (the cache may hold more slots than the query batch uses)
+
+Both functions are non-causal with softmax scale 1/sqrt(D). On CUDA with flash-attn installed and a
+half dtype they call `flash_attn_func` / `flash_attn_with_kvcache`; otherwise they use torch SDPA.
+The KV-cache SDPA path masks keys at positions >= length over the full capacity instead of slicing to
+the longest length, so it needs no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional dependency
+    from flash_attn import flash_attn_func, flash_attn_with_kvcache
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_func = None
+    flash_attn_with_kvcache = None
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _use_flash(x: torch.Tensor) -> bool:
+    return flash_attn_func is not None and x.is_cuda and x.dtype in _HALF
+
+
+def attend(q_BMND: torch.Tensor, k_BSND: torch.Tensor, v_BSND: torch.Tensor) -> torch.Tensor:
+    """Dense non-causal attention; k/v may have batch 1 (broadcast to B). Returns [B, M, N, D]."""
+    if k_BSND.shape[0] != q_BMND.shape[0]:
+        k_BSND = k_BSND.expand(q_BMND.shape[0], -1, -1, -1)
+        v_BSND = v_BSND.expand(q_BMND.shape[0], -1, -1, -1)
+    if _use_flash(q_BMND):
+        return flash_attn_func(q_BMND, k_BSND.contiguous(), v_BSND.contiguous())
+    out_BNMD = F.scaled_dot_product_attention(
+        q_BMND.transpose(1, 2), k_BSND.transpose(1, 2), v_BSND.transpose(1, 2)
+    )
+    return out_BNMD.transpose(1, 2)
+
+
+def attend_kv_cache(
+    q_BMND: torch.Tensor,
+    k_cache_RCND: torch.Tensor,
+    v_cache_RCND: torch.Tensor,
+    lengths_B: torch.Tensor,
+    cache_rows_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attend each query row to the first lengths_B[b] cached keys of its cache row.
+
+    Args:
+        q_BMND: queries (already rotated).
+        k_cache_RCND, v_cache_RCND: caches (keys stored rotated); row b reads cache row
+            cache_rows_B[b], or row b itself when cache_rows_B is None (then R == B).
+        lengths_B: valid cache tokens per query row, each in [1, C].
+        cache_rows_B: optional int64 map from query row to cache row.
+
+    Returns:
+        [B, M, N, D] in q's dtype.
+
+    Example: lengths_B = [96, 64] with C = 96 -> row 0 sees the whole cache, row 1 its first 64 tokens.
+    """
+    if _use_flash(q_BMND):
+        return flash_attn_with_kvcache(
+            q_BMND,
+            k_cache_RCND,
+            v_cache_RCND,
+            cache_seqlens=lengths_B.to(torch.int32),
+            cache_batch_idx=None if cache_rows_B is None else cache_rows_B.to(torch.int32),
+        )
+    if cache_rows_B is not None:
+        k_cache_RCND = k_cache_RCND.index_select(0, cache_rows_B)
+        v_cache_RCND = v_cache_RCND.index_select(0, cache_rows_B)
+    capacity = k_cache_RCND.shape[1]
+    valid_B11C = (torch.arange(capacity, device=q_BMND.device)[None, :] < lengths_B[:, None])[
+        :, None, None, :
+    ]
+    q, k, v = q_BMND.transpose(1, 2), k_cache_RCND.transpose(1, 2), v_cache_RCND.transpose(1, 2)
+    if q.device.type == "cpu" and q.dtype in _HALF:  # CPU SDPA is slow and lossy in half precision
+        out_BNMD = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=valid_B11C)
+        return out_BNMD.transpose(1, 2).to(q_BMND.dtype)
+    out_BNMD = F.scaled_dot_product_attention(q, k, v, attn_mask=valid_B11C)
+    return out_BNMD.transpose(1, 2)

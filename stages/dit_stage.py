@@ -1,0 +1,298 @@
+"""The DiT stage: one `WanDiT` shard (all blocks or a contiguous range) serving many streams.
+
+Shape legend:
+    B  rows of a micro-batch (each one denoising slot of one stream)
+    C  latent channels (16)      F  latent frames per row     H, W  latent height / width (pixels / 8)
+    L  tokens per row (F * H/2 * W/2)      D  model width
+    S  text tokens (512)         T  text width (4096)
+
+A micro-batch is one denoising micro-step for a set of rows. Rows of several streams share one
+forward (that is how the serving layer batches streams): `segments` lists, in row order, each
+stream's id and the slots its rows belong to. Shards are chained: the first embeds the latents, each
+runs its blocks on `hidden_BLD`, the last applies the head, unpatchifies and converts the flow to x0.
+The message is a plain dataclass of tensors and Python values, so it can cross processes unchanged.
+
+Worked example: streams "a" (n = 2 slots) and "b" (n = 3) in one step ->
+    segments = [("a", (0, 1)), ("b", (0, 1, 2))], B = 5, rows 0-1 are a's slots 0-1, rows 2-4 b's.
+With a 3-way split of a 30-block model the chain is (0, 10) -> (10, 20) -> (20, 30); chained in one
+process it equals the unsplit model bit for bit.
+
+Each shard keeps, per open stream, a `DiTStreamState` (kv_cache.py) for the blocks it owns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from stages.attention import attend, attend_kv_cache
+from stages.config import DiTConfig, StreamConfig
+from stages.dit import WanDiT
+from stages.errors import BadRequestError, StreamExistsError, StreamNotFoundError
+from stages.flow_match import FlowMatchSchedule
+from stages.kv_cache import BlockKVCache, DiTStreamState, KVCachePolicy
+
+Segment = tuple[str, tuple[int, ...]]
+
+
+@dataclass
+class DiTMicroBatch:
+    """One denoising micro-step for B rows, passed from shard to shard.
+
+    Attributes:
+        segments: [(stream_id, slots)] in row order; sum of len(slots) == B.
+        noisy_latents_BCFHW: x_t of every row. The first shard embeds it; the last needs it for x0.
+        timesteps_B: int64 timestep of each row (the same for all of a row's frames).
+        start_frames_B: int64 first latent-frame position of each row: RoPE temporal start, and
+            token start = start_frame * tokens_per_frame for the KV cache.
+        hidden_BLD: hidden state between shards (None before the first shard and after the last).
+        x0_BCFHW: the predicted clean latents (set by the last shard).
+        sink_check: run the adaptive sink check on single-frame rows (spec I.1). The prefill turns
+            it off: its n steps rewrite the same positions, and the reference's prefill never runs it.
+    """
+
+    segments: list[Segment]
+    noisy_latents_BCFHW: torch.Tensor
+    timesteps_B: torch.Tensor
+    start_frames_B: torch.Tensor
+    hidden_BLD: torch.Tensor | None = None
+    x0_BCFHW: torch.Tensor | None = None
+    sink_check: bool = True
+
+    @property
+    def num_rows(self) -> int:
+        return sum(len(slots) for _, slots in self.segments)
+
+    @property
+    def grid_fhw(self) -> tuple[int, int, int]:
+        """Token grid of one row: (frames, H/2, W/2)."""
+        _, _, f, h, w = self.noisy_latents_BCFHW.shape
+        return f, h // 2, w // 2
+
+    def row_slices(self) -> list[slice]:
+        out, row = [], 0
+        for _, slots in self.segments:
+            out.append(slice(row, row + len(slots)))
+            row += len(slots)
+        return out
+
+
+class _MicroBatchAttention:
+    """`BlockAttention` over a micro-batch: routes each segment's rows to its stream's caches."""
+
+    def __init__(self, batch: DiTMicroBatch, states: list[DiTStreamState], device: torch.device) -> None:
+        tokens_per_frame = states[0].tokens_per_frame
+        token_starts_B = batch.start_frames_B.to(device) * tokens_per_frame
+        self._sink_check = batch.sink_check
+        self._parts = []
+        for (_, slots), rows, state in zip(batch.segments, batch.row_slices(), states):
+            slots_B = state.slot_index(slots, device)
+            all_in_order = slots == tuple(range(state.num_slots))
+            self._parts.append(
+                (rows, state, slots_B, None if all_in_order else slots_B, token_starts_B[rows])
+            )
+
+    def self_attend(
+        self, block_index: int, q_BLND: torch.Tensor, k_BLND: torch.Tensor, v_BLND: torch.Tensor
+    ) -> torch.Tensor:
+        outs = []
+        for rows, state, slots_B, cache_rows_B, starts_B in self._parts:
+            cache: BlockKVCache = state.kv[block_index]
+            lengths_B = cache.update(
+                slots_B, starts_B, k_BLND[rows], v_BLND[rows], sink_check=self._sink_check
+            )
+            outs.append(attend_kv_cache(q_BLND[rows], cache.k_RCND, cache.v_RCND, lengths_B, cache_rows_B))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def cross_attend(self, block_index: int, q_BLND: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for rows, state, *_ in self._parts:
+            k_1SND, v_1SND = state.cross_kv[block_index]
+            outs.append(attend(q_BLND[rows], k_1SND, v_1SND))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class DiTShard:
+    """A `WanDiT` (whole or a block range) plus the per-stream state of the blocks it owns.
+
+    Args:
+        model: the shard's weights (already loaded); moved to device/dtype and frozen.
+        device, dtype: where and in what precision it runs (fp32 on CPU, bf16 on CUDA).
+        schedule: flow-matching schedule for the x0 conversion (last shard only); default shift 8.
+    """
+
+    def __init__(
+        self,
+        model: WanDiT,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        schedule: FlowMatchSchedule | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self.schedule = (schedule or FlowMatchSchedule()).to(self.device)
+        self._streams: dict[str, DiTStreamState] = {}
+
+    @property
+    def cfg(self) -> DiTConfig:
+        return self.model.cfg
+
+    @property
+    def block_range(self) -> tuple[int, int]:
+        return self.model.block_range
+
+    @property
+    def is_first(self) -> bool:
+        return self.model.is_first
+
+    @property
+    def is_last(self) -> bool:
+        return self.model.is_last
+
+    @property
+    def stream_ids(self) -> list[str]:
+        return list(self._streams)
+
+    def state(self, stream_id: str) -> DiTStreamState:
+        """The stream's state on this shard (tests and the rebalancer read it)."""
+        try:
+            return self._streams[stream_id]
+        except KeyError:
+            raise StreamNotFoundError(
+                f"stream {stream_id!r} is not open on DiT shard {self.block_range}", stream_id=stream_id
+            ) from None
+
+    # ---- stream lifecycle ------------------------------------------------------------------------
+
+    def open_stream(
+        self, stream_id: str, *, num_slots: int, height: int, width: int, stream_cfg: StreamConfig
+    ) -> None:
+        """Allocate the stream's caches: every owned block gets k/v [num_slots, cache_frames*Fp, N, 128].
+
+        height/width are in pixels (multiples of 16): Fp = (height/16) * (width/16).
+        """
+        if stream_id in self._streams:
+            raise StreamExistsError(
+                f"stream {stream_id!r} is already open on DiT shard {self.block_range}", stream_id=stream_id
+            )
+        if height % 16 or width % 16 or height < 16 or width < 16:
+            raise BadRequestError(
+                f"height={height}, width={width} must be positive multiples of 16", height=height, width=width
+            )
+        if num_slots < 1:
+            raise BadRequestError(f"num_slots={num_slots} must be >= 1", num_slots=num_slots)
+        policy = KVCachePolicy.from_stream_config(stream_cfg)
+        grid_hw = (height // 16, width // 16)
+        tokens_per_frame = grid_hw[0] * grid_hw[1]
+        kv = {
+            i: BlockKVCache(
+                num_slots=num_slots,
+                tokens_per_frame=tokens_per_frame,
+                num_heads=self.cfg.num_heads,
+                head_dim=self.cfg.head_dim,
+                policy=policy,
+                device=self.device,
+                dtype=self.dtype,
+            )
+            for i in self.model.block_indices
+        }
+        self._streams[stream_id] = DiTStreamState(
+            stream_id=stream_id,
+            num_slots=num_slots,
+            tokens_per_frame=tokens_per_frame,
+            grid_hw=grid_hw,
+            policy=policy,
+            kv=kv,
+        )
+
+    @torch.no_grad()
+    def set_text_context(self, stream_id: str, text_embeds_BST: torch.Tensor) -> None:
+        """Embed the T5 output [1, <=512, 4096] and compute every owned block's cross-attention K/V.
+
+        Callable again mid-stream to swap the prompt: self-attention caches are kept.
+        """
+        state = self.state(stream_id)
+        if text_embeds_BST.dim() != 3 or text_embeds_BST.shape[0] != 1:
+            raise BadRequestError(
+                f"text embeddings must be [1, S, {self.cfg.text_dim}], got {tuple(text_embeds_BST.shape)}"
+            )
+        ctx_BSD = self.model.text_embed(text_embeds_BST)
+        state.cross_kv = self.model.cross_kv(ctx_BSD)
+
+    def set_num_slots(self, stream_id: str, num_slots: int) -> None:
+        """Resize the stream to `num_slots` slots, every slot a copy of slot 0's caches and eviction
+        queue (the reference's batch-mode restore). Used after the prefill (which writes slot 0 only)
+        and when the number of denoising steps changes mid-stream; in-flight slots 1.. are dropped.
+        """
+        self.state(stream_id).set_num_slots(num_slots)
+
+    def close_stream(self, stream_id: str) -> None:
+        """Free the stream's caches. Closing an unknown id raises StreamNotFoundError."""
+        self.state(stream_id)
+        del self._streams[stream_id]
+
+    # ---- the micro-step --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, batch: DiTMicroBatch) -> DiTMicroBatch:
+        """Run the owned blocks for every row of `batch`; returns a new message for the next shard
+        (hidden_BLD set) or, on the last shard, the result (x0_BCFHW set, hidden_BLD None).
+        """
+        states = [self.state(stream_id) for stream_id, _ in batch.segments]
+        f, hp, wp = batch.grid_fhw
+        for state in states:
+            if state.grid_hw != (hp, wp):
+                raise BadRequestError(
+                    f"stream {state.stream_id!r} has a {state.grid_hw} token grid, "
+                    f"the batch {(hp, wp)}: batch only streams of one resolution"
+                )
+            if state.cross_kv is None:
+                raise BadRequestError(
+                    f"stream {state.stream_id!r} has no prompt: call set_text_context first"
+                )
+        if len(states) > 1 and len({s.tokens_per_frame for s in states}) != 1:
+            raise BadRequestError("all streams of a micro-batch need the same resolution")
+        if batch.timesteps_B.shape[0] != batch.num_rows or batch.start_frames_B.shape[0] != batch.num_rows:
+            raise BadRequestError(
+                f"segments describe {batch.num_rows} rows, timesteps/starts have "
+                f"{batch.timesteps_B.shape[0]}/{batch.start_frames_B.shape[0]}"
+            )
+
+        if self.is_first:
+            x_BLD = self.model.embed(batch.noisy_latents_BCFHW.to(self.device, self.dtype))
+        else:
+            if batch.hidden_BLD is None:
+                raise BadRequestError(f"shard {self.block_range} needs hidden_BLD from the previous shard")
+            x_BLD = batch.hidden_BLD.to(self.device, self.dtype)
+        timesteps_B = batch.timesteps_B.to(self.device)
+        e_BFD, e0_BF6D = self.model.time_embeddings(timesteps_B[:, None].expand(-1, f))
+        rope = self.model.rope_tables(self.device).angles(batch.start_frames_B.to(self.device), f, hp, wp)
+        attn = _MicroBatchAttention(batch, states, self.device)
+        x_BLD = self.model.run_blocks(x_BLD, e0_BF6D, rope, attn)
+
+        if not self.is_last:
+            return dataclasses.replace(batch, hidden_BLD=x_BLD, x0_BCFHW=None)
+        flow_BCFHW = self.model.head_out(x_BLD, e_BFD, (f, hp, wp))
+        x_t = batch.noisy_latents_BCFHW.to(self.device)
+        x0_BCFHW = self.schedule.flow_to_x0(flow_BCFHW, x_t, timesteps_B)
+        return dataclasses.replace(batch, hidden_BLD=None, x0_BCFHW=x0_BCFHW)
+
+
+def split_blocks(num_layers: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous near-equal block ranges, the remainder going to the first shards (spec D).
+
+    Example: 30 blocks over 4 shards -> [(0, 8), (8, 16), (16, 23), (23, 30)].
+    """
+    if not 1 <= num_shards <= num_layers:
+        raise ValueError(f"num_shards={num_shards} must be in 1..num_layers={num_layers}")
+    base, extra = divmod(num_layers, num_shards)
+    ranges, start = [], 0
+    for i in range(num_shards):
+        end = start + base + (1 if i < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges

@@ -1,0 +1,418 @@
+"""The streaming engine in one process: frames in, restyled frames out, many streams at once.
+
+Legend: B batch, C channels, T frames, H/W pixel height/width, h/w latent height/width (H/8, W/8).
+
+Data flow per stream (spec §C, with Weir's start on the first frame):
+
+    frames (uint8 HxWx3, seq) --buffer--> chunk (1 frame first, then 4)
+        -> VAE encode (per-stream conv caches)            -> latent z  [1, 16, 1, h, w] per chunk
+        -> motion score -> noise strength s, step t0       (scheduling.noise.NoiseController)
+        -> z_noisy = eps * s + z * (1 - s)
+        -> DiT (stream batch: n slots in flight, one forward per tick shared by every stepped stream)
+        -> x0 of the frame that entered n-1 ticks ago      -> VAE decode -> 4 frames, tagged with their seqs
+
+The first chunk is prefilled (all n steps back to back, batch 1) and decoded at once: with the default
+`first_chunk_frames=1` the first output is frame 0 itself, one frame interval after the stream opens.
+
+Frames in flight on a prompt change continue with the new prompt (their remaining denoising steps use
+the new text conditioning; the self-attention caches are kept). On a steps change the frames in flight
+are first finished with the old number of steps (drain ticks without new input), then the slots are
+resized from slot 0's caches; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from scheduling.noise import NoiseController
+from stages.config import DIT_PRESETS, VAE_PRESETS, StreamConfig
+from stages.errors import BadFrameError, BadRequestError, StreamExistsError, StreamNotFoundError
+from stages.motion import motion_distance
+
+MIN_SIDE = 16
+MAX_SIDE = 2048
+CHUNK_FRAMES = 4
+"""Input frames per latent frame (the Wan VAE's temporal compression)."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Which model an engine runs, where, and from which weights."""
+
+    model: str = "tiny"
+    """DiT preset: 'tiny' (CPU tests), 'wan-1.3b', 'wan-14b'."""
+    vae: str = "wan"
+    """Default VAE for streams that don't choose: 'wan' or 'taehv'."""
+    device: str = "cpu"
+    """torch device string, e.g. 'cpu', 'cuda', 'cuda:1'."""
+    dtype: str = "float32"
+    """'float32' or 'bfloat16' (the GPU default)."""
+    checkpoint_dir: str | None = None
+    """Folder laid out like the published release; None = random weights seeded by weights_seed."""
+    weights_seed: int = 0
+    """Seed of the random weights when checkpoint_dir is None."""
+    text_device: str | None = None
+    """Device of the text encoder (default: same as `device`; 'cpu' keeps T5 off the hot GPU)."""
+
+    def __post_init__(self) -> None:
+        if self.model not in DIT_PRESETS:
+            raise ValueError(f"model={self.model!r}: choose one of {sorted(DIT_PRESETS)}")
+        if self.vae not in ("wan", "taehv"):
+            raise ValueError(f"vae={self.vae!r}: choose 'wan' or 'taehv'")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: choose 'float32', 'bfloat16' or 'float16'")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    """What a client asks for when it opens a stream."""
+
+    prompt: str
+    num_steps: int = 2
+    noise_scale: float = 0.8
+    seed: int = 0
+    height: int = 480
+    width: int = 832
+    vae: str | None = None
+    """'wan' or 'taehv'; None = the engine's default."""
+    first_chunk_frames: int = 1
+    """1: first output from frame 0 alone (Weir); 5: the reference's 1+4 start."""
+    motion_aware_noise: bool = True
+
+    def validate(self) -> None:
+        """Raise BadRequestError naming the first field out of range."""
+        if not 1 <= self.num_steps <= 4:
+            raise BadRequestError(f"num_steps={self.num_steps} must be 1..4", field="num_steps")
+        if not 0.0 < self.noise_scale <= 1.0:
+            raise BadRequestError(f"noise_scale={self.noise_scale} must be in (0, 1]", field="noise_scale")
+        for name, side in (("height", self.height), ("width", self.width)):
+            if side % 16 or not MIN_SIDE <= side <= MAX_SIDE:
+                raise BadRequestError(
+                    f"{name}={side} must be a multiple of 16 in [{MIN_SIDE}, {MAX_SIDE}]", field=name
+                )
+        if self.vae not in (None, "wan", "taehv"):
+            raise BadRequestError(f"vae={self.vae!r} must be 'wan' or 'taehv'", field="vae")
+        if self.first_chunk_frames not in (1, 5):
+            raise BadRequestError(
+                f"first_chunk_frames={self.first_chunk_frames} must be 1 or 5", field="first_chunk_frames"
+            )
+
+
+@dataclass
+class OutputFrame:
+    """One restyled frame, tagged with the sequence number of the input frame it comes from."""
+
+    seq: int
+    frame: np.ndarray
+    """uint8 [H, W, 3]."""
+
+
+@dataclass
+class _Stream:
+    """Engine-side bookkeeping of one stream (model state lives in the stages' per-stream objects)."""
+
+    stream_id: str
+    params: StreamParams
+    vae: str
+    num_steps: int
+    noise: NoiseController
+    generator: torch.Generator
+    pending: deque = field(default_factory=deque)
+    """(seq, frame uint8 HxWx3) not yet encoded."""
+    in_flight: deque = field(default_factory=deque)
+    """Seq lists of the chunks inside the stream batch, oldest first (None for a drain tick)."""
+    started: bool = False
+    last_frame_BC1HW: torch.Tensor | None = None
+    frames_in: int = 0
+    frames_out: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Counters of one engine, for the metrics exporter."""
+
+    active_streams: int
+    frames_in: int
+    frames_out: int
+    ticks: int
+    prompt_cache_hits: int = 0
+    prompt_cache_misses: int = 0
+
+
+class StreamEngine:
+    """Many streams on one device. Thread-safe: one lock around every call that touches model state."""
+
+    def __init__(self, spec: EngineSpec, *, components: EngineComponents | None = None) -> None:
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        self.dtype = spec.torch_dtype
+        self.components = components if components is not None else build_components(spec)
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.RLock()
+        self._ticks = 0
+        self._frames_in = 0
+        self._frames_out = 0
+
+    # ---- stream lifecycle -------------------------------------------------------------------------
+
+    def open_stream(self, stream_id: str, params: StreamParams) -> None:
+        """Open a stream; its state is private to it. Raises BadRequestError, StreamExistsError."""
+        params.validate()
+        vae = params.vae or self.spec.vae
+        with self._lock:
+            if stream_id in self._streams:
+                raise StreamExistsError(f"stream {stream_id!r} is already open", stream_id=stream_id)
+            cfg = StreamConfig(
+                num_steps=params.num_steps,
+                noise_scale=params.noise_scale,
+                first_chunk_frames=params.first_chunk_frames,
+                motion_aware_noise=params.motion_aware_noise,
+            )
+            c = self.components
+            c.encoders[vae].open_stream(stream_id)
+            c.decoders[vae].open_stream(stream_id)
+            c.dit.open(stream_id, stream_cfg=cfg, height=params.height, width=params.width, seed=params.seed)
+            c.dit.set_prompt_context(stream_id, c.text.encode(params.prompt).to(self.device, self.dtype))
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed)
+            self._streams[stream_id] = _Stream(
+                stream_id=stream_id,
+                params=params,
+                vae=vae,
+                num_steps=params.num_steps,
+                noise=NoiseController(params.noise_scale, enabled=params.motion_aware_noise),
+                generator=gen,
+            )
+
+    def close_stream(self, stream_id: str) -> None:
+        """Free every per-stream state. Closing an unknown stream is a no-op (a client may vanish twice)."""
+        with self._lock:
+            s = self._streams.pop(stream_id, None)
+            if s is None:
+                return
+            c = self.components
+            c.encoders[s.vae].close_stream(stream_id)
+            c.decoders[s.vae].close_stream(stream_id)
+            c.dit.close(stream_id)
+
+    def has_stream(self, stream_id: str) -> bool:
+        return stream_id in self._streams
+
+    # ---- frames -----------------------------------------------------------------------------------
+
+    def add_frame(self, stream_id: str, seq: int, frame: np.ndarray) -> bool:
+        """Buffer one frame; True when the stream has a chunk ready to step.
+
+        Raises BadFrameError for a frame that is not uint8 [height, width, 3] of this stream,
+        StreamNotFoundError for an unknown stream. A bad frame changes nothing.
+        """
+        s = self._get(stream_id)
+        h, w = s.params.height, s.params.width
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.shape != (h, w, 3):
+            got = (getattr(frame, "shape", None), str(getattr(frame, "dtype", type(frame).__name__)))
+            raise BadFrameError(
+                f"frame {seq} of stream {stream_id!r} must be uint8 [{h}, {w}, 3], got shape {got[0]} {got[1]}",
+                stream_id=stream_id,
+                seq=seq,
+                expected=(h, w, 3),
+                got=got[0],
+            )
+        with self._lock:
+            s.pending.append((int(seq), frame))
+            s.frames_in += 1
+            self._frames_in += 1
+            return self._chunk_ready(s)
+
+    def ready_streams(self) -> list[str]:
+        with self._lock:
+            return [sid for sid, s in self._streams.items() if self._chunk_ready(s)]
+
+    def pending_frames(self, stream_id: str) -> int:
+        return len(self._get(stream_id).pending)
+
+    def push_frame(self, stream_id: str, seq: int, frame: np.ndarray) -> list[OutputFrame]:
+        """add_frame, then step this stream alone if a chunk is ready."""
+        if self.add_frame(stream_id, seq, frame):
+            return self.step([stream_id])[stream_id]
+        return []
+
+    def step(self, stream_ids: list[str]) -> dict[str, list[OutputFrame]]:
+        """One tick: each listed stream with a ready chunk advances by one chunk; one shared DiT forward.
+
+        Streams without a ready chunk are returned with no frames. First chunks are prefilled
+        (each on its own; a prefill is a different shape) and decoded at once.
+        """
+        out: dict[str, list[OutputFrame]] = {sid: [] for sid in stream_ids}
+        with self._lock:
+            batch: list[tuple[_Stream, torch.Tensor, int, list[int]]] = []
+            for sid in stream_ids:
+                s = self._get(sid)
+                if not self._chunk_ready(s):
+                    continue
+                if not s.started:
+                    out[sid].extend(self._prefill(s))
+                    continue
+                seqs, frames_BCTHW = self._take(s, CHUNK_FRAMES)
+                noisy, current_step = self._encode_noisy(s, frames_BCTHW, first=False)
+                batch.append((s, noisy, current_step, seqs))
+            if batch:
+                out_lat = self.components.dit.step([(s.stream_id, z, t) for s, z, t, _ in batch])
+                for (s, _, _, seqs), x0 in zip(batch, out_lat):
+                    s.in_flight.append(seqs)
+                    out[s.stream_id].extend(self._emit(s, x0))
+            self._ticks += 1
+        return out
+
+    def flush(self, stream_id: str) -> list[OutputFrame]:
+        """Finish every frame the stream holds: a partial chunk is padded with its last frame (the
+        padding is not returned), and drain ticks push the frames in flight out."""
+        with self._lock:
+            s = self._get(stream_id)
+            out: list[OutputFrame] = []
+            if s.pending and not s.started:
+                while len(s.pending) < s.params.first_chunk_frames:
+                    s.pending.append((-1, s.pending[-1][1]))
+                out.extend(self._prefill(s))
+            if s.pending:
+                while len(s.pending) % CHUNK_FRAMES:
+                    s.pending.append((-1, s.pending[-1][1]))
+                while s.pending:
+                    out.extend(self.step([stream_id])[stream_id])
+            out.extend(self._drain(s))
+            return [f for f in out if f.seq >= 0]
+
+    # ---- live controls ----------------------------------------------------------------------------
+
+    def set_prompt(self, stream_id: str, prompt: str) -> None:
+        """Swap the text conditioning; caches are kept, frames in flight finish with the new prompt."""
+        with self._lock:
+            self._get(stream_id)
+            self.components.dit.set_prompt_context(
+                stream_id, self.components.text.encode(prompt).to(self.device, self.dtype)
+            )
+
+    def set_steps(self, stream_id: str, num_steps: int) -> list[OutputFrame]:
+        """Change the number of denoising steps. Frames in flight are finished first (returned)."""
+        if not 1 <= num_steps <= 4:
+            raise BadRequestError(f"num_steps={num_steps} must be 1..4", field="num_steps")
+        with self._lock:
+            s = self._get(stream_id)
+            out = self._drain(s) if s.started else []
+            self.components.dit.set_num_steps(stream_id, num_steps)
+            s.num_steps = num_steps
+            s.in_flight.clear()  # the resized stream batch warms up again from a zero buffer
+            return out
+
+    def stats(self) -> EngineStats:
+        text = self.components.text
+        return EngineStats(
+            active_streams=len(self._streams),
+            frames_in=self._frames_in,
+            frames_out=self._frames_out,
+            ticks=self._ticks,
+            prompt_cache_hits=getattr(text, "cache_hits", 0),
+            prompt_cache_misses=getattr(text, "cache_misses", 0),
+        )
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def _get(self, stream_id: str) -> _Stream:
+        s = self._streams.get(stream_id)
+        if s is None:
+            raise StreamNotFoundError(f"stream {stream_id!r} is not open", stream_id=stream_id)
+        return s
+
+    @staticmethod
+    def _chunk_ready(s: _Stream) -> bool:
+        need = CHUNK_FRAMES if s.started else s.params.first_chunk_frames
+        return len(s.pending) >= need
+
+    def _take(self, s: _Stream, count: int) -> tuple[list[int], torch.Tensor]:
+        items = [s.pending.popleft() for _ in range(count)]
+        seqs = [seq for seq, _ in items]
+        frames_THWC = torch.from_numpy(np.stack([f for _, f in items]))
+        frames_BCTHW = frames_THWC.permute(3, 0, 1, 2).unsqueeze(0).to(self.device)
+        frames_BCTHW = frames_BCTHW.to(self.dtype) / 127.5 - 1.0
+        return seqs, frames_BCTHW
+
+    def _encode_noisy(self, s: _Stream, frames_BCTHW: torch.Tensor, *, first: bool) -> tuple[torch.Tensor, int]:
+        if first:
+            scale, current_step = s.noise.init_noise_scale, None
+        else:
+            motion = motion_distance(s.last_frame_BC1HW, frames_BCTHW)
+            scale, current_step = s.noise.update(motion)
+        s.last_frame_BC1HW = frames_BCTHW[:, :, -1:]
+        z_BCTHW = self.components.encoders[s.vae].encode(s.stream_id, frames_BCTHW)
+        eps = torch.randn(z_BCTHW.shape, generator=s.generator, device=self.device, dtype=torch.float32)
+        noisy = (eps.to(z_BCTHW.dtype) * scale + z_BCTHW * (1 - scale)).to(self.dtype)
+        return noisy, current_step
+
+    def _prefill(self, s: _Stream) -> list[OutputFrame]:
+        seqs, frames_BCTHW = self._take(s, s.params.first_chunk_frames)
+        noisy, _ = self._encode_noisy(s, frames_BCTHW, first=True)
+        x0 = self.components.dit.prefill(s.stream_id, noisy)
+        s.started = True
+        return self._decode(s, x0, seqs)
+
+    def _emit(self, s: _Stream, x0: torch.Tensor | None) -> list[OutputFrame]:
+        """A tick's result: x0 is the frame that entered n-1 ticks ago (None while warming up)."""
+        if len(s.in_flight) < s.num_steps:
+            return []  # warm-up: the last slot held the zero buffer, not a frame
+        seqs = s.in_flight.popleft()
+        if not seqs:  # a drain tick's empty slot (or warm-up garbage) leaves the stream batch
+            return []
+        if x0 is None:
+            raise AssertionError(f"stream {s.stream_id!r}: frames {seqs} left the stream batch undecoded")
+        return self._decode(s, x0, seqs)
+
+    def _drain(self, s: _Stream) -> list[OutputFrame]:
+        out: list[OutputFrame] = []
+        # in_flight holds the chunks not yet emitted; each drain tick moves every slot one step on and
+        # leaves an empty marker behind, so the next real chunk is emitted exactly n-1 ticks later
+        while any(s.in_flight):
+            x0 = self.components.dit.step([(s.stream_id, None, None)])[0]
+            s.in_flight.append([])
+            out.extend(self._emit(s, x0))
+        return out
+
+    def _decode(self, s: _Stream, x0_BCTHW: torch.Tensor, seqs: list[int]) -> list[OutputFrame]:
+        frames_BCTHW = self.components.decoders[s.vae].decode(s.stream_id, x0_BCTHW)
+        frames_THWC = (
+            ((frames_BCTHW[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+        )
+        frames = frames_THWC.cpu().numpy()
+        if frames.shape[0] != len(seqs):
+            raise AssertionError(f"decoded {frames.shape[0]} frames for {len(seqs)} inputs")
+        s.frames_out += len(seqs)
+        self._frames_out += len(seqs)
+        return [OutputFrame(seq=q, frame=f) for q, f in zip(seqs, frames)]
+
+
+@dataclass
+class EngineComponents:
+    """The stage objects an engine drives; built by build_components or injected (e.g. tests)."""
+
+    dit: object
+    """A LatentStreamer over a DiT (full model or chained shards)."""
+    encoders: dict[str, object]
+    """VAE kind -> VAEEncodeStage."""
+    decoders: dict[str, object]
+    """VAE kind -> VAEDecodeStage."""
+    text: object
+    """A text encoder with `encode(prompt) -> [1, 512, 4096]` and a prompt cache."""
+
+
+def build_components(spec: EngineSpec) -> EngineComponents:
+    """Build (and load, if spec.checkpoint_dir is set) every model an engine needs."""
+    from stages.loading import build_models
+
+    return build_models(spec, DIT_PRESETS[spec.model], VAE_PRESETS["wan" if spec.model != "tiny" else "tiny"])

@@ -1,0 +1,267 @@
+"""Per-stream DiT state: each block's rolling self-attention KV cache with sink frames, plus the
+cross-attention K/V of the stream's prompt. Never stored on an nn.Module.
+
+Shape legend:
+    R  slots of the stream (one per denoising step in flight, n)
+    B  rows of one call (a subset of the R slots, usually all of them in order)
+    C  cache capacity in tokens = num_kv_cache_frames * Fp
+    Fp tokens per latent frame (the spec's F; 1560 at 480x832)
+    M  new tokens of one call (num_frames * Fp)
+    N  heads        D  head dim (128)        Q  eviction-queue capacity
+    S  text tokens (512)
+
+The state machine of one block's cache, per slot (spec C "KV cache" and I.1-I.3), for a call whose
+queries start at token c_start (a multiple of Fp) and span M tokens, c_end = c_start + M:
+
+1. Adaptive sink check, only when the call has exactly one frame (M <= Fp), before the write:
+   mean K of each sink frame (rotated keys) vs the new frame's mean K, cosine similarity; the same for
+   V; avg = (cos_k + cos_v)/2; if min(avg) < threshold, push (argmin+1)*Fp to the FRONT of the queue.
+   A never-written sink frame is all zeros: cosine 0, so the check fires while the sinks fill.
+2. Full phase (c_end > C or local_end >= C): pop the queue head tau, write [tau-M, tau), re-append tau
+   if tau > sink_tokens (so rolling frames form a ring and a sink refresh is consumed once);
+   local_end stays C.
+3. Fill phase (otherwise): local_end += c_end - global_end, write [local_end-M, local_end); append
+   c_end + M to the queue if it lies in (sink_tokens, C] and differs from the queue's last entry.
+4. global_end = c_end; attention reads cache[:local_end] of the slot (non-causal).
+
+Worked example (Fp = 16, C = 96, 3 sink frames -> sink_tokens = 48), the reference's 2-frame prefill
+at c_start = 0 (M = 32): fill, local_end = 0 + 32 - 0 = 32, writes [0, 32), queue gets 32 + 32 = 64 ->
+[64]. The first stream call of that slot at c_start = 32 (M = 16): sink frame 2 is empty so the check
+fires with argmin 2 -> queue [48, 64]; fill, local_end = 32 + 48 - 32 = 48, writes [32, 48), 64 is
+already last -> [48, 64]. Once local_end reaches 96, every call pops: 48 (sink refresh, consumed),
+then 64 (re-appended), 80, 96, 64, ...
+
+Every step is written as batched tensor ops over the rows (no per-slot Python loop, no host sync);
+the queue is a fixed-capacity ring per slot (Q = 64 by default: the fill phase may stack a few
+front inserts, the full phase keeps the length constant). `queue_lists()` reads it back for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from stages.config import StreamConfig
+
+
+@dataclass(frozen=True)
+class KVCachePolicy:
+    """Geometry and sink policy of the rolling cache, taken from a StreamConfig."""
+
+    num_cache_frames: int = 6
+    """Latent frames each slot's cache holds (num_kv_cache)."""
+    num_sink_frames: int = 3
+    """Leading cache frames used as attention sinks."""
+    sink_threshold: float = 0.2
+    """Refresh a sink when avg cosine similarity < this; -1 turns the check off (reference: > -1 is on)."""
+    queue_capacity: int = 64
+    """Entries of each slot's eviction ring; more than enough for the fill-phase pile-ups."""
+
+    @classmethod
+    def from_stream_config(cls, cfg: StreamConfig) -> KVCachePolicy:
+        return cls(
+            num_cache_frames=cfg.num_kv_cache_frames,
+            num_sink_frames=cfg.num_sink_frames,
+            sink_threshold=cfg.adapt_sink_threshold,
+        )
+
+    @property
+    def sink_check_enabled(self) -> bool:
+        return self.num_sink_frames > 0 and self.sink_threshold > -1
+
+
+class BlockKVCache:
+    """One block's self-attention cache of one stream, for R slots.
+
+    Tensors: k_RCND, v_RCND (keys stored rotated), global_end_R, local_end_R (int64 token indices),
+    and the eviction ring queue_RQ with its head_R / len_R. All on one device.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_slots: int,
+        tokens_per_frame: int,
+        num_heads: int,
+        head_dim: int,
+        policy: KVCachePolicy,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        self.tokens_per_frame = tokens_per_frame
+        self.policy = policy
+        capacity = policy.num_cache_frames * tokens_per_frame
+        shape = (num_slots, capacity, num_heads, head_dim)
+        self.k_RCND = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_RCND = torch.zeros(shape, device=device, dtype=dtype)
+        long = dict(device=device, dtype=torch.long)
+        self.global_end_R = torch.zeros(num_slots, **long)
+        self.local_end_R = torch.zeros(num_slots, **long)
+        self.queue_RQ = torch.zeros(num_slots, policy.queue_capacity, **long)
+        self.queue_head_R = torch.zeros(num_slots, **long)
+        self.queue_len_R = torch.zeros(num_slots, **long)
+
+    @property
+    def num_slots(self) -> int:
+        return self.k_RCND.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k_RCND.shape[1]
+
+    def update(
+        self,
+        slots_B: torch.Tensor,
+        token_starts_B: torch.Tensor,
+        k_BMND: torch.Tensor,
+        v_BMND: torch.Tensor,
+        *,
+        sink_check: bool = True,
+    ) -> torch.Tensor:
+        """Run one call of the state machine for rows `slots_B` and write their new K/V.
+
+        Args:
+            slots_B: int64 slot of each row (distinct).
+            token_starts_B: int64 c_start of each row (a multiple of tokens_per_frame).
+            k_BMND: the new rotated keys; v_BMND: the new values.
+            sink_check: False skips step 1 even for a single-frame call (Weir's 1-latent prefill).
+
+        Returns:
+            lengths_B: valid cache tokens of each row after the write (what attention reads).
+        """
+        fp, cap = self.tokens_per_frame, self.capacity
+        sink_tokens = self.policy.num_sink_frames * fp
+        num_q = self.policy.queue_capacity
+        b, m = k_BMND.shape[:2]
+        rows_B = torch.arange(b, device=slots_B.device)
+        c_end_B = token_starts_B + m
+        global_B = self.global_end_R[slots_B]
+        local_B = self.local_end_R[slots_B]
+        queue_BQ = self.queue_RQ[slots_B]
+        head_B = self.queue_head_R[slots_B]
+        len_B = self.queue_len_R[slots_B]
+
+        # 1. adaptive sink check (single-frame calls only), pushes to the front of the queue
+        if sink_check and self.policy.sink_check_enabled and m <= fp:
+            fire_B, target_B = self._sink_check(slots_B, k_BMND, v_BMND)
+            head_B = torch.where(fire_B, (head_B - 1) % num_q, head_B)
+            queue_BQ[rows_B, head_B] = torch.where(fire_B, target_B, queue_BQ[rows_B, head_B])
+            len_B = len_B + fire_B.long()
+
+        # 2. full phase: pop the head, re-append it if it is a rolling (non-sink) frame end
+        full_B = (c_end_B > cap) | (local_B >= cap)
+        popped_B = queue_BQ[rows_B, head_B]
+        head_B = torch.where(full_B, (head_B + 1) % num_q, head_B)
+        len_B = len_B - full_B.long()
+        reappend_B = full_B & (popped_B > sink_tokens)
+        tail_B = (head_B + len_B) % num_q
+        queue_BQ[rows_B, tail_B] = torch.where(reappend_B, popped_B, queue_BQ[rows_B, tail_B])
+        len_B = len_B + reappend_B.long()
+
+        # 3. fill phase: advance local_end, append the end of the next frame-sized span
+        fill_local_B = local_B + c_end_B - global_B
+        rolling_B = c_end_B + m
+        last_B = queue_BQ[rows_B, (head_B + len_B - 1) % num_q]
+        append_B = (
+            ~full_B & (rolling_B > sink_tokens) & (rolling_B <= cap) & ((len_B == 0) | (last_B != rolling_B))
+        )
+        tail_B = (head_B + len_B) % num_q
+        queue_BQ[rows_B, tail_B] = torch.where(append_B, rolling_B, queue_BQ[rows_B, tail_B])
+        len_B = len_B + append_B.long()
+
+        # 4. write the new K/V and commit the bookkeeping
+        new_local_B = torch.where(full_B, torch.full_like(local_B, cap), fill_local_B)
+        write_end_B = torch.where(full_B, popped_B, fill_local_B)
+        positions_BM = write_end_B[:, None] - m + torch.arange(m, device=slots_B.device)[None, :]
+        self.k_RCND.index_put_((slots_B[:, None], positions_BM), k_BMND.to(self.k_RCND.dtype))
+        self.v_RCND.index_put_((slots_B[:, None], positions_BM), v_BMND.to(self.v_RCND.dtype))
+        self.global_end_R[slots_B] = c_end_B
+        self.local_end_R[slots_B] = new_local_B
+        self.queue_RQ[slots_B] = queue_BQ
+        self.queue_head_R[slots_B] = head_B
+        self.queue_len_R[slots_B] = len_B
+        return new_local_B
+
+    def _sink_check(
+        self, slots_B: torch.Tensor, k_BMND: torch.Tensor, v_BMND: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fire_B, front-insert value_B): compare each sink frame with the new frame (spec I.1)."""
+        fp = self.tokens_per_frame
+        num_sink = self.policy.num_sink_frames
+        b = k_BMND.shape[0]
+        sink_tokens = num_sink * fp
+
+        def sink_means(cache_RCND: torch.Tensor) -> torch.Tensor:  # [B, sinks, N*D]
+            sinks_BTND = cache_RCND[:, :sink_tokens].index_select(0, slots_B)
+            return sinks_BTND.reshape(b, num_sink, fp, -1).mean(2)
+
+        k_new_B1X = k_BMND.reshape(b, 1, fp, -1).mean(2)
+        v_new_B1X = v_BMND.reshape(b, 1, fp, -1).mean(2)
+        cos_k_BS = torch.cosine_similarity(sink_means(self.k_RCND), k_new_B1X.to(self.k_RCND.dtype), dim=-1)
+        cos_v_BS = torch.cosine_similarity(sink_means(self.v_RCND), v_new_B1X.to(self.v_RCND.dtype), dim=-1)
+        avg_BS = (cos_k_BS + cos_v_BS) / 2
+        fire_B = avg_BS.min(dim=-1).values < self.policy.sink_threshold
+        target_B = (avg_BS.argmin(dim=-1) + 1) * fp
+        return fire_B, target_B
+
+    def replicated_from_slot0(self, num_slots: int) -> BlockKVCache:
+        """A cache of `num_slots` slots, each a copy of slot 0 (K/V, ends and eviction queue)."""
+        out = BlockKVCache.__new__(BlockKVCache)
+        out.tokens_per_frame = self.tokens_per_frame
+        out.policy = self.policy
+        for name in (
+            "k_RCND",
+            "v_RCND",
+            "global_end_R",
+            "local_end_R",
+            "queue_RQ",
+            "queue_head_R",
+            "queue_len_R",
+        ):
+            t = getattr(self, name)
+            setattr(out, name, t[:1].repeat(num_slots, *([1] * (t.dim() - 1))))
+        return out
+
+    def queue_lists(self) -> list[list[int]]:
+        """Each slot's eviction queue, front first, as Python lists (host sync: tests/debug only)."""
+        q, head, size = self.queue_RQ.tolist(), self.queue_head_R.tolist(), self.queue_len_R.tolist()
+        cap = self.policy.queue_capacity
+        return [[q[r][(head[r] + i) % cap] for i in range(size[r])] for r in range(len(q))]
+
+
+@dataclass
+class DiTStreamState:
+    """Everything one stream keeps on one DiT shard, for the blocks the shard owns.
+
+    `kv[i]` is block i's self-attention cache (global block index); `cross_kv[i]` the (k, v) of the
+    stream's prompt for block i, each [1, S, N, D], shared by every slot (None until a prompt is set).
+    """
+
+    stream_id: str
+    num_slots: int
+    tokens_per_frame: int
+    grid_hw: tuple[int, int]
+    """Token grid (height, width) of one latent frame: latent (h/2, w/2)."""
+    policy: KVCachePolicy
+    kv: dict[int, BlockKVCache] = field(default_factory=dict)
+    cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    _slot_index_cache: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def slot_index(self, slots: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """int64 tensor of slot indices on `device`, memoised per tuple (one upload per pattern)."""
+        index = self._slot_index_cache.get(slots)
+        if index is None:
+            if len(set(slots)) != len(slots) or not all(0 <= s < self.num_slots for s in slots):
+                raise ValueError(f"slots {slots} must be distinct and in [0, {self.num_slots})")
+            index = torch.tensor(slots, dtype=torch.long, device=device)
+            self._slot_index_cache[slots] = index
+        return index
+
+    def set_num_slots(self, num_slots: int) -> None:
+        """Resize to `num_slots` slots, every block's cache a copy of slot 0 (K/V, ends, eviction queue)."""
+        if num_slots < 1:
+            raise ValueError(f"num_slots={num_slots} must be >= 1")
+        self.kv = {i: cache.replicated_from_slot0(num_slots) for i, cache in self.kv.items()}
+        self.num_slots = num_slots
+        self._slot_index_cache.clear()

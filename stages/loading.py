@@ -1,0 +1,113 @@
+"""Build every model an engine needs, from the published files or with seeded random weights.
+
+Random weights do the same work as the real model (same shapes, same kernels), which is what the
+benchmarks need; `head.head` is re-randomised (the published init zeroes it, which would make the
+DiT output its input and hide bugs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+
+from stages.config import DiTConfig, StreamConfig, VAEConfig
+from stages.dit import WanDiT
+from stages.dit_stage import DiTShard
+from stages.stream_batch import LatentStreamer
+from stages.taehv import TAEHV, TAEHV_PRESETS
+from stages.vae_stage import VAEDecodeStage, VAEEncodeStage
+from stages.wan_vae import WanVAE
+
+if TYPE_CHECKING:
+    from stages.engine import EngineComponents, EngineSpec
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def random_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Seeded random weights: every Linear/Conv N(0, 1/fan_in), norms at 1, biases and modulations small."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            cpu = torch.empty(p.shape, dtype=torch.float32)
+            if p.ndim >= 2 and "modulation" not in name:
+                fan_in = p[0].numel()
+                cpu.normal_(0.0, fan_in**-0.5, generator=gen)
+            elif name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight", "gamma")) or ".norm" in name:
+                cpu.fill_(1.0)
+            else:
+                cpu.normal_(0.0, 0.02, generator=gen)
+            p.copy_(cpu.to(p.dtype))
+    return module
+
+
+def _build(cls, cfg, device: torch.device, dtype: torch.dtype, seed: int):
+    with torch.device(device), _default_dtype(dtype if dtype.is_floating_point else torch.float32):
+        model = cls(cfg)
+    return random_init_(model, seed)
+
+
+def build_dit_shard(cfg: DiTConfig, block_range: tuple[int, int] | None, *, device: torch.device,
+                    dtype: torch.dtype, checkpoint: str | None = None, seed: int = 0) -> DiTShard:
+    """One DiT shard (the whole model when block_range is None), loaded or random, as a stage."""
+    from stages.checkpoints import load_dit_checkpoint
+
+    if checkpoint is None:
+        with torch.device(device), _default_dtype(dtype):
+            model = WanDiT(cfg, block_range)
+        random_init_(model, seed)
+    else:
+        with torch.device("meta"):
+            model = WanDiT(cfg, block_range)
+        load_dit_checkpoint(model, checkpoint)
+    return DiTShard(model, device=device, dtype=dtype)
+
+
+def build_models(spec: EngineSpec, dit_cfg: DiTConfig, vae_cfg: VAEConfig) -> EngineComponents:
+    """Every component of a single-device engine: DiT (one shard), both VAEs, the text encoder."""
+    from stages.checkpoints import find_checkpoints, load_taehv, load_wan_vae
+    from stages.engine import EngineComponents
+    from stages.t5 import build_text_encoder
+
+    device, dtype = torch.device(spec.device), spec.torch_dtype
+    taehv_cfg = TAEHV_PRESETS["tiny" if spec.model == "tiny" else "taew2_1"]
+    if spec.checkpoint_dir is None:
+        shard = build_dit_shard(dit_cfg, None, device=device, dtype=dtype, seed=spec.weights_seed)
+        wan_vae = _build(WanVAE, vae_cfg, device, dtype, spec.weights_seed + 1)
+        taehv = _build(TAEHV, taehv_cfg, device, dtype, spec.weights_seed + 2)
+    else:
+        layout = find_checkpoints(spec.checkpoint_dir, dit=spec.model)
+        shard = build_dit_shard(dit_cfg, None, device=device, dtype=dtype,
+                                checkpoint=str(layout.dit_checkpoint(spec.model)))
+        with torch.device("meta"):
+            wan_vae = WanVAE(vae_cfg)
+        load_wan_vae(wan_vae, layout.vae)
+        with torch.device("meta"):
+            taehv = TAEHV(taehv_cfg)
+        if layout.taehv is not None:
+            load_taehv(taehv, layout.taehv)
+        else:
+            taehv = None
+    text_device = torch.device(spec.text_device or spec.device)
+    text = build_text_encoder(
+        spec.checkpoint_dir, device=text_device, dtype=dtype if text_device.type == "cuda" else torch.float32,
+        seed=spec.weights_seed,
+    )
+    scaling = StreamConfig().latent_scaling
+    encoders = {"wan": VAEEncodeStage("wan", wan_vae, device, dtype, scaling)}
+    decoders = {"wan": VAEDecodeStage("wan", wan_vae, device, dtype, scaling)}
+    if taehv is not None:
+        tae_dtype = torch.float16 if device.type == "cuda" else dtype
+        encoders["taehv"] = VAEEncodeStage("taehv", taehv, device, tae_dtype, scaling)
+        decoders["taehv"] = VAEDecodeStage("taehv", taehv, device, tae_dtype, scaling)
+    return EngineComponents(dit=LatentStreamer([shard]), encoders=encoders, decoders=decoders, text=text)

@@ -1,0 +1,230 @@
+"""The VAE encode and decode stages: one model, many streams, each stream's caches in a registry.
+
+Legend: B batch, C channels (3 pixels, Z=16 latent), T frames (pixel or latent, as the name says),
+H/W pixel height/width, h/w latent height/width (H/8, W/8).
+
+Frame counts per call (both kinds):
+
+    encode  first call 1 + 4k frames -> 1 + k latents (Weir: 1 -> 1; the reference: 5 -> 2)
+            later calls 4k frames    -> k latents
+    decode  first call T latents     -> 1 + 4(T-1) frames (Wan; TAEHV with emit_first_frame)
+            later calls T latents    -> 4T frames
+
+Latent scaling (StreamConfig.latent_scaling), with mean/std the Wan2.1 constants:
+
+    kind   scaling      encode returns                      decode takes z and computes
+    wan    reference    raw mu                              Wan decoder(z / (1/std) + mean)
+    wan    symmetric    (mu - mean) * (1/std)               Wan decoder(z / (1/std) + mean)
+    taehv  reference    z_taehv / (1/std) + mean            TAEHV decoder(z)
+    taehv  symmetric    z_taehv                             TAEHV decoder(z)
+
+TAEHV works in the normalised latent space (it applies no mean/std), so in 'reference' mode its
+latents are mapped to raw-mu space to feed the DiT what the Wan encoder would; the decode side
+treats DiT output as normalised for both kinds, as the reference does. Decoded pixels are clamped
+to [-1, 1] and returned in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stages.errors import BadFrameError, StreamExistsError, StreamNotFoundError
+from stages.taehv import TAEHV, TAEHVCache
+from stages.wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAECache
+
+VAE_KINDS = ("wan", "taehv")
+LATENT_SCALINGS = ("reference", "symmetric")
+SPATIAL_FACTOR = 8
+"""Pixels per latent position along H and W."""
+
+
+def frames_uint8_to_model(
+    frames_THWC_uint8: torch.Tensor,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] -> [1, 3, T, H, W] in [-1, 1] (x / 127.5 - 1), on (device, dtype)."""
+    if frames_THWC_uint8.ndim != 4 or frames_THWC_uint8.shape[-1] != 3:
+        raise BadFrameError(f"frames must be [T, H, W, 3], got {tuple(frames_THWC_uint8.shape)}")
+    frames_BCTHW = frames_THWC_uint8.permute(3, 0, 1, 2).unsqueeze(0).to(device=device)
+    return frames_BCTHW.to(dtype) / 127.5 - 1.0
+
+
+def frames_model_to_uint8(frames_BCTHW: torch.Tensor) -> torch.Tensor:
+    """Frames [B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3] (clamped, rounded), on the same device."""
+    scaled_BCTHW = ((frames_BCTHW.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return scaled_BCTHW.to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+
+def _check_kind(vae_kind: str, model: torch.nn.Module, latent_scaling: str) -> None:
+    if vae_kind not in VAE_KINDS:
+        raise ValueError(f"vae_kind={vae_kind!r} must be one of {VAE_KINDS}")
+    want = WanVAE if vae_kind == "wan" else TAEHV
+    if not isinstance(model, want):
+        raise ValueError(f"vae_kind={vae_kind!r} needs a {want.__name__}, got {type(model).__name__}")
+    if latent_scaling not in LATENT_SCALINGS:
+        raise ValueError(f"latent_scaling={latent_scaling!r} must be one of {LATENT_SCALINGS}")
+
+
+class _StreamRegistry:
+    """stream_id -> per-stream cache, with typed errors for unknown and duplicate ids."""
+
+    def __init__(self) -> None:
+        self._caches: dict[str, WanVAECache | TAEHVCache] = {}
+
+    def open(self, stream_id: str, cache: WanVAECache | TAEHVCache) -> None:
+        if stream_id in self._caches:
+            raise StreamExistsError(f"stream {stream_id!r} is already open", stream_id=stream_id)
+        self._caches[stream_id] = cache
+
+    def get(self, stream_id: str) -> WanVAECache | TAEHVCache:
+        try:
+            return self._caches[stream_id]
+        except KeyError:
+            raise StreamNotFoundError(f"stream {stream_id!r} is not open", stream_id=stream_id) from None
+
+    def close(self, stream_id: str) -> None:
+        if self._caches.pop(stream_id, None) is None:
+            raise StreamNotFoundError(f"stream {stream_id!r} is not open", stream_id=stream_id)
+
+    def __contains__(self, stream_id: str) -> bool:
+        return stream_id in self._caches
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+    def ids(self) -> list[str]:
+        return list(self._caches)
+
+
+class _VAEStage:
+    """Shared plumbing: the model (moved to (device, dtype) in place, eval, no grad), the stream
+    registry, and the latent mean / inverse std in the stage dtype."""
+
+    def __init__(
+        self,
+        vae_kind: str,
+        model: WanVAE | TAEHV,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        latent_scaling: str = "reference",
+    ) -> None:
+        _check_kind(vae_kind, model, latent_scaling)
+        self.vae_kind = vae_kind
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.latent_scaling = latent_scaling
+        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self._streams = _StreamRegistry()
+        std_C = torch.tensor(LATENT_STD, dtype=torch.float32).to(device=self.device, dtype=dtype)
+        self._mean_1C111 = torch.tensor(LATENT_MEAN, dtype=torch.float32).to(device=self.device, dtype=dtype)
+        self._mean_1C111 = self._mean_1C111.view(1, -1, 1, 1, 1)
+        self._inv_std_1C111 = (1.0 / std_C).view(1, -1, 1, 1, 1)
+
+    @property
+    def stream_ids(self) -> list[str]:
+        return self._streams.ids()
+
+    def has_stream(self, stream_id: str) -> bool:
+        return stream_id in self._streams
+
+    def close_stream(self, stream_id: str) -> None:
+        """Forget the stream and free its caches. Raises StreamNotFoundError if it is not open."""
+        self._streams.close(stream_id)
+
+    def cache_nbytes(self, stream_id: str) -> int:
+        """Bytes held by one stream's caches (for memory accounting)."""
+        return self._streams.get(stream_id).nbytes()
+
+    def _normalise(self, mu_BZTHW: torch.Tensor) -> torch.Tensor:
+        return (mu_BZTHW - self._mean_1C111) * self._inv_std_1C111
+
+    def _denormalise(self, z_BZTHW: torch.Tensor) -> torch.Tensor:
+        return z_BZTHW / self._inv_std_1C111 + self._mean_1C111
+
+
+class VAEEncodeStage(_VAEStage):
+    """Pixels -> latents for many streams. `encode` takes [B, 3, T, H, W] in [-1, 1] (H, W multiples of 8)."""
+
+    def open_stream(self, stream_id: str) -> None:
+        """Start a stream with fresh caches. Raises StreamExistsError if it is already open."""
+        model = self.model
+        self._streams.open(stream_id, model.new_encode_cache())
+
+    def encode(self, stream_id: str, frames_BCTHW: torch.Tensor) -> torch.Tensor:
+        """The stream's next frames -> latents [B, 16, T', H/8, W/8] in the stage dtype (see module doc)."""
+        cache = self._streams.get(stream_id)
+        if frames_BCTHW.ndim != 5 or frames_BCTHW.shape[1] != 3:
+            raise BadFrameError(f"frames must be [B, 3, T, H, W], got {tuple(frames_BCTHW.shape)}")
+        H, W = frames_BCTHW.shape[-2:]
+        if H % SPATIAL_FACTOR or W % SPATIAL_FACTOR:
+            raise BadFrameError(
+                f"frame size {H}x{W} must be a multiple of {SPATIAL_FACTOR}", height=H, width=W
+            )
+        frames_BCTHW = frames_BCTHW.to(device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            if self.vae_kind == "wan":
+                assert isinstance(cache, WanVAECache)
+                mu_BZTHW = self.model.stream_encode(frames_BCTHW, cache)
+                return self._normalise(mu_BZTHW) if self.latent_scaling == "symmetric" else mu_BZTHW
+            assert isinstance(cache, TAEHVCache)
+            unit_BTCHW = (frames_BCTHW * 0.5 + 0.5).clamp(0, 1).transpose(1, 2)
+            z_BZTHW = self.model.stream_encode(unit_BTCHW, cache).transpose(1, 2).contiguous()
+            return self._denormalise(z_BZTHW) if self.latent_scaling == "reference" else z_BZTHW
+
+
+class VAEDecodeStage(_VAEStage):
+    """Latents -> pixels for many streams. `decode` returns [B, 3, T', 8h, 8w] fp32 in [-1, 1].
+
+    TAEHV options (defaults: Weir's; the reference is `taehv_context_latents=3,
+    taehv_emit_first_frame=False`):
+    - `taehv_context_latents` None streams exactly: each MemBlock continues from the stream's memory,
+      so chunked output equals one whole-clip decode, and a 1-latent call decodes 1 latent (about 9x
+      less work than the reference's window on an H100 at 480x832). An int k re-decodes the last
+      <= k latents from empty memory with the new ones, as the reference does (k = 3).
+    - `taehv_emit_first_frame` True gives the Wan VAE's frame count on the first call (latent 0 ->
+      frame 0, so 1 + 4(T-1)); False drops latent 0's frame like the reference (4(T-1); a 1-latent
+      first call then returns no frames).
+    """
+
+    def __init__(
+        self,
+        vae_kind: str,
+        model: WanVAE | TAEHV,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        latent_scaling: str = "reference",
+        *,
+        taehv_context_latents: int | None = None,
+        taehv_emit_first_frame: bool = True,
+    ) -> None:
+        super().__init__(vae_kind, model, device, dtype, latent_scaling)
+        if taehv_context_latents is not None and taehv_context_latents < 0:
+            raise ValueError(f"taehv_context_latents={taehv_context_latents} must be None or >= 0")
+        self.taehv_context_latents = taehv_context_latents
+        self.taehv_emit_first_frame = taehv_emit_first_frame
+
+    def open_stream(self, stream_id: str) -> None:
+        """Start a stream with fresh caches. Raises StreamExistsError if it is already open."""
+        self._streams.open(stream_id, self.model.new_decode_cache())
+
+    def decode(self, stream_id: str, latents_BCTHW: torch.Tensor) -> torch.Tensor:
+        """The stream's next latents [B, 16, T, h, w] -> frames [B, 3, T', 8h, 8w] fp32 in [-1, 1]."""
+        cache = self._streams.get(stream_id)
+        if latents_BCTHW.ndim != 5 or latents_BCTHW.shape[2] == 0:
+            raise ValueError(f"latents must be [B, Z, T>=1, h, w], got {tuple(latents_BCTHW.shape)}")
+        z_BZTHW = latents_BCTHW.to(device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            if self.vae_kind == "wan":
+                assert isinstance(cache, WanVAECache)
+                frames_BCTHW = self.model.stream_decode(self._denormalise(z_BZTHW), cache)
+                return frames_BCTHW.float().clamp_(-1.0, 1.0)
+            assert isinstance(cache, TAEHVCache)
+            unit_BTCHW = self.model.stream_decode(
+                z_BZTHW.transpose(1, 2),
+                cache,
+                context_latents=self.taehv_context_latents,
+                emit_first_frame=self.taehv_emit_first_frame,
+            )
+            return (unit_BTCHW.transpose(1, 2).float() * 2.0 - 1.0).clamp_(-1.0, 1.0)

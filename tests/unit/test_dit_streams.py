@@ -1,0 +1,190 @@
+"""Streams are isolated: interleaving them changes nothing, batching them into one forward changes
+nothing beyond float reordering, and the per-stream lifecycle (drain, resize, prompt swap, close)
+behaves as documented.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.config import DIT_PRESETS, StreamConfig
+from stages.dit import WanDiT
+from stages.dit_stage import DiTShard
+from stages.errors import StreamExistsError, StreamNotFoundError
+from stages.stream_batch import LatentStreamer
+
+TOL = 1e-5
+NUM_STEPS = 10
+PIXELS = 64  # latent 8x8, 16 tokens per frame
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    torch.manual_seed(11)
+    return WanDiT(DIT_PRESETS["tiny"]).state_dict()
+
+
+def _streamer(weights) -> LatentStreamer:
+    model = WanDiT(DIT_PRESETS["tiny"])
+    model.load_checkpoint(weights)
+    return LatentStreamer([DiTShard(model, device="cpu", dtype=torch.float32)])
+
+
+def _inputs(seed: int, num_chunks: int = NUM_STEPS):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(1, 512, 4096, generator=g)
+    return (
+        text,
+        torch.randn(1, 16, 1, 8, 8, generator=g),
+        [torch.randn(1, 16, 1, 8, 8, generator=g) for _ in range(num_chunks)],
+    )
+
+
+SPECS = {"a": dict(num_steps=2, seed=1), "b": dict(num_steps=3, seed=2)}
+
+
+def _open(streamer: LatentStreamer, sid: str):
+    spec = SPECS[sid]
+    text, first, chunks = _inputs(spec["seed"])
+    streamer.open(
+        sid,
+        height=PIXELS,
+        width=PIXELS,
+        stream_cfg=StreamConfig(num_steps=spec["num_steps"]),
+        seed=spec["seed"],
+    )
+    streamer.set_prompt_context(sid, text)
+    return streamer.prefill(sid, first), chunks
+
+
+def _alone(weights, sid):
+    streamer = _streamer(weights)
+    x0, chunks = _open(streamer, sid)
+    return [x0] + [streamer.step([(sid, c, 650 + k)])[0] for k, c in enumerate(chunks)]
+
+
+def _assert_same(xs, ys, tol=None):
+    assert len(xs) == len(ys)
+    for k, (x, y) in enumerate(zip(xs, ys)):
+        assert (x is None) == (y is None), k
+        if x is not None:
+            if tol is None:
+                assert torch.equal(x, y), k
+            else:
+                assert (x - y).abs().max() <= tol, k
+
+
+def test_interleaved_is_exact_and_batched_is_close(weights):
+    alone = {sid: _alone(weights, sid) for sid in SPECS}
+
+    streamer = _streamer(weights)
+    interleaved = {}
+    chunks = {}
+    for sid in SPECS:
+        x0, chunks[sid] = _open(streamer, sid)
+        interleaved[sid] = [x0]
+    for k in range(NUM_STEPS):
+        for sid in SPECS:
+            interleaved[sid] += streamer.step([(sid, chunks[sid][k], 650 + k)])
+    for sid in SPECS:
+        _assert_same(interleaved[sid], alone[sid])
+
+    streamer = _streamer(weights)
+    batched = {}
+    for sid in SPECS:
+        x0, chunks[sid] = _open(streamer, sid)
+        batched[sid] = [x0]
+    for k in range(NUM_STEPS):
+        out_a, out_b = streamer.step([(sid, chunks[sid][k], 650 + k) for sid in SPECS])
+        batched["a"].append(out_a)
+        batched["b"].append(out_b)
+    for sid in SPECS:
+        _assert_same(batched[sid], alone[sid], tol=TOL)
+    assert sum(x is not None for x in batched["b"]) == 1 + NUM_STEPS - 2  # n = 3: two warm-up ticks
+
+
+def test_one_latent_prefill_state(weights):
+    streamer = _streamer(weights)
+    x0, _ = _open(streamer, "b")
+    assert x0.shape == (1, 16, 1, 8, 8)
+    state = streamer.shards[0].state("b")
+    for cache in state.kv.values():
+        assert cache.num_slots == 3
+        assert cache.local_end_R.tolist() == [16] * 3 and cache.global_end_R.tolist() == [16] * 3
+        assert cache.queue_lists() == [[], [], []]
+    assert streamer.stream_state("b").next_frame == 1
+
+
+def test_drain_tick_finishes_in_flight_frames(weights):
+    _, _, extra = _inputs(99, num_chunks=1)
+
+    def run(tail):
+        streamer = _streamer(weights)
+        _, chunks = _open(streamer, "b")
+        outs = [streamer.step([("b", c, 660)])[0] for c in chunks]
+        return outs + [streamer.step([("b", c, 660)])[0] for c in tail], streamer
+
+    fed, _ = run([extra[0]])
+    drained, streamer = run([None, None, None])
+    # the first drain tick emits what a normal tick would have (its slot-0 input never matters)
+    assert (drained[NUM_STEPS] - fed[NUM_STEPS]).abs().max() <= TOL
+    assert drained[NUM_STEPS + 1] is not None and drained[NUM_STEPS + 2] is None
+    assert streamer.stream_state("b").status[0].name == "EMPTY"
+    # input resumes on a partly empty buffer: only the occupied slots are forwarded
+    _, _, more = _inputs(5, num_chunks=3)
+    outs = [streamer.step([("b", c, 660)])[0] for c in more]
+    assert outs[0] is None and outs[1] is None and outs[2].shape == (1, 16, 1, 8, 8)
+
+
+def test_set_num_steps_replicates_slot0_and_restarts_warmup(weights):
+    streamer = _streamer(weights)
+    _, chunks = _open(streamer, "a")
+    for c in chunks[:6]:
+        streamer.step([("a", c, 650)])
+    shard = streamer.shards[0]
+    slot0 = {i: (cache.k_RCND[0].clone(), cache.queue_lists()[0]) for i, cache in shard.state("a").kv.items()}
+    streamer.set_num_steps("a", 4)
+    for i, cache in shard.state("a").kv.items():
+        assert cache.num_slots == 4
+        assert all(torch.equal(cache.k_RCND[s], slot0[i][0]) for s in range(4))
+        assert cache.queue_lists() == [slot0[i][1]] * 4
+    outs = [streamer.step([("a", c, 650)])[0] for c in chunks[6:]]
+    assert [o is None for o in outs] == [True, True, True, False]
+
+
+def test_prompt_swap_keeps_self_attention_caches(weights):
+    streamer = _streamer(weights)
+    _, chunks = _open(streamer, "a")
+    for c in chunks[:5]:
+        streamer.step([("a", c, 650)])
+    state = streamer.shards[0].state("a")
+    before = {i: (c.k_RCND.clone(), c.local_end_R.clone(), c.queue_lists()) for i, c in state.kv.items()}
+    old_cross = state.cross_kv[0][0].clone()
+    streamer.set_prompt_context("a", torch.randn(1, 512, 4096))
+    assert not torch.equal(state.cross_kv[0][0], old_cross)
+    for i, cache in state.kv.items():
+        assert torch.equal(cache.k_RCND, before[i][0]) and torch.equal(cache.local_end_R, before[i][1])
+        assert cache.queue_lists() == before[i][2]
+    assert streamer.step([("a", chunks[5], 650)])[0] is not None
+
+
+def test_close_frees_state_and_ids_are_checked(weights):
+    streamer = _streamer(weights)
+    _open(streamer, "a")
+    with pytest.raises(StreamExistsError):
+        streamer.open("a", height=PIXELS, width=PIXELS)
+    streamer.close("a")
+    assert streamer.shards[0].stream_ids == []
+    with pytest.raises(StreamNotFoundError):
+        streamer.shards[0].state("a")
+    with pytest.raises(StreamNotFoundError):
+        streamer.step([("a", None, None)])

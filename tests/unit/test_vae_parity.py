@@ -1,0 +1,194 @@
+"""Wan VAE streaming encode/decode against the reference (same random weights, fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.config import VAE_PRESETS
+from stages.errors import StreamExistsError, StreamNotFoundError
+from stages.vae_stage import VAEDecodeStage, VAEEncodeStage, frames_model_to_uint8, frames_uint8_to_model
+from stages.wan_vae import LATENT_MEAN, LATENT_STD, WanVAE
+
+ref_vae = pytest.importorskip("models.wan.wan_base.modules.vae")
+
+TOL = 1e-5
+H = W = 16
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The reference WanVAE_(dim=8, z_dim=16) and ours, holding the same random weights."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        ref = ref_vae.WanVAE_(
+            dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+            temperal_downsample=[False, True, True],
+        ).eval()  # fmt: skip
+    with torch.no_grad():  # init leaves gains at 1 and attention projections at 0: randomise them
+        for name, param in ref.named_parameters():
+            if name.endswith("gamma"):
+                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=gen))
+            elif ".proj." in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+    ours = WanVAE(VAE_PRESETS["tiny"]).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def _ref_scale():
+    return [torch.tensor(LATENT_MEAN), 1.0 / torch.tensor(LATENT_STD)]
+
+
+def _video(num_frames: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, num_frames, H, W, generator=gen) * 2 - 1
+
+
+def _stages(ours, scaling="reference"):
+    enc = VAEEncodeStage("wan", ours, "cpu", torch.float32, scaling)
+    dec = VAEDecodeStage("wan", ours, "cpu", torch.float32, scaling)
+    return enc, dec
+
+
+@torch.no_grad()
+def test_stream_encode_chunks_5_4_4_4_match_reference(models):
+    ref, ours = models
+    video = _video(17)
+    ref.first_encode = True
+    chunks = [video[:, :, :5]] + [video[:, :, i : i + 4] for i in range(5, 17, 4)]
+    expected = [ref.stream_encode(c, None) for c in chunks]
+    enc, _ = _stages(ours)
+    enc.open_stream("s")
+    got = [enc.encode("s", c) for c in chunks]
+    assert [g.shape[2] for g in got] == [2, 1, 1, 1]
+    for e, g in zip(expected, got):
+        assert g.shape == e.shape == (1, 16, e.shape[2], H // 8, W // 8)
+        assert (e - g).abs().max().item() <= TOL
+
+
+@torch.no_grad()
+def test_stream_decode_matches_reference(models):
+    ref, ours = models
+    z = torch.randn(1, 16, 5, H // 8, W // 8, generator=torch.Generator().manual_seed(5))
+    ref.first_decode = True
+    chunks = [z[:, :, :2]] + [z[:, :, i : i + 1] for i in range(2, 5)]
+    expected = [ref.stream_decode(c, _ref_scale()).clamp(-1, 1) for c in chunks]
+    _, dec = _stages(ours)
+    dec.open_stream("s")
+    got = [dec.decode("s", c) for c in chunks]
+    assert [g.shape[2] for g in got] == [5, 4, 4, 4]
+    for e, g in zip(expected, got):
+        assert g.shape == e.shape and g.dtype == torch.float32
+        assert (e - g).abs().max().item() <= TOL
+    assert max(g.abs().max().item() for g in got) <= 1.0
+
+
+@torch.no_grad()
+def test_weir_first_chunk_of_one_frame_equals_one_shot_encode(models):
+    ref, ours = models
+    video = _video(9, seed=1)
+    one_shot = ref.encode(video, [0.0, 1.0])  # the reference's whole-clip causal encode, raw mu
+    enc, _ = _stages(ours)
+    enc.open_stream("s")
+    streamed = torch.cat([enc.encode("s", video[:, :, :1]), enc.encode("s", video[:, :, 1:5]),
+                          enc.encode("s", video[:, :, 5:9])], dim=2)  # fmt: skip
+    assert streamed.shape == one_shot.shape == (1, 16, 3, H // 8, W // 8)
+    assert (streamed - one_shot).abs().max().item() <= TOL
+    # several groups of 4 in one call give the same latents
+    enc.open_stream("t")
+    grouped = torch.cat([enc.encode("t", video[:, :, :1]), enc.encode("t", video[:, :, 1:9])], dim=2)
+    assert (grouped - one_shot).abs().max().item() <= TOL
+
+
+@torch.no_grad()
+def test_weir_decode_one_latent_per_call_equals_one_shot_decode(models):
+    ref, ours = models
+    z = torch.randn(1, 16, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(7))
+    one_shot = ref.decode(z, _ref_scale()).clamp(-1, 1)
+    _, dec = _stages(ours)
+    dec.open_stream("s")
+    got = [dec.decode("s", z[:, :, i : i + 1]) for i in range(4)]
+    assert [g.shape[2] for g in got] == [1, 4, 4, 4]
+    assert (torch.cat(got, dim=2) - one_shot).abs().max().item() <= TOL
+
+
+@torch.no_grad()
+def test_symmetric_scaling_normalises_on_encode(models):
+    _, ours = models
+    video = _video(5, seed=2)
+    raw, _ = _stages(ours, "reference")
+    sym, _ = _stages(ours, "symmetric")
+    raw.open_stream("s")
+    sym.open_stream("s")
+    mu = raw.encode("s", video)
+    mean = torch.tensor(LATENT_MEAN).view(1, -1, 1, 1, 1)
+    std = torch.tensor(LATENT_STD).view(1, -1, 1, 1, 1)
+    assert (sym.encode("s", video) - (mu - mean) / std).abs().max().item() <= TOL
+
+
+@torch.no_grad()
+def test_streams_are_isolated(models):
+    _, ours = models
+    a, b = _video(9, seed=3), _video(9, seed=4)
+    enc, dec = _stages(ours)
+    chunks = [(0, 1), (1, 5), (5, 9)]
+
+    def alone(video):
+        enc.open_stream("x")
+        dec.open_stream("x")
+        out = [dec.decode("x", enc.encode("x", video[:, :, i:j])) for i, j in chunks]
+        enc.close_stream("x")
+        dec.close_stream("x")
+        return out
+
+    expected_a, expected_b = alone(a), alone(b)
+    for sid in ("a", "b"):
+        enc.open_stream(sid)
+        dec.open_stream(sid)
+    for k, (i, j) in enumerate(chunks):
+        got_a = dec.decode("a", enc.encode("a", a[:, :, i:j]))
+        got_b = dec.decode("b", enc.encode("b", b[:, :, i:j]))
+        assert torch.equal(got_a, expected_a[k]) and torch.equal(got_b, expected_b[k])
+    assert enc.cache_nbytes("a") > 0 and sorted(enc.stream_ids) == ["a", "b"]
+
+
+def test_frame_counts_and_stream_errors(models):
+    _, ours = models
+    enc, dec = _stages(ours)
+    with pytest.raises(StreamNotFoundError):
+        enc.encode("nope", _video(1))
+    enc.open_stream("s")
+    with pytest.raises(StreamExistsError):
+        enc.open_stream("s")
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        enc.encode("s", _video(4))
+    enc.encode("s", _video(1))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        enc.encode("s", _video(3))
+    enc.close_stream("s")
+    with pytest.raises(StreamNotFoundError):
+        enc.close_stream("s")
+    with pytest.raises(ValueError):
+        VAEEncodeStage("taehv", ours, "cpu", torch.float32)
+    with pytest.raises(ValueError):
+        VAEDecodeStage("wan", ours, "cpu", torch.float32, "sideways")
+
+
+def test_uint8_round_trip():
+    frames_THWC = torch.randint(0, 256, (3, 8, 16, 3), dtype=torch.uint8)
+    model_BCTHW = frames_uint8_to_model(frames_THWC)
+    assert model_BCTHW.shape == (1, 3, 3, 8, 16)
+    assert model_BCTHW.min() >= -1 and model_BCTHW.max() <= 1
+    assert torch.equal(frames_model_to_uint8(model_BCTHW)[0], frames_THWC)
+
+
+@torch.no_grad()
+def test_bf16_runs_on_cpu():
+    enc = VAEEncodeStage("wan", WanVAE(VAE_PRESETS["tiny"]), "cpu", torch.bfloat16)
+    dec = VAEDecodeStage("wan", enc.model, "cpu", torch.bfloat16)
+    enc.open_stream("s")
+    dec.open_stream("s")
+    frames = dec.decode("s", enc.encode("s", _video(1)))
+    assert frames.shape == (1, 3, 1, H, W) and torch.isfinite(frames).all()
