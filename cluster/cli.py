@@ -1,0 +1,419 @@
+"""The `weir` command line.
+
+    weir serve   [--config serve.yaml] [--model tiny] [--device cpu] [--pipelines 1] [--max-streams 8]
+    weir stream  --input FILE|webcam|generated --prompt "..." --output out.mp4 [--address localhost:9000]
+    weir demo    local Ray + the Serve app (tiny model on CPU without a GPU), a generated clip over gRPC
+    weir bench serve --streams N     concurrent streams against a local (or --address) deployment
+    weir bench engine | pipeline     engine / pipeline benchmarks (cluster.bench)
+    weir run     offline restyling of a file (cluster.offline)
+
+Ray, Serve and torch are imported inside the subcommands, so `weir --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- local cluster -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to RAY_ADDRESS/--address, or start a small local Ray whose workers can import Weir."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    path = os.environ.get("PYTHONPATH", "")
+    if str(REPO_ROOT) not in path.split(os.pathsep):  # workers inherit the driver's environment
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), path) if p)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def service_from_args(args: argparse.Namespace):
+    from deployments.config import PipelineSpec, ServiceConfig
+
+    device = args.device or ("cuda" if _has_cuda() else "cpu")
+    model = args.model or ("wan-1.3b" if device == "cuda" and args.checkpoint_dir else "tiny")
+    spec = PipelineSpec(
+        model=model, vae=args.vae, device=device, dtype="bfloat16" if device == "cuda" else "float32",
+        checkpoint_dir=args.checkpoint_dir, gpu_type=args.gpu_type or ("cpu" if device == "cpu" else ""),
+        max_streams=args.max_streams, num_cpus=args.pipeline_cpus,
+    )
+    return ServiceConfig(pipelines=(spec,) * args.pipelines, grpc_port=args.grpc_port, http_port=args.http_port)
+
+
+def _add_service_args(p: argparse.ArgumentParser, *, grpc_port: int | None = 9000, http_port: int | None = 8000) -> None:
+    p.add_argument("--model", default=None, help="tiny | wan-1.3b | wan-14b (default: tiny without weights)")
+    p.add_argument("--vae", default="wan", choices=["wan", "taehv"])
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--checkpoint-dir", default=None)
+    p.add_argument("--gpu-type", default=None, help="accelerator type label, e.g. H100")
+    p.add_argument("--pipelines", type=int, default=1, help="pipeline deployments (one engine each)")
+    p.add_argument("--max-streams", type=int, default=8, help="stream slots per pipeline")
+    p.add_argument("--pipeline-cpus", type=float, default=1.0, help="CPUs each pipeline replica reserves")
+    p.add_argument("--grpc-port", type=int, default=grpc_port if grpc_port else 0)
+    p.add_argument("--http-port", type=int, default=http_port if http_port else 0)
+
+
+def _pick_ports(args: argparse.Namespace) -> None:
+    if not args.grpc_port:
+        args.grpc_port = free_port()
+    if not args.http_port:
+        args.http_port = free_port()
+
+
+# ---- weir serve ----------------------------------------------------------------------------------------
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from deployments import app as weir_app
+
+    init_ray(args.address)
+    if args.config:
+        _run_serve_config(Path(args.config))
+        print(f"weir: serving the applications of {args.config}; Ctrl-C stops")
+    else:
+        service = service_from_args(args)
+        weir_app.start(service)
+        print(f"weir: gRPC on :{service.grpc_port} (application '{service.app_name}'), "
+              f"metrics at http://localhost:{service.http_port}/metrics; Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+def _run_serve_config(path: Path) -> None:
+    """Run a Serve config YAML (the `serve build` shape): grpc_options, http_options, applications."""
+    import importlib
+
+    import yaml
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from deployments.app import GRPC_SERVICER_FUNCTIONS
+
+    cfg = yaml.safe_load(path.read_text())
+    grpc = dict(cfg.get("grpc_options") or {})
+    grpc.setdefault("grpc_servicer_functions", GRPC_SERVICER_FUNCTIONS)
+    serve.start(http_options=cfg.get("http_options") or {}, grpc_options=gRPCOptions(**grpc))
+    for spec in cfg.get("applications", []):
+        module, _, attr = spec["import_path"].partition(":")
+        target = getattr(importlib.import_module(module), attr)
+        app = target(spec.get("args") or {}) if callable(target) and not hasattr(target, "_bound_deployment") else target
+        serve.run(app, name=spec.get("name", "weir"), route_prefix=spec.get("route_prefix", "/"), blocking=False)
+
+
+# ---- weir stream ---------------------------------------------------------------------------------------
+
+
+def _input_frames(source: str, height: int, width: int, max_frames: int | None, fps: float):
+    """(frames iterable, fps) for a file, 'generated' or 'webcam'."""
+    from cluster.video import fit_frame, generated_clip, read_video
+
+    if source == "generated":
+        return list(generated_clip(max_frames or 48, height, width)), fps
+    if source == "webcam" or source.startswith("/dev/video"):
+        import av
+
+        device = "/dev/video0" if source == "webcam" else source
+
+        def frames():
+            with av.open(device, format="v4l2") as cam:
+                for i, f in enumerate(cam.decode(video=0)):
+                    if max_frames is not None and i >= max_frames:
+                        return
+                    yield fit_frame(f.to_ndarray(format="rgb24"), height, width)
+
+        return frames(), fps
+    frames, file_fps = read_video(source, height, width, max_frames)
+    return frames, fps or file_fps
+
+
+class _LiveLine:
+    """One status line updated in place: frames, FPS, latency."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.count = 0
+        self.last_print = 0.0
+
+    def __call__(self, seq: int, frame, latency_ms: float) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last_print >= 0.25:
+            self.last_print = now
+            fps = self.count / max(1e-6, now - self.t0)
+            sys.stderr.write(f"\r  frame {seq:5d}  out {self.count:5d}  {fps:6.2f} fps  latency {latency_ms:7.1f} ms ")
+            sys.stderr.flush()
+
+
+def _options_from_args(args: argparse.Namespace, fps: float):
+    from cluster.client import OpenOptions
+
+    return OpenOptions(
+        prompt=args.prompt, height=args.height, width=args.width, fps=fps, num_steps=args.steps,
+        noise_strength=args.noise_strength, seed=args.seed, model=args.stream_model or "", vae=args.stream_vae or "",
+        ttff_ms=args.ttff_ms, frame_deadline_ms=args.deadline_ms, api_key=args.api_key or os.environ.get("WEIR_API_KEY", ""),
+        jpeg_in=args.jpeg, jpeg_out=args.jpeg,
+    )
+
+
+def _write_video(path: str, frames: list, fps: float) -> None:
+    from cluster.video import VideoWriter
+
+    if not frames:
+        return
+    h, w = frames[0][1].shape[:2]
+    with VideoWriter(path, fps, h, w) as writer:
+        for _, f in sorted(frames, key=lambda x: x[0]):
+            writer.write(f)
+
+
+def stream_main(args: argparse.Namespace) -> int:
+    from cluster.client import stream_frames
+
+    frames, fps = _input_frames(args.input, args.height, args.width, args.max_frames, args.fps)
+    live = _LiveLine()
+    result = asyncio.run(stream_frames(args.address, frames, _options_from_args(args, fps), app_name=args.app,
+                                       on_frame=live))
+    sys.stderr.write("\n")
+    _write_video(args.output, result.frames, fps)
+    _print_result(result, args.output)
+    return 0
+
+
+def _print_result(result, output: str | None) -> None:
+    from scheduling.slo import percentile
+
+    lat = result.latencies_ms
+    print(f"stream {result.stream_id}: {len(result.frames)}/{result.sent} frames back, TTFF {result.ttff_ms:.0f} ms, "
+          f"{result.fps:.2f} fps, latency p50 {percentile(lat, 50):.0f} ms p99 {percentile(lat, 99):.0f} ms"
+          + (f", wrote {output}" if output else ""))
+    if result.server_stats is not None:
+        s = result.server_stats
+        print(f"  server: ttff {s.ttff_ms:.0f} ms, p50 {s.latency_p50_ms:.0f} ms, p99 {s.latency_p99_ms:.0f} ms, "
+              f"skipped {s.frames_skipped}, deadline misses {s.deadline_misses}")
+
+
+# ---- weir demo -----------------------------------------------------------------------------------------
+
+
+def demo_main(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from cluster.client import stream_frames
+    from cluster.video import generated_clip
+    from deployments import app as weir_app
+
+    t0 = time.monotonic()
+    _pick_ports(args)
+    init_ray(None, num_cpus=args.num_cpus)
+    service = service_from_args(args)
+    print(f"weir demo: Ray up in {time.monotonic() - t0:.1f} s; starting the Serve app "
+          f"({service.pipelines[0].model} on {service.pipelines[0].device})")
+    weir_app.start(service)
+    t_ready = time.monotonic()
+    print(f"weir demo: app ready in {t_ready - t0:.1f} s; streaming {args.num_frames} generated frames "
+          f"{args.height}x{args.width} at {args.fps:g} fps over gRPC :{service.grpc_port}")
+    frames = list(generated_clip(args.num_frames, args.height, args.width))
+    live = _LiveLine()
+    try:
+        result = asyncio.run(stream_frames(f"localhost:{service.grpc_port}", frames, _options_from_args(args, args.fps),
+                                           on_frame=live))
+        sys.stderr.write("\n")
+        _write_video(args.output, result.frames, args.fps)
+        _print_result(result, args.output)
+    finally:
+        serve.shutdown()
+    print(f"weir demo: done in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+# ---- weir bench serve ----------------------------------------------------------------------------------
+
+
+def bench_serve_main(args: argparse.Namespace) -> int:
+    from cluster.client import stream_frames
+    from cluster.video import generated_clip
+    from scheduling.slo import percentile
+    from stages.errors import WeirError
+
+    started_here = not args.address
+    if started_here:
+        from deployments import app as weir_app
+
+        _pick_ports(args)
+        init_ray(None, num_cpus=args.num_cpus)
+        service = service_from_args(args)
+        weir_app.start(service)
+        address = f"localhost:{service.grpc_port}"
+    else:
+        address = args.address
+    frames = list(generated_clip(args.num_frames, args.height, args.width))
+    opts = _options_from_args(args, args.fps)
+
+    async def one(i: int):
+        await asyncio.sleep(i * args.stagger_s)
+        try:
+            return await stream_frames(address, frames, opts, app_name=args.app)
+        except WeirError as exc:
+            return exc
+
+    async def run_all():
+        t = time.monotonic()
+        results = await asyncio.gather(*(one(i) for i in range(args.streams)))
+        return results, time.monotonic() - t
+
+    try:
+        results, wall_s = asyncio.run(run_all())
+    finally:
+        if started_here:
+            from ray import serve
+
+            serve.shutdown()
+    rows = []
+    for i, r in enumerate(results):
+        if isinstance(r, Exception):
+            rows.append({"stream": i, "status": type(r).__name__, "frames": 0})
+            continue
+        ss = r.server_stats
+        rows.append({
+            "stream": i, "status": "ok", "frames": len(r.frames), "sent": r.sent,
+            "ttff_ms": round(r.ttff_ms, 1),
+            "p50_ms": round(percentile(r.latencies_ms, 50), 1), "p99_ms": round(percentile(r.latencies_ms, 99), 1),
+            "deadline_misses": int(ss.deadline_misses) if ss else 0, "skipped": int(ss.frames_skipped) if ss else 0,
+            "fps": round(r.fps, 2),
+        })
+    total = sum(r["frames"] for r in rows)
+    summary = {"streams": args.streams, "admitted": sum(1 for r in rows if r["status"] == "ok"),
+               "aggregate_fps": round(total / wall_s, 2) if wall_s > 0 else 0.0, "wall_s": round(wall_s, 2),
+               "height": args.height, "width": args.width, "input_fps": args.fps, "steps": args.steps}
+    cols = ["stream", "status", "frames", "ttff_ms", "p50_ms", "p99_ms", "deadline_misses", "skipped", "fps"]
+    print(" ".join(f"{c:>15}" for c in cols))
+    for r in rows:
+        print(" ".join(f"{r.get(c, '-')!s:>15}" for c in cols))
+    print(f"aggregate: {summary['admitted']}/{args.streams} admitted, {summary['aggregate_fps']} fps, "
+          f"{summary['wall_s']} s")
+    Path(args.json).write_text(json.dumps({"summary": summary, "streams": rows}, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------------------
+
+
+def _add_stream_args(p: argparse.ArgumentParser, *, prompt_required: bool, fps: float | None) -> None:
+    p.add_argument("--prompt", required=prompt_required, default="a watercolor painting of a sunny street")
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--fps", type=float, default=fps, help="input frame rate (default: the file's)")
+    p.add_argument("--steps", type=int, default=2, choices=[1, 2, 3, 4])
+    p.add_argument("--noise-strength", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-model", default=None, help="model the stream asks for (default: the server's)")
+    p.add_argument("--stream-vae", default=None, choices=["wan", "taehv"])
+    p.add_argument("--ttff-ms", type=float, default=0.0, help="TTFF SLO; 0 = server default")
+    p.add_argument("--deadline-ms", type=float, default=0.0, help="per-frame deadline; 0 = server default")
+    p.add_argument("--api-key", default=None, help="default: $WEIR_API_KEY")
+    p.add_argument("--jpeg", action="store_true", help="send and receive JPEG instead of raw RGB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weir", description="Weir: live video diffusion as a service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the Serve app (local Ray, or RAY_ADDRESS / --address)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--config", default=None, help="Serve config YAML (import_path deployments.app:build_app)")
+    _add_service_args(p)
+    p.set_defaults(fn=serve_main)
+
+    p = sub.add_parser("stream", help="stream a video through a running Weir")
+    p.add_argument("--input", required=True, help="video file, 'webcam' (/dev/video0) or 'generated'")
+    p.add_argument("--output", required=True, help="output .mp4")
+    p.add_argument("--address", default="localhost:9000")
+    p.add_argument("--app", default="weir", help="Serve application name")
+    p.add_argument("--max-frames", type=int, default=None)
+    _add_stream_args(p, prompt_required=True, fps=None)
+    p.set_defaults(fn=stream_main)
+
+    p = sub.add_parser("demo", help="local end-to-end demo on a generated clip")
+    p.add_argument("--output", default="weir_demo.mp4")
+    p.add_argument("--num-frames", type=int, default=33)
+    p.add_argument("--num-cpus", type=int, default=None)
+    _add_service_args(p, grpc_port=None, http_port=None)
+    _add_stream_args(p, prompt_required=False, fps=8.0)
+    p.set_defaults(fn=demo_main, pipeline_cpus=0.0)
+
+    p = sub.add_parser("run", help="offline restyling of a file (no Ray)", add_help=False)
+    p.set_defaults(fn=None, delegate="run")
+
+    bench = sub.add_parser("bench", help="benchmarks: serve | engine | pipeline")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bsub.add_parser("serve", help="N concurrent gRPC streams; prints a table, writes JSON")
+    p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--address", default=None, help="a running Weir (default: start a local one)")
+    p.add_argument("--app", default="weir")
+    p.add_argument("--num-frames", type=int, default=33)
+    p.add_argument("--stagger-s", type=float, default=0.1, help="delay between stream starts")
+    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--json", default="bench_serve.json")
+    _add_service_args(p, grpc_port=None, http_port=None)
+    _add_stream_args(p, prompt_required=False, fps=8.0)
+    p.set_defaults(fn=bench_serve_main, pipeline_cpus=0.0)
+    for name in ("engine", "pipeline"):
+        q = bsub.add_parser(name, help=f"{name} benchmark (cluster.bench)", add_help=False)
+        q.set_defaults(fn=None, delegate=f"bench-{name}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # delegated subcommands parse their own arguments
+    if argv[:1] == ["run"]:
+        from cluster.offline import main as offline_main
+
+        return offline_main(argv[1:])
+    if argv[:2] in (["bench", "engine"], ["bench", "pipeline"]):
+        from cluster import bench
+
+        return (bench.engine_main if argv[1] == "engine" else bench.pipeline_main)(argv[2:])
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

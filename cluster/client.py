@@ -1,0 +1,170 @@
+"""A Weir gRPC client: open a stream, send frames paced at the input fps, collect the restyled frames.
+
+    result = await stream_frames("localhost:9000", frames, OpenOptions(prompt="a watercolor city"))
+    result.frames          # [(seq, uint8 HxWx3)] in arrival order
+    result.ttff_ms         # open sent -> first output frame received, client clock
+    result.latencies_ms    # per frame: capture (client clock) -> output received
+
+A refused or failed stream raises the typed WeirError rebuilt from the status code and trailing
+metadata (AdmissionRefusedError carries retry_after_s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from deployments.codec import FrameCodec
+from deployments.errors import error_from_status
+from protos import weir_pb2, weir_pb2_grpc
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """What the client asks for (see weir.proto StreamOpen)."""
+
+    prompt: str
+    height: int = 64
+    width: int = 64
+    fps: float = 16.0
+    num_steps: int = 2
+    noise_strength: float = 0.8
+    seed: int = 0
+    model: str = ""
+    vae: str = ""
+    ttff_ms: float = 0.0
+    frame_deadline_ms: float = 0.0
+    api_key: str = ""
+    jpeg_in: bool = False
+    jpeg_out: bool = False
+
+    def message(self) -> weir_pb2.ClientMessage:
+        return weir_pb2.ClientMessage(open=weir_pb2.StreamOpen(
+            prompt=self.prompt, num_steps=self.num_steps, noise_strength=self.noise_strength, seed=self.seed,
+            height=self.height, width=self.width, input_fps=self.fps, model=self.model, vae=self.vae,
+            slo=weir_pb2.SLO(ttff_ms=self.ttff_ms, frame_deadline_ms=self.frame_deadline_ms),
+            api_key=self.api_key,
+            output_encoding=weir_pb2.JPEG if self.jpeg_out else weir_pb2.RAW_RGB24,
+        ))
+
+
+@dataclass
+class StreamResult:
+    stream_id: str = ""
+    frames: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    ttff_ms: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    server_stats: weir_pb2.StreamStats | None = None
+    sent: int = 0
+    started_s: float = 0.0
+    finished_s: float = 0.0
+
+    @property
+    def seqs(self) -> list[int]:
+        return [s for s, _ in self.frames]
+
+    @property
+    def fps(self) -> float:
+        span = self.finished_s - self.started_s
+        return len(self.frames) / span if span > 0 else 0.0
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    return grpc.aio.insecure_channel(address, options=opts)
+
+
+def metadata(app_name: str) -> tuple[tuple[str, str], ...]:
+    return (("application", app_name),)
+
+
+async def stream_frames(
+    address: str,
+    frames: Iterable[np.ndarray],
+    opts: OpenOptions,
+    *,
+    app_name: str = "weir",
+    on_frame: Callable[[int, np.ndarray, float], None] | None = None,
+    extra_messages: Callable[[int], list[weir_pb2.ClientMessage]] | None = None,
+    stop_after: int | None = None,
+    pace: bool = True,
+) -> StreamResult:
+    """Run one stream to its end. `extra_messages(i)` may inject messages before frame i (e.g. controls,
+    a corrupt frame); `stop_after=k` cancels the call after k frames were sent (a vanishing client)."""
+    codec = FrameCodec()
+    result = StreamResult()
+    capture_us: dict[int, int] = {}
+    async with channel(address) as ch:
+        stub = weir_pb2_grpc.WeirStub(ch)
+        opened = asyncio.Event()
+
+        async def requests():
+            yield opts.message()
+            await opened.wait()
+            t0 = time.monotonic()
+            for i, frame in enumerate(frames):
+                if stop_after is not None and i >= stop_after:
+                    call.cancel()
+                    return
+                for extra in extra_messages(i) if extra_messages else []:
+                    yield extra
+                if pace:
+                    delay = t0 + i / opts.fps - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                ts = time.time_ns() // 1000
+                capture_us[i] = ts
+                yield codec.frame_message(i, frame, ts, jpeg=opts.jpeg_in)
+                result.sent += 1
+            yield weir_pb2.ClientMessage(control=weir_pb2.Control(end=weir_pb2.End()))
+
+        result.started_s = time.monotonic()
+        call = stub.Stream(requests(), metadata=metadata(app_name))
+        try:
+            async for msg in call:
+                kind = msg.WhichOneof("kind")
+                if kind == "opened":
+                    result.stream_id = msg.opened.stream_id
+                    opened.set()
+                elif kind == "frame":
+                    now = time.monotonic()
+                    if not result.frames:
+                        result.ttff_ms = (now - result.started_s) * 1000
+                    img = codec.output_to_array(msg.frame)
+                    result.frames.append((msg.frame.seq, img))
+                    result.latencies_ms.append((time.time_ns() // 1000 - msg.frame.capture_ts_us) / 1000)
+                    if on_frame is not None:
+                        on_frame(msg.frame.seq, img, result.latencies_ms[-1])
+                elif kind == "stats":
+                    result.server_stats = msg.stats
+                elif kind == "ended":
+                    result.server_stats = msg.ended.stats
+                elif kind == "error":
+                    pass  # the status code that follows carries it
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED and stop_after is not None:
+                result.finished_s = time.monotonic()
+                return result
+            raise error_from_status(err.code(), err.details() or "", dict(err.trailing_metadata() or ())) from err
+        except asyncio.CancelledError:
+            if stop_after is None:
+                raise
+        result.finished_s = time.monotonic()
+    return result
+
+
+async def unary(address: str, method: str, request, *, app_name: str = "weir"):
+    """Call a unary RPC (Health, ListModels, GetStreamStats); typed errors as in stream_frames."""
+    async with channel(address) as ch:
+        stub = weir_pb2_grpc.WeirStub(ch)
+        try:
+            return await getattr(stub, method)(request, metadata=metadata(app_name))
+        except grpc.aio.AioRpcError as err:
+            raise error_from_status(err.code(), err.details() or "", dict(err.trailing_metadata() or ())) from err

@@ -1,0 +1,60 @@
+"""Build and run Weir's Serve applications from a ServiceConfig.
+
+One application:
+
+    gRPC   Ingress (the ingress deployment) -> Router -> Pipeline-<i>-<model> (one deployment each)
+    HTTP   GET /metrics on the Serve HTTP proxy -> Ingress -> Metrics (the one Prometheus exporter)
+
+Every pipeline is its own deployment with one replica, so a stream's affinity is the deployment name
+the router chose. Scale out by adding pipelines to the config (one per GPU, or per GPU group).
+
+`build_app` is also the `import_path` target of a Serve config YAML (`deployments.app:build_app`, with
+the ServiceConfig fields as `args`).
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from deployments.config import ServiceConfig
+from deployments.ingress import Ingress
+from deployments.metrics import Metrics
+from deployments.pipeline import Pipeline
+from deployments.router import Router
+
+GRPC_SERVICER_FUNCTIONS = ["protos.weir_pb2_grpc.add_WeirServicer_to_server"]
+
+
+def build_application(service: ServiceConfig, executor_factory=None):
+    """The bound application, ready for serve.run."""
+    metrics = Metrics.options(ray_actor_options={"num_cpus": 0}).bind()
+    pipelines = {}
+    for name, spec in zip(service.pipeline_names, service.pipelines):
+        actor_options: dict = {"num_cpus": spec.num_cpus}
+        if spec.device == "cuda":
+            actor_options["num_gpus"] = 1
+            if spec.gpu_type not in ("", "cpu"):
+                actor_options["accelerator_type"] = spec.gpu_type
+        pipelines[name] = Pipeline.options(
+            name=name, num_replicas=1, ray_actor_options=actor_options,
+            max_ongoing_requests=max(64, 8 * spec.max_streams),
+        ).bind(name, spec, service, metrics, executor_factory)
+    router = Router.options(ray_actor_options={"num_cpus": 0}).bind(service, pipelines, metrics)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(service, router, pipelines, metrics)
+
+
+def build_app(args: dict | None = None):
+    """Serve config entry point: `import_path: deployments.app:build_app`, `args:` = ServiceConfig fields."""
+    service = ServiceConfig.from_dict(args or {})
+    return build_application(service)
+
+
+def start(service: ServiceConfig, *, executor_factory=None, blocking: bool = False) -> None:
+    """Start Serve (gRPC proxy on service.grpc_port, HTTP on http_port) and run the app (Ray must be up)."""
+    serve.start(
+        http_options={"host": "0.0.0.0", "port": service.http_port},
+        grpc_options=gRPCOptions(port=service.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+    )
+    app = build_application(service, executor_factory)
+    serve.run(app, name=service.app_name, route_prefix="/", blocking=blocking)

@@ -1,0 +1,131 @@
+"""The service configuration of a Weir Serve application: frozen, documented, validated on construction.
+
+Parsed once at the edge (the `weir` CLI or a Serve config YAML's `args`) and passed to `build_app`.
+Plain Python (no Ray), so the CLI can validate it before starting anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from stages.config import DIT_PRESETS
+
+TIERS = ("free", "standard", "premium")
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """One pipeline deployment: one engine instance (one GPU, or the CPU), serving many streams."""
+
+    model: str = "tiny"
+    """DiT preset the engine runs: 'tiny', 'wan-1.3b', 'wan-14b'."""
+    vae: str = "wan"
+    """Default VAE of streams that do not choose one: 'wan' or 'taehv'."""
+    device: str = "cpu"
+    """'cpu' or 'cuda'. With 'cuda' the replica reserves one GPU."""
+    dtype: str = "float32"
+    """'float32' (CPU) or 'bfloat16' (GPU)."""
+    checkpoint_dir: str | None = None
+    """Published weights folder; None = random weights (tiny model, tests, demo)."""
+    gpu_type: str = "cpu"
+    """Bounded metrics label and accelerator_type request (e.g. 'H100'); 'cpu' on CPU."""
+    max_streams: int = 8
+    """Stream slots: the router never places more streams here (1..256)."""
+    num_cpus: float = 1.0
+    """CPUs the replica reserves (0 allowed in tests on a small machine)."""
+
+    def __post_init__(self) -> None:
+        if self.model not in DIT_PRESETS:
+            raise ValueError(f"model={self.model!r}: choose one of {sorted(DIT_PRESETS)}")
+        if self.vae not in ("wan", "taehv"):
+            raise ValueError(f"vae={self.vae!r}: choose 'wan' or 'taehv'")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: choose 'cpu' or 'cuda'")
+        if not 1 <= self.max_streams <= 256:
+            raise ValueError(f"max_streams={self.max_streams} must be in 1..256")
+        if self.num_cpus < 0:
+            raise ValueError(f"num_cpus={self.num_cpus} must be >= 0")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything `build_app` needs. Defaults: one tiny CPU pipeline, open access."""
+
+    pipelines: tuple[PipelineSpec, ...] = (PipelineSpec(),)
+    """One entry per pipeline deployment (each with one replica that owns one engine)."""
+    app_name: str = "weir"
+    """Serve application name; clients send it as the `application` gRPC metadata."""
+    grpc_port: int = 9000
+    """Port of Serve's gRPC proxy."""
+    http_port: int = 8000
+    """Port of Serve's HTTP proxy, which also serves the metrics endpoint at /metrics."""
+    api_keys: tuple[tuple[str, str, str], ...] = ()
+    """(api_key, tenant, tier) rows. Empty = open access: every stream is tenant 'anonymous', tier 'standard'."""
+    stats_interval_s: float = 1.0
+    """Period of StreamStats messages to clients and of stats reports to the router and exporter."""
+    idle_timeout_s: float = 30.0
+    """A stream that sends no frame for this long is closed (its client is presumed gone)."""
+    retry_after_s: float = 2.0
+    """Retry hint sent with a refusal when no better estimate exists."""
+    output_queue_frames: int = 256
+    """Output frames held for a slow client before the oldest are dropped."""
+    scheduler_ttff_margin: float = 1.0
+    """Multiplier on predicted TTFF at admission (>1 = conservative)."""
+
+    def __post_init__(self) -> None:
+        if not self.pipelines:
+            raise ValueError("pipelines must name at least one PipelineSpec")
+        for port_name in ("grpc_port", "http_port"):
+            port = getattr(self, port_name)
+            if not 1 <= port <= 65535:
+                raise ValueError(f"{port_name}={port} must be a TCP port (1..65535)")
+        for row in self.api_keys:
+            if len(row) != 3 or row[2] not in TIERS:
+                raise ValueError(f"api_keys row {row[:2]!r}...: need (key, tenant, tier) with tier in {TIERS}")
+        if self.stats_interval_s <= 0 or self.idle_timeout_s <= 0:
+            raise ValueError("stats_interval_s and idle_timeout_s must be > 0")
+        if not 0 < self.retry_after_s <= 600:
+            raise ValueError(f"retry_after_s={self.retry_after_s} must be in (0, 600]")
+        if self.output_queue_frames < 8:
+            raise ValueError(f"output_queue_frames={self.output_queue_frames} must be >= 8")
+        if self.scheduler_ttff_margin <= 0:
+            raise ValueError(f"scheduler_ttff_margin={self.scheduler_ttff_margin} must be > 0")
+
+    @property
+    def pipeline_names(self) -> list[str]:
+        """Deployment name of each pipeline, e.g. ['Pipeline-0-tiny']."""
+        return [f"Pipeline-{i}-{p.model}" for i, p in enumerate(self.pipelines)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ServiceConfig:
+        """Build from plain data (YAML `args`); unknown keys raise ValueError naming them."""
+        data = dict(data)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown service config keys {sorted(unknown)}; known: {sorted(known)}")
+        pipes = data.pop("pipelines", None)
+        if pipes is not None:
+            data["pipelines"] = tuple(p if isinstance(p, PipelineSpec) else PipelineSpec(**p) for p in pipes)
+        if "api_keys" in data:
+            data["api_keys"] = tuple(tuple(r) for r in data["api_keys"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TenantDirectory:
+    """API key -> (tenant, tier). Keys never appear in errors, logs or metrics."""
+
+    rows: tuple[tuple[str, str, str], ...] = field(default=())
+
+    def lookup(self, api_key: str) -> tuple[str, str] | None:
+        """(tenant, tier), or None for an unknown key. Open access when no rows are configured."""
+        if not self.rows:
+            return ("anonymous", "standard")
+        for key, tenant, tier in self.rows:
+            if key == api_key:
+                return (tenant, tier)
+        return None

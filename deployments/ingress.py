@@ -1,0 +1,367 @@
+"""gRPC ingress: one bidirectional `Stream` RPC per client stream, plus Health, ListModels, GetStreamStats.
+
+`IngressCore` holds the whole per-stream protocol and knows nothing of the transport: it takes an async
+iterator of ClientMessage and yields ServerMessage, raising a WeirError when the stream must end. Two
+transports drive it:
+
+    Ingress              the Serve deployment behind Serve's gRPC proxy (bidi via gRPCInputStream)
+    PlainIngressServicer a plain grpc.aio servicer (`serve_plain_grpc`), for when the proxy's per-message
+                         actor call becomes the bottleneck
+
+Both map errors through deployments.errors.status_of: the error is sent in-band as a StreamError, then
+the call ends with the mapped status code and trailing metadata (e.g. "retry-after-ms").
+
+Per stream: the reader task decodes frames (codec) and pushes them to the owning pipeline in order;
+the writer relays the pipeline's output events. A client that goes away cancels both, and the
+pipeline closes the stream (no other stream loses a frame).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from ray import serve
+from ray.serve.grpc_util import gRPCInputStream
+
+from deployments.codec import FrameCodec
+from deployments.config import ServiceConfig, TenantDirectory
+from deployments.errors import status_of, unwrap
+from deployments.messages import AdmissionGrant, OpenRequest, StreamEvent
+from deployments.pipeline import now_us
+from protos import weir_pb2, weir_pb2_grpc
+from stages.errors import (
+    AdmissionRefusedError,
+    BadRequestError,
+    SLOUnattainableError,
+    StreamNotFoundError,
+    UnauthenticatedError,
+    WeirError,
+)
+
+log = logging.getLogger("weir.ingress")
+
+_OUTCOME = {
+    AdmissionRefusedError: "refused",
+    SLOUnattainableError: "slo_unattainable",
+    UnauthenticatedError: "unauthenticated",
+    BadRequestError: "bad_request",
+}
+
+
+class _End:
+    """Sentinel: the output side finished cleanly."""
+
+
+class IngressCore:
+    """The stream protocol over injected router / pipeline / metrics clients (Serve deployment handles)."""
+
+    def __init__(self, service: ServiceConfig, router, pipelines: dict, metrics=None,
+                 codec: FrameCodec | None = None) -> None:
+        self.service = service
+        self.router = router
+        self.pipelines = pipelines
+        self.metrics = metrics
+        self.codec = codec or FrameCodec()
+        self.tenants = TenantDirectory(service.api_keys)
+
+    # ---- the bidi stream -------------------------------------------------------------------------------
+
+    async def stream(self, requests: AsyncIterator[weir_pb2.ClientMessage]) -> AsyncIterator[weir_pb2.ServerMessage]:
+        """Run one stream. Raises WeirError (mapped by the transport) when it cannot go on."""
+        opened_us = now_us()
+        req, grant = await self._open(requests, opened_us)
+        pipeline = self.pipelines[grant.pipeline]
+        stream_id = grant.stream_id
+        yield weir_pb2.ServerMessage(opened=weir_pb2.StreamOpened(
+            stream_id=stream_id, model=req.model or self.service.pipelines[0].model,
+            first_chunk_frames=grant.first_chunk_frames, chunk_frames=grant.chunk_frames,
+            predicted_ttff_ms=grant.predicted_ttff_ms,
+        ))
+        out: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.create_task(self._read(requests, pipeline, stream_id, req, out))
+        writer = asyncio.create_task(self._write(pipeline, stream_id, req, out))
+        clean = False
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, _End):
+                    clean = True
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+            writer.cancel()
+            if not clean:
+                await self._quietly(pipeline.close.remote(stream_id))
+            await self._quietly(self.router.release.remote(stream_id))
+
+    async def _open(self, requests, opened_us: int) -> tuple[OpenRequest, AdmissionGrant]:
+        tier = "standard"
+        try:
+            try:
+                first = await requests.__anext__()
+            except StopAsyncIteration:
+                raise BadRequestError("the stream ended before its StreamOpen message", field="open") from None
+            if first.WhichOneof("kind") != "open":
+                raise BadRequestError("the first message of a stream must be StreamOpen", field="open")
+            who = self.tenants.lookup(first.open.api_key)
+            if who is None:
+                raise UnauthenticatedError("unknown or missing API key")
+            tenant, tier = who
+            req = self.codec.parse_open(first.open, tenant=tenant, tier=tier)
+            stream_id = uuid.uuid4().hex[:16]
+            grant = await _call(self.router.admit.remote(stream_id, req))
+            try:
+                await _call(self.pipelines[grant.pipeline].open.remote(stream_id, req, opened_us))
+            except BaseException:
+                await self._quietly(self.router.release.remote(stream_id))
+                raise
+        except BaseException as exc:
+            self._record_open(tier, next((o for t, o in _OUTCOME.items() if isinstance(exc, t)), "error"))
+            raise
+        self._record_open(tier, "admitted")
+        return req, grant
+
+    async def _read(self, requests, pipeline, stream_id: str, req: OpenRequest, out: asyncio.Queue) -> None:
+        """Client -> pipeline, in order. Any error ends the stream through `out`."""
+        paused, paused_frames = False, 0
+        try:
+            async for msg in requests:
+                kind = msg.WhichOneof("kind")
+                if kind == "frame":
+                    if paused:
+                        paused_frames += 1
+                        continue
+                    frame = self.codec.decode_frame(msg.frame, req.height, req.width, now_us())
+                    await _call(pipeline.push.remote(stream_id, [frame]))
+                elif kind == "control":
+                    op = msg.control.WhichOneof("kind")
+                    if op == "set_prompt":
+                        if not msg.control.set_prompt.prompt.strip():
+                            raise BadRequestError("set_prompt needs a non-empty prompt", field="prompt")
+                        await _call(pipeline.control.remote(stream_id, "prompt", msg.control.set_prompt.prompt))
+                    elif op == "set_steps":
+                        n = msg.control.set_steps.num_steps
+                        if not 1 <= n <= 4:
+                            raise BadRequestError(f"num_steps={n} must be 1..4", field="num_steps")
+                        await _call(pipeline.control.remote(stream_id, "steps", n))
+                    elif op == "pause":
+                        paused = True
+                    elif op == "resume":
+                        paused = False
+                        if paused_frames:
+                            await _call(pipeline.control.remote(stream_id, "paused", paused_frames))
+                            paused_frames = 0
+                    elif op == "end":
+                        break
+                elif kind == "open":
+                    raise BadRequestError("StreamOpen may only be the first message", field="open")
+            if getattr(requests, "is_cancelled", lambda: False)():
+                out.put_nowait(asyncio.CancelledError())  # the client went away: nothing more to send
+                return
+            if paused_frames:
+                await _call(pipeline.control.remote(stream_id, "paused", paused_frames))
+            await _call(pipeline.control.remote(stream_id, "end"))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the stream to map
+            out.put_nowait(unwrap(exc))
+
+    async def _write(self, pipeline, stream_id: str, req: OpenRequest, out: asyncio.Queue) -> None:
+        """Pipeline -> client: frames (encoded as the client asked), stats, the end."""
+        try:
+            gen = pipeline.options(stream=True).events.remote(stream_id)
+            async for ev in gen:
+                ev: StreamEvent
+                for f in ev.frames:
+                    out.put_nowait(weir_pb2.ServerMessage(
+                        frame=self.codec.encode_frame(f, jpeg=req.output_jpeg, quality=req.jpeg_quality)))
+                if ev.error is not None:
+                    out.put_nowait(unwrap(ev.error))
+                    return
+                if ev.ended:
+                    stats = self.codec.encode_stats(ev.stats) if ev.stats else weir_pb2.StreamStats()
+                    out.put_nowait(weir_pb2.ServerMessage(ended=weir_pb2.StreamEnded(stats=stats)))
+                    out.put_nowait(_End())
+                    return
+                if ev.stats is not None:
+                    out.put_nowait(weir_pb2.ServerMessage(stats=self.codec.encode_stats(ev.stats)))
+            out.put_nowait(_End())
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            out.put_nowait(unwrap(exc))
+
+    # ---- unary ------------------------------------------------------------------------------------------
+
+    async def health(self) -> weir_pb2.HealthResponse:
+        cap = await _call(self.router.capacity.remote())
+        return weir_pb2.HealthResponse(
+            healthy=cap["healthy_pipelines"] > 0, pipelines=cap["pipelines"],
+            healthy_pipelines=cap["healthy_pipelines"], active_streams=cap["active_streams"],
+            free_stream_slots=cap["free_stream_slots"],
+        )
+
+    async def list_models(self) -> weir_pb2.ListModelsResponse:
+        rows = await _call(self.router.models.remote())
+        return weir_pb2.ListModelsResponse(models=[
+            weir_pb2.ModelInfo(model=r["model"], vaes=r["vaes"], device=r["device"], gpu_type=r["gpu_type"],
+                               pipelines=r["pipelines"], free_stream_slots=r["free_stream_slots"], max_side=2048)
+            for r in rows
+        ])
+
+    async def stream_stats(self, stream_id: str) -> weir_pb2.StreamStats:
+        name = await _call(self.router.locate.remote(stream_id))
+        if name is None:
+            raise StreamNotFoundError(f"stream {stream_id!r} is not open", stream_id=stream_id)
+        return self.codec.encode_stats(await _call(self.pipelines[name].stream_stats.remote(stream_id)))
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+
+    def _record_open(self, tier: str, outcome: str) -> None:
+        if self.metrics is not None:
+            try:
+                self.metrics.record_open.remote(tier, outcome)
+            except Exception:  # noqa: BLE001 - metrics never fail a stream
+                pass
+
+    @staticmethod
+    async def _quietly(awaitable, timeout: float = 5.0) -> None:
+        try:
+            await asyncio.wait_for(_call(awaitable), timeout)
+        except BaseException:  # noqa: BLE001 - best-effort cleanup
+            pass
+
+
+async def _call(awaitable):
+    """Await a handle call, re-raising the replica's own exception instead of Ray's wrapper."""
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        inner = unwrap(exc)
+        if inner is exc:
+            raise
+        raise inner from None
+
+
+# ---- Serve transport -----------------------------------------------------------------------------------
+
+
+@serve.deployment(max_ongoing_requests=1024)
+class Ingress:
+    """The Serve gRPC servicer: method names match weir.proto's service `Weir`."""
+
+    def __init__(self, service: ServiceConfig, router, pipelines: dict, metrics=None) -> None:
+        self.core = IngressCore(service, router, pipelines, metrics)
+
+    async def __call__(self, request):
+        """HTTP: GET /metrics is the Prometheus endpoint (rendered by the Metrics deployment)."""
+        from starlette.responses import PlainTextResponse, Response
+
+        if request.url.path.rstrip("/").endswith("/metrics") and self.core.metrics is not None:
+            body = await self.core.metrics.render.remote()
+            return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse("Weir speaks gRPC (service weir.v1.Weir); metrics at /metrics\n", status_code=404)
+
+    async def Stream(self, request_stream: gRPCInputStream, grpc_context):  # noqa: N802 - gRPC method name
+        try:
+            async for msg in self.core.stream(request_stream):
+                yield msg
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every error ends the call with its mapped status
+            status = status_of(unwrap(exc))
+            _log_status(status, exc)
+            grpc_context.set_code(status.code)
+            grpc_context.set_details(status.details)
+            grpc_context.set_trailing_metadata(list(status.trailing_metadata))
+            yield weir_pb2.ServerMessage(error=status.error)
+
+    async def Health(self, request: weir_pb2.HealthRequest, grpc_context) -> weir_pb2.HealthResponse:  # noqa: N802
+        return await self._unary(self.core.health(), weir_pb2.HealthResponse, grpc_context)
+
+    async def ListModels(self, request, grpc_context) -> weir_pb2.ListModelsResponse:  # noqa: N802
+        return await self._unary(self.core.list_models(), weir_pb2.ListModelsResponse, grpc_context)
+
+    async def GetStreamStats(self, request, grpc_context) -> weir_pb2.StreamStats:  # noqa: N802
+        return await self._unary(self.core.stream_stats(request.stream_id), weir_pb2.StreamStats, grpc_context)
+
+    @staticmethod
+    async def _unary(coro, empty_type, grpc_context):
+        try:
+            return await coro
+        except BaseException as exc:  # noqa: BLE001
+            status = status_of(unwrap(exc))
+            grpc_context.set_code(status.code)
+            grpc_context.set_details(status.details)
+            grpc_context.set_trailing_metadata(list(status.trailing_metadata))
+            return empty_type()
+
+
+def _log_status(status, exc: BaseException) -> None:
+    if status.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
+        log.error("stream failed: %s", status.details, exc_info=exc)
+    else:
+        log.info("stream ended with %s: %s", status.code.name, status.details)
+
+
+# ---- plain grpc.aio transport --------------------------------------------------------------------------
+
+
+class PlainIngressServicer(weir_pb2_grpc.WeirServicer):
+    """The same protocol on a plain grpc.aio server (no Serve proxy hop); see `serve_plain_grpc`."""
+
+    def __init__(self, core: IngressCore) -> None:
+        self.core = core
+
+    async def Stream(self, request_iterator, context):  # noqa: N802
+        try:
+            async for msg in self.core.stream(request_iterator.__aiter__()):
+                yield msg
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            status = status_of(unwrap(exc))
+            _log_status(status, exc)
+            context.set_code(status.code)
+            context.set_details(status.details)
+            context.set_trailing_metadata(status.trailing_metadata)
+            yield weir_pb2.ServerMessage(error=status.error)
+
+    async def Health(self, request, context):  # noqa: N802
+        return await self._unary(self.core.health(), context)
+
+    async def ListModels(self, request, context):  # noqa: N802
+        return await self._unary(self.core.list_models(), context)
+
+    async def GetStreamStats(self, request, context):  # noqa: N802
+        return await self._unary(self.core.stream_stats(request.stream_id), context)
+
+    @staticmethod
+    async def _unary(coro, context):
+        try:
+            return await coro
+        except WeirError as exc:
+            status = status_of(exc)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+async def serve_plain_grpc(service: ServiceConfig, port: int, host: str = "[::]") -> grpc.aio.Server:
+    """Start a plain grpc.aio ingress in this process, talking to a running Weir app through handles."""
+    router = serve.get_deployment_handle("Router", service.app_name)
+    pipelines = {n: serve.get_deployment_handle(n, service.app_name) for n in service.pipeline_names}
+    metrics = serve.get_deployment_handle("Metrics", service.app_name)
+    server = grpc.aio.server()
+    weir_pb2_grpc.add_WeirServicer_to_server(PlainIngressServicer(IngressCore(service, router, pipelines, metrics)),
+                                             server)
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server

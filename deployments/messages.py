@@ -1,0 +1,140 @@
+"""Plain dataclasses passed between Weir's deployments (ingress -> router -> pipeline -> ingress).
+
+No Ray, no protobuf: the codec converts wire messages to these at the edge, so the router and the
+pipeline never see transport types and a different ingress can reuse them unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_TTFF_MS = 3000.0
+DEFAULT_FRAME_DEADLINE_MS = 2000.0
+DEFAULT_INPUT_FPS = 16.0
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    """A validated stream-open request (the codec builds it from StreamOpen)."""
+
+    prompt: str
+    num_steps: int = 2
+    noise_strength: float = 0.8
+    seed: int = 0
+    height: int = 480
+    width: int = 832
+    input_fps: float = DEFAULT_INPUT_FPS
+    model: str = ""
+    """'' = the deployment's default model."""
+    vae: str = ""
+    """'' = the model's default VAE."""
+    ttff_ms: float = DEFAULT_TTFF_MS
+    frame_deadline_ms: float = DEFAULT_FRAME_DEADLINE_MS
+    tenant: str = "default"
+    """Tenant id from the API key (never the key itself)."""
+    tier: str = "standard"
+    """Tenant tier: a bounded metrics label."""
+    output_jpeg: bool = False
+    jpeg_quality: int = 85
+    client_label: str = ""
+
+
+@dataclass
+class InFrame:
+    """One decoded input frame on its way to a pipeline."""
+
+    seq: int
+    frame: np.ndarray
+    """uint8 [H, W, 3]."""
+    capture_ts_us: int
+    received_ts_us: int
+
+
+@dataclass
+class OutFrame:
+    """One restyled frame on its way back to the client (raw; the ingress encodes it)."""
+
+    seq: int
+    frame: np.ndarray
+    capture_ts_us: int
+    received_ts_us: int
+    output_ts_us: int
+
+
+@dataclass
+class StreamStatsSnapshot:
+    """Counters of one stream, as the pipeline sees them."""
+
+    stream_id: str
+    frames_in: int = 0
+    frames_out: int = 0
+    frames_skipped: int = 0
+    frames_paused: int = 0
+    deadline_misses: int = 0
+    ttff_ms: float = 0.0
+    latency_p50_ms: float = 0.0
+    latency_p99_ms: float = 0.0
+    jitter_ms: float = 0.0
+    output_fps: float = 0.0
+    queue_depth: int = 0
+
+
+@dataclass
+class StreamEvent:
+    """One item of a pipeline's output stream for a client: frames, a stats update, or the end.
+
+    Exactly one of `frames`, `stats`, `ended` is meaningful; `error` ends the stream with a typed error.
+    """
+
+    frames: list[OutFrame] = field(default_factory=list)
+    stats: StreamStatsSnapshot | None = None
+    ended: bool = False
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class AdmissionGrant:
+    """The router's answer to an admitted stream."""
+
+    stream_id: str
+    pipeline: str
+    """Name of the pipeline deployment that owns the stream (stream affinity)."""
+    predicted_ttff_ms: float
+    first_chunk_frames: int = 1
+    chunk_frames: int = 4
+
+
+@dataclass
+class PipelineStats:
+    """What one pipeline reports to the router and the metrics exporter (a snapshot plus fresh samples).
+
+    The sample lists hold only observations made since the previous drain, so the exporter can feed
+    histograms without double counting.
+    """
+
+    pipeline: str
+    model: str
+    gpu_type: str
+    healthy: bool = True
+    max_streams: int = 0
+    active_streams: int = 0
+    active_stream_ids: list[str] = field(default_factory=list)
+    queue_depth: int = 0
+    tick_ms_ema: float = 0.0
+    """Smoothed wall time of one tick (engine.step) at the current batch size."""
+    tick_ms_by_batch: dict[int, float] = field(default_factory=dict)
+    """Smoothed tick time per number of streams stepped together (the measured cost model)."""
+    output_fps: float = 0.0
+    frames_out_total: int = 0
+    frames_skipped_total: int = 0
+    deadline_misses_total: int = 0
+    gpu_memory_bytes: int = 0
+    ttff_ms_samples: list[tuple[str, float]] = field(default_factory=list)
+    """(tenant tier, ms) since the last drain."""
+    latency_ms_samples: list[tuple[str, float]] = field(default_factory=list)
+    jitter_ms_samples: list[tuple[str, float]] = field(default_factory=list)
+    tick_ms_samples: list[float] = field(default_factory=list)
+    skipped_by_tier: dict[str, int] = field(default_factory=dict)
+    misses_by_tier: dict[str, int] = field(default_factory=dict)

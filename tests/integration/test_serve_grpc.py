@@ -1,0 +1,200 @@
+"""Weir over Serve's gRPC proxy, end to end, with the real tiny engine on CPU.
+
+One local Ray + Serve for the whole module (starting one costs ~10-20 s on a 2-core box). The pipeline
+has 3 stream slots; frames are 64x64 at 8 fps with generous SLOs, so nothing is skipped on a slow box
+and every frame must come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+H = W = 64
+FPS = 8.0
+SLOTS = 3
+
+
+@pytest.fixture(scope="module")
+def weir():
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray import serve
+
+    from cluster.cli import free_port, init_ray
+    from deployments import app as weir_app
+    from deployments.config import PipelineSpec, ServiceConfig
+
+    service = ServiceConfig(
+        pipelines=(PipelineSpec(model="tiny", device="cpu", max_streams=SLOTS, num_cpus=0),),
+        grpc_port=free_port(), http_port=free_port(), stats_interval_s=0.5,
+    )
+    init_ray(num_cpus=2)
+    try:
+        weir_app.start(service)
+        yield service
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _address(service) -> str:
+    return f"localhost:{service.grpc_port}"
+
+
+def _clip(n: int, seed: int = 0) -> list[np.ndarray]:
+    from cluster.video import generated_clip
+
+    return list(generated_clip(n, H, W, seed=seed))
+
+
+def _opts(**kw):
+    from cluster.client import OpenOptions
+
+    base = dict(prompt="a watercolor street", height=H, width=W, fps=FPS, ttff_ms=60000, frame_deadline_ms=60000)
+    base.update(kw)
+    return OpenOptions(**base)
+
+
+async def _wait_idle(service, timeout_s: float = 20.0) -> None:
+    """Until every stream slot is free again (closed streams released)."""
+    from cluster.client import unary
+    from protos import weir_pb2
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        health = await unary(_address(service), "Health", weir_pb2.HealthRequest())
+        if health.active_streams == 0:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"streams still active after {timeout_s} s: {health}")
+
+
+def test_three_concurrent_streams_get_every_frame_in_order(weir):
+    from cluster.client import stream_frames
+
+    n = 9
+
+    async def run():
+        return await asyncio.gather(*(stream_frames(_address(weir), _clip(n, seed=i), _opts(seed=i))
+                                      for i in range(3)))
+
+    results = asyncio.run(run())
+    assert len({r.stream_id for r in results}) == 3
+    for r in results:
+        assert r.seqs == list(range(n)), r.seqs
+        assert all(f.shape == (H, W, 3) and f.dtype == np.uint8 for _, f in r.frames)
+        assert r.server_stats is not None and r.server_stats.frames_out == n
+        assert r.server_stats.frames_skipped == 0
+        assert r.ttff_ms > 0
+    asyncio.run(_wait_idle(weir))
+
+
+def test_killed_client_disturbs_no_other_stream(weir):
+    from cluster.client import stream_frames
+
+    n = 13
+
+    async def run():
+        survivor = asyncio.create_task(stream_frames(_address(weir), _clip(n), _opts()))
+        killed = asyncio.create_task(stream_frames(_address(weir), _clip(n, seed=1), _opts(), stop_after=3))
+        return await survivor, await killed
+
+    survivor, killed = asyncio.run(run())
+    assert survivor.seqs == list(range(n))
+    assert killed.sent == 3
+    asyncio.run(_wait_idle(weir))  # the killed stream's slot came back
+
+
+def test_stream_over_capacity_is_refused_with_retry_hint(weir):
+    from cluster.client import stream_frames, unary
+    from protos import weir_pb2
+    from stages.errors import AdmissionRefusedError
+
+    n = 24
+
+    async def run():
+        holders = [asyncio.create_task(stream_frames(_address(weir), _clip(n, seed=i), _opts()))
+                   for i in range(SLOTS)]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            health = await unary(_address(weir), "Health", weir_pb2.HealthRequest())
+            if health.free_stream_slots == 0:
+                break
+            await asyncio.sleep(0.1)
+        with pytest.raises(AdmissionRefusedError) as refused:
+            await stream_frames(_address(weir), _clip(4), _opts())
+        results = await asyncio.gather(*holders)
+        return refused.value, results
+
+    refused, results = asyncio.run(run())
+    rpc_error = refused.__cause__
+    assert rpc_error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailing = dict(rpc_error.trailing_metadata())
+    assert int(trailing["retry-after-ms"]) > 0
+    assert refused.retry_after_s > 0
+    for r in results:  # the admitted streams were not slowed into losing frames
+        assert r.seqs == list(range(n))
+    asyncio.run(_wait_idle(weir))
+
+
+def test_corrupt_frame_is_invalid_argument_and_costs_no_other_stream(weir):
+    from cluster.client import stream_frames
+    from protos import weir_pb2
+    from stages.errors import BadFrameError
+
+    n = 13
+    corrupt = weir_pb2.ClientMessage(frame=weir_pb2.InputFrame(
+        seq=1000, encoding=weir_pb2.JPEG, data=b"\xff\xd8\xff\xe0" + bytes(200)))
+
+    async def run():
+        healthy = asyncio.create_task(stream_frames(_address(weir), _clip(n), _opts()))
+        bad = asyncio.create_task(stream_frames(_address(weir), _clip(n, seed=2), _opts(),
+                                                extra_messages=lambda i: [corrupt] if i == 3 else []))
+        with pytest.raises(BadFrameError) as err:
+            await bad
+        return await healthy, err.value
+
+    healthy, err = asyncio.run(run())
+    assert err.__cause__.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert healthy.seqs == list(range(n))
+    asyncio.run(_wait_idle(weir))
+
+
+def test_unary_rpcs_and_metrics_endpoint(weir):
+    from cluster.client import unary
+    from protos import weir_pb2
+    from stages.errors import StreamNotFoundError
+
+    models = asyncio.run(unary(_address(weir), "ListModels", weir_pb2.ListModelsRequest()))
+    assert [m.model for m in models.models] == ["tiny"]
+    with pytest.raises(StreamNotFoundError) as missing:
+        asyncio.run(unary(_address(weir), "GetStreamStats", weir_pb2.GetStreamStatsRequest(stream_id="nope")))
+    assert missing.value.__cause__.code() == grpc.StatusCode.NOT_FOUND
+
+    from cluster.client import stream_frames
+
+    assert asyncio.run(stream_frames(_address(weir), _clip(5), _opts())).seqs == list(range(5))
+    url = f"http://127.0.0.1:{weir.http_port}/metrics"
+    deadline = time.monotonic() + 15
+    while True:  # pipelines push their stats every stats interval
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        if 'weir_ttff_seconds_count{gpu_type="cpu",model="tiny",tier="standard"}' in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for name in ("weir_ttff_seconds_count", "weir_frame_latency_seconds_bucket", "weir_frame_jitter_seconds",
+                 "weir_deadline_misses", "weir_frames_skipped", "weir_queue_depth", "weir_active_streams",
+                 "weir_admitted_streams", "weir_streams_refused_total", "weir_pipeline_fps", "weir_stage_seconds",
+                 "weir_gpu_memory_bytes", "weir_stream_opens_total"):
+        assert name in text, name
+    assert 'weir_ttff_seconds_count{gpu_type="cpu",model="tiny",tier="standard"}' in text
+    assert 'weir_stream_opens_total{outcome="refused",tier="standard"}' in text
+    assert "stream_id" not in text
