@@ -1,7 +1,7 @@
 """`weir bench engine` and `weir bench pipeline`: speed and memory of the streaming engine.
 
     weir bench engine [--model wan-1.3b] [--resolutions 480x832,512x512] [--steps 1,2,3,4]
-                      [--vae wan,taehv] [--chunks 40] [--json out.json]
+                      [--vae wan,taehv] [--chunks 40] [--json out.json] [--reference] [--check-precision]
 
 For each (resolution, steps, vae) one stream is opened and fed chunks of 4 frames as fast as the
 engine takes them. Reported per configuration (medians unless named):
@@ -13,6 +13,14 @@ engine takes them. Reported per configuration (medians unless named):
   ttff_cold_ms   first output of the first stream after the engine was built (includes warm-up)
   peak_mem_gib   peak device memory
 Tables print to stdout; --json writes every row.
+
+--reference        also time the published pipeline (cluster/reference_bench.py: its DiT per chunk and
+                   its Wan VAE stream encode/decode, same model size and resolutions, bf16 on CUDA) and
+                   print Weir / reference ratios of dit_ms and end-to-end FPS (the reference's FPS is
+                   4000 / (dit + enc + dec), its stages being serial).
+--check-precision  run the DiT in fp32 and in the bench dtype on the same random weights over a few
+                   chunks (cluster/precision_bench.py) and print the relative error of the outputs
+                   (target rel_l2 <= 1e-2).
 """
 
 from __future__ import annotations
@@ -171,6 +179,8 @@ def engine_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--reference", action="store_true", help="time the published pipeline too, print ratios")
+    p.add_argument("--check-precision", action="store_true", help="bf16 vs fp32 DiT output error")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -201,10 +211,90 @@ def engine_main(argv: list[str] | None = None) -> int:
     table = [asdict(r) for r in rows]
     print_table(table, ["resolution", "vae", "steps", "fps", "dit_ms", "enc_ms", "dec_ms", "chunk_p50_ms",
                         "chunk_p99_ms", "ttff_warm_ms", "ttff_cold_ms", "peak_mem_gib"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": table, "argv": argv}, f, indent=1)
+    result: dict = {"rows": table, "argv": argv}
+    graphs = getattr(engine.components.dit.shards[-1], "graphs", None)
+    result["dit_graphs"] = None if graphs is None else graphs.stats()
+    print(f"# DiT CUDA graphs: {result['dit_graphs']}", file=sys.stderr)
+    if args.json:  # write what we have before the optional, slower parts
+        _write_json(args.json, result)
+    if args.reference or args.check_precision:
+        del engine
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if args.reference:
+        result["reference"] = _reference_section(table, args.model, resolutions,
+                                                 [int(s) for s in args.steps.split(",")], device)
+        if args.json:
+            _write_json(args.json, result)
+    if args.check_precision:
+        result["precision"] = _precision_section(args.model, resolutions, device, dtype)
+        if args.json:
+            _write_json(args.json, result)
     return 0
+
+
+def _formatted(rows: list[dict], formats: dict[str, str]) -> list[dict]:
+    """Copies of `rows` with the named float columns pre-formatted (ratios and errors need more digits)."""
+    return [{k: formats[k].format(v) if k in formats else v for k, v in r.items()} for r in rows]
+
+
+def _write_json(path: str, result: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+
+
+def _reference_section(table: list[dict], model: str, resolutions: list[tuple[int, int]], steps: list[int],
+                       device: str) -> dict:
+    """Time the reference, print the Weir / reference table; errors are reported, not raised."""
+    from cluster.reference_bench import reference_rows
+
+    try:
+        ref = reference_rows(model_name=model, resolutions=resolutions, steps=steps, chunks=10, warmup=3,
+                             device=device)
+    except Exception as exc:  # noqa: BLE001 - the Weir rows are already measured; keep them
+        print(f"# reference timing failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    dit = {(r["resolution"], r["steps"]): r["ms"] for r in ref if r["kind"] == "dit"}
+    fps = {(r["resolution"], r["steps"]): r["fps_est"] for r in ref if r["kind"] == "e2e"}
+    vae = {(r["kind"], r["resolution"]): r["ms"] for r in ref if r["kind"].startswith("vae")}
+    ratios = []
+    for r in table:
+        key = (r["resolution"], r["steps"])
+        if key not in dit:
+            continue
+        ratios.append(dict(
+            resolution=r["resolution"], vae=r["vae"], steps=r["steps"],
+            weir_dit_ms=r["dit_ms"], ref_dit_ms=dit[key], dit_ratio=r["dit_ms"] / dit[key],
+            weir_fps=r["fps"], ref_fps=fps[key], fps_ratio=r["fps"] / fps[key],
+            weir_enc_ms=r["enc_ms"], ref_enc_ms=vae[("vae_enc", r["resolution"])],
+            weir_dec_ms=r["dec_ms"], ref_dec_ms=vae[("vae_dec", r["resolution"])],
+        ))
+    print("\n# Weir vs reference (ratio = Weir / reference; ref_fps = 4000 / (dit + Wan enc + Wan dec))")
+    if ratios:
+        print_table(_formatted(ratios, {"dit_ratio": "{:.3f}", "fps_ratio": "{:.3f}"}), ["resolution", "vae", "steps", "weir_dit_ms", "ref_dit_ms", "dit_ratio", "weir_fps",
+                             "ref_fps", "fps_ratio", "weir_enc_ms", "ref_enc_ms", "weir_dec_ms", "ref_dec_ms"])
+    return {"rows": ref, "ratios": ratios}
+
+
+def _precision_section(model: str, resolutions: list[tuple[int, int]], device: str, dtype: str) -> dict:
+    """fp32 vs the bench dtype on the first resolution, 1 and 2 steps; errors are reported, not raised."""
+    import torch
+
+    from cluster.precision_bench import precision_rows
+
+    low = getattr(torch, dtype)
+    if low == torch.float32:
+        return {"error": "--check-precision compares fp32 with a lower precision: pass --dtype bfloat16"}
+    try:
+        rows = precision_rows(model_name=model, resolutions=resolutions[:1], steps=[1, 2], chunks=4,
+                              device=device, low_dtype=low)
+    except Exception as exc:  # noqa: BLE001
+        print(f"# precision check failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    print(f"\n# {dtype} vs float32 DiT outputs (target rel_l2 <= 1e-2)")
+    print_table(_formatted(rows, {"rel_l2": "{:.2e}", "rel_max": "{:.2e}"}),
+                ["resolution", "steps", "dtype", "outputs", "rel_l2", "rel_max", "ok"])
+    return {"rows": rows}
 
 
 def pipeline_main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ import torch
 
 from stages.attention import attend, attend_kv_cache
 from stages.config import DiTConfig, StreamConfig
+from stages.cuda_graphs import ShardGraphRunner
 from stages.dit import WanDiT
 from stages.errors import BadRequestError, StreamExistsError, StreamNotFoundError
 from stages.flow_match import FlowMatchSchedule
@@ -51,6 +52,9 @@ class DiTMicroBatch:
         x0_BCFHW: the predicted clean latents (set by the last shard).
         sink_check: run the adaptive sink check on single-frame rows (spec I.1). The prefill turns
             it off: its n steps rewrite the same positions, and the reference's prefill never runs it.
+        capture: the shard may replay this step from a CUDA graph (when it has a graph runner). The
+            prefill sets False: its shape runs n times per stream and never again, so a capture
+            would cost more than it saves.
     """
 
     segments: list[Segment]
@@ -60,6 +64,7 @@ class DiTMicroBatch:
     hidden_BLD: torch.Tensor | None = None
     x0_BCFHW: torch.Tensor | None = None
     sink_check: bool = True
+    capture: bool = True
 
     @property
     def num_rows(self) -> int:
@@ -121,6 +126,8 @@ class DiTShard:
         model: the shard's weights (already loaded); moved to device/dtype and frozen.
         device, dtype: where and in what precision it runs (fp32 on CPU, bf16 on CUDA).
         schedule: flow-matching schedule for the x0 conversion (last shard only); default shift 8.
+        cuda_graphs: replay steady-state micro-steps from CUDA graphs (stages/cuda_graphs.py); only
+            takes effect on a CUDA device, and falls back to eager for good if a capture fails.
     """
 
     def __init__(
@@ -130,12 +137,16 @@ class DiTShard:
         device: torch.device | str,
         dtype: torch.dtype,
         schedule: FlowMatchSchedule | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.schedule = (schedule or FlowMatchSchedule()).to(self.device)
         self._streams: dict[str, DiTStreamState] = {}
+        self.graphs: ShardGraphRunner | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = ShardGraphRunner(self._compute, self.device)
 
     @property
     def cfg(self) -> DiTConfig:
@@ -185,6 +196,7 @@ class DiTShard:
             )
         if num_slots < 1:
             raise BadRequestError(f"num_slots={num_slots} must be >= 1", num_slots=num_slots)
+        self._forget_graphs(stream_id)
         policy = KVCachePolicy.from_stream_config(stream_cfg)
         grid_hw = (height // 16, width // 16)
         tokens_per_frame = grid_hw[0] * grid_hw[1]
@@ -213,7 +225,9 @@ class DiTShard:
     def set_text_context(self, stream_id: str, text_embeds_BST: torch.Tensor) -> None:
         """Embed the T5 output [1, <=512, 4096] and compute every owned block's cross-attention K/V.
 
-        Callable again mid-stream to swap the prompt: self-attention caches are kept.
+        Callable again mid-stream to swap the prompt: self-attention caches are kept. A swap writes
+        the new K/V into the existing tensors (same values as fresh ones), so captured CUDA graphs,
+        which read those tensors by address, stay valid.
         """
         state = self.state(stream_id)
         if text_embeds_BST.dim() != 3 or text_embeds_BST.shape[0] != 1:
@@ -221,19 +235,37 @@ class DiTShard:
                 f"text embeddings must be [1, S, {self.cfg.text_dim}], got {tuple(text_embeds_BST.shape)}"
             )
         ctx_BSD = self.model.text_embed(text_embeds_BST)
-        state.cross_kv = self.model.cross_kv(ctx_BSD)
+        cross_kv = self.model.cross_kv(ctx_BSD)
+        if state.cross_kv is None or any(
+            state.cross_kv[i][0].shape != k.shape or state.cross_kv[i][0].dtype != k.dtype
+            for i, (k, _) in cross_kv.items()
+        ):
+            state.cross_kv = cross_kv
+            self._forget_graphs(stream_id)
+            return
+        for i, (k_new, v_new) in cross_kv.items():
+            k_old, v_old = state.cross_kv[i]
+            k_old.copy_(k_new)
+            v_old.copy_(v_new)
 
     def set_num_slots(self, stream_id: str, num_slots: int) -> None:
         """Resize the stream to `num_slots` slots, every slot a copy of slot 0's caches and eviction
         queue (the reference's batch-mode restore). Used after the prefill (which writes slot 0 only)
         and when the number of denoising steps changes mid-stream; in-flight slots 1.. are dropped.
+        The caches are new tensors, so the stream's CUDA graphs are dropped.
         """
         self.state(stream_id).set_num_slots(num_slots)
+        self._forget_graphs(stream_id)
 
     def close_stream(self, stream_id: str) -> None:
         """Free the stream's caches. Closing an unknown id raises StreamNotFoundError."""
         self.state(stream_id)
+        self._forget_graphs(stream_id)
         del self._streams[stream_id]
+
+    def _forget_graphs(self, stream_id: str) -> None:
+        if self.graphs is not None:
+            self.graphs.forget(stream_id)
 
     # ---- the micro-step --------------------------------------------------------------------------
 
@@ -241,9 +273,24 @@ class DiTShard:
     def forward(self, batch: DiTMicroBatch) -> DiTMicroBatch:
         """Run the owned blocks for every row of `batch`; returns a new message for the next shard
         (hidden_BLD set) or, on the last shard, the result (x0_BCFHW set, hidden_BLD None).
+
+        With a graph runner, a step whose key (streams, slots, shapes) was seen before is replayed
+        from a CUDA graph; the result is the same computation on the same state.
         """
+        states = self._check(batch)
+        out = None
+        if self.graphs is not None and batch.capture:
+            out = self.graphs.run(batch, states)
+        if out is None:
+            out = self._compute(batch, states)
+        if not self.is_last:
+            return dataclasses.replace(batch, hidden_BLD=out, x0_BCFHW=None)
+        return dataclasses.replace(batch, hidden_BLD=None, x0_BCFHW=out)
+
+    def _check(self, batch: DiTMicroBatch) -> list[DiTStreamState]:
+        """The batch's stream states, after the host-side checks (no tensor values are read)."""
         states = [self.state(stream_id) for stream_id, _ in batch.segments]
-        f, hp, wp = batch.grid_fhw
+        _, hp, wp = batch.grid_fhw
         for state in states:
             if state.grid_hw != (hp, wp):
                 raise BadRequestError(
@@ -261,12 +308,21 @@ class DiTShard:
                 f"segments describe {batch.num_rows} rows, timesteps/starts have "
                 f"{batch.timesteps_B.shape[0]}/{batch.start_frames_B.shape[0]}"
             )
+        if not self.is_first and batch.hidden_BLD is None:
+            raise BadRequestError(f"shard {self.block_range} needs hidden_BLD from the previous shard")
+        return states
 
+    def _compute(self, batch: DiTMicroBatch, states: list[DiTStreamState]) -> torch.Tensor:
+        """The device work of one micro-step: hidden_BLD (not last) or x0_BCFHW (last shard).
+
+        Capturable by a CUDA graph: every per-step value arrives as a device tensor of the batch,
+        cache write positions and valid lengths are computed on the device, and no Python branch
+        reads a tensor value (the branches depend only on shapes, segments and flags).
+        """
+        f, hp, wp = batch.grid_fhw
         if self.is_first:
             x_BLD = self.model.embed(batch.noisy_latents_BCFHW.to(self.device, self.dtype))
         else:
-            if batch.hidden_BLD is None:
-                raise BadRequestError(f"shard {self.block_range} needs hidden_BLD from the previous shard")
             x_BLD = batch.hidden_BLD.to(self.device, self.dtype)
         timesteps_B = batch.timesteps_B.to(self.device)
         e_BFD, e0_BF6D = self.model.time_embeddings(timesteps_B[:, None].expand(-1, f))
@@ -275,11 +331,10 @@ class DiTShard:
         x_BLD = self.model.run_blocks(x_BLD, e0_BF6D, rope, attn)
 
         if not self.is_last:
-            return dataclasses.replace(batch, hidden_BLD=x_BLD, x0_BCFHW=None)
+            return x_BLD
         flow_BCFHW = self.model.head_out(x_BLD, e_BFD, (f, hp, wp))
         x_t = batch.noisy_latents_BCFHW.to(self.device)
-        x0_BCFHW = self.schedule.flow_to_x0(flow_BCFHW, x_t, timesteps_B)
-        return dataclasses.replace(batch, hidden_BLD=None, x0_BCFHW=x0_BCFHW)
+        return self.schedule.flow_to_x0(flow_BCFHW, x_t, timesteps_B)
 
 
 def split_blocks(num_layers: int, num_shards: int) -> list[tuple[int, int]]:

@@ -58,6 +58,8 @@ class EngineSpec:
     """Seed of the random weights when checkpoint_dir is None."""
     text_device: str | None = None
     """Device of the text encoder (default: same as `device`; 'cpu' keeps T5 off the hot GPU)."""
+    cuda_graphs: bool = True
+    """Replay steady-state DiT steps from CUDA graphs (CUDA devices only; eager on a capture error)."""
 
     def __post_init__(self) -> None:
         if self.model not in DIT_PRESETS:

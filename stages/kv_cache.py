@@ -230,6 +230,18 @@ class BlockKVCache:
         return [[q[r][(head[r] + i) % cap] for i in range(size[r])] for r in range(len(q))]
 
 
+def upload_long(values, device: torch.device | str) -> torch.Tensor:
+    """int64 tensor of `values` on `device` without a host sync: on CUDA it goes through pinned
+    memory with a non-blocking copy (the caching host allocator keeps the pinned block until the
+    copy is done); elsewhere it is a plain torch.tensor.
+    """
+    device = torch.device(device)
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class DiTStreamState:
     """Everything one stream keeps on one DiT shard, for the blocks the shard owns.
@@ -254,7 +266,7 @@ class DiTStreamState:
         if index is None:
             if len(set(slots)) != len(slots) or not all(0 <= s < self.num_slots for s in slots):
                 raise ValueError(f"slots {slots} must be distinct and in [0, {self.num_slots})")
-            index = torch.tensor(slots, dtype=torch.long, device=device)
+            index = upload_long(slots, device)
             self._slot_index_cache[slots] = index
         return index
 

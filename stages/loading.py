@@ -35,19 +35,24 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def random_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Seeded random weights: every Linear/Conv N(0, 1/fan_in), norms at 1, biases and modulations small."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Seeded random weights: every Linear/Conv N(0, 1/fan_in), norms at 1, biases and modulations small.
+
+    Drawn on the parameters' own device (a 14B model initialises in seconds on a GPU); the same
+    seed gives the same weights on the same device type.
+    """
+    gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in module.named_parameters():
-            cpu = torch.empty(p.shape, dtype=torch.float32)
+            gen = gens.get(p.device)
+            if gen is None:
+                gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
             if p.ndim >= 2 and "modulation" not in name:
                 fan_in = p[0].numel()
-                cpu.normal_(0.0, fan_in**-0.5, generator=gen)
+                p.normal_(0.0, fan_in**-0.5, generator=gen)
             elif name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight", "gamma")) or ".norm" in name:
-                cpu.fill_(1.0)
+                p.fill_(1.0)
             else:
-                cpu.normal_(0.0, 0.02, generator=gen)
-            p.copy_(cpu.to(p.dtype))
+                p.normal_(0.0, 0.02, generator=gen)
     return module
 
 
@@ -58,8 +63,10 @@ def _build(cls, cfg, device: torch.device, dtype: torch.dtype, seed: int):
 
 
 def build_dit_shard(cfg: DiTConfig, block_range: tuple[int, int] | None, *, device: torch.device,
-                    dtype: torch.dtype, checkpoint: str | None = None, seed: int = 0) -> DiTShard:
-    """One DiT shard (the whole model when block_range is None), loaded or random, as a stage."""
+                    dtype: torch.dtype, checkpoint: str | None = None, seed: int = 0,
+                    cuda_graphs: bool = False) -> DiTShard:
+    """One DiT shard (the whole model when block_range is None), loaded or random, as a stage.
+    `cuda_graphs` replays steady-state steps from CUDA graphs (CUDA devices only, see DiTShard)."""
     from stages.checkpoints import load_dit_checkpoint
 
     if checkpoint is None:
@@ -70,7 +77,7 @@ def build_dit_shard(cfg: DiTConfig, block_range: tuple[int, int] | None, *, devi
         with torch.device("meta"):
             model = WanDiT(cfg, block_range)
         load_dit_checkpoint(model, checkpoint)
-    return DiTShard(model, device=device, dtype=dtype)
+    return DiTShard(model, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
 
 
 def build_models(spec: EngineSpec, dit_cfg: DiTConfig, vae_cfg: VAEConfig) -> EngineComponents:
@@ -80,15 +87,20 @@ def build_models(spec: EngineSpec, dit_cfg: DiTConfig, vae_cfg: VAEConfig) -> En
     from stages.t5 import build_text_encoder
 
     device, dtype = torch.device(spec.device), spec.torch_dtype
+    graphs = spec.cuda_graphs and device.type == "cuda"
+    if device.type == "cuda":
+        # fixed shapes per stream: let cuDNN pick the fastest VAE convolution once per shape
+        torch.backends.cudnn.benchmark = True
     taehv_cfg = TAEHV_PRESETS["tiny" if spec.model == "tiny" else "taew2_1"]
     if spec.checkpoint_dir is None:
-        shard = build_dit_shard(dit_cfg, None, device=device, dtype=dtype, seed=spec.weights_seed)
+        shard = build_dit_shard(dit_cfg, None, device=device, dtype=dtype, seed=spec.weights_seed,
+                                cuda_graphs=graphs)
         wan_vae = _build(WanVAE, vae_cfg, device, dtype, spec.weights_seed + 1)
         taehv = _build(TAEHV, taehv_cfg, device, dtype, spec.weights_seed + 2)
     else:
         layout = find_checkpoints(spec.checkpoint_dir, dit=spec.model)
         shard = build_dit_shard(dit_cfg, None, device=device, dtype=dtype,
-                                checkpoint=str(layout.dit_checkpoint(spec.model)))
+                                checkpoint=str(layout.dit_checkpoint(spec.model)), cuda_graphs=graphs)
         with torch.device("meta"):
             wan_vae = WanVAE(vae_cfg)
         load_wan_vae(wan_vae, layout.vae)
@@ -103,6 +115,8 @@ def build_models(spec: EngineSpec, dit_cfg: DiTConfig, vae_cfg: VAEConfig) -> En
         spec.checkpoint_dir, device=text_device, dtype=dtype if text_device.type == "cuda" else torch.float32,
         seed=spec.weights_seed,
     )
+    if device.type == "cuda":
+        conv3d_channels_last_(wan_vae)
     scaling = StreamConfig().latent_scaling
     encoders = {"wan": VAEEncodeStage("wan", wan_vae, device, dtype, scaling)}
     decoders = {"wan": VAEDecodeStage("wan", wan_vae, device, dtype, scaling)}

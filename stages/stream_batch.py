@@ -41,6 +41,7 @@ from stages.config import StreamConfig
 from stages.dit_stage import DiTMicroBatch, DiTShard
 from stages.errors import BadRequestError, StreamExistsError, StreamNotFoundError
 from stages.flow_match import FlowMatchSchedule, denoising_steps
+from stages.kv_cache import upload_long
 
 NoiseSource = Callable[[tuple[int, ...]], torch.Tensor]
 """Returns standard normal noise of the given (frame-major) shape on the stream's device and dtype."""
@@ -117,7 +118,7 @@ class StreamBatchState:
         self.next_frame: int | None = None
         """Latent-frame position of the next chunk; None until the prefill ran."""
         self.processed = 0
-        self._timesteps_renoise = torch.tensor(self.timesteps[1:], dtype=torch.long, device=device)
+        self._timesteps_renoise = upload_long(self.timesteps[1:], device)
         self.reset(next_frame=None)
 
     @property
@@ -164,7 +165,7 @@ class StreamBatchState:
         if not slots:
             return None
         timesteps = [self.current_step, *self.timesteps[1:]]
-        rows = torch.tensor(slots, device=self.device) if len(slots) < n else None
+        rows = upload_long(slots, self.device) if len(slots) < n else None
         latents = self.buffer_BCFHW if rows is None else self.buffer_BCFHW.index_select(0, rows)
         return StreamTick(
             stream_id=self.stream_id,
@@ -183,7 +184,7 @@ class StreamBatchState:
         if len(slots) == n:
             self.buffer_BCFHW = x0_BCFHW.clone()
         else:
-            self.buffer_BCFHW[list(slots)] = x0_BCFHW
+            self.buffer_BCFHW[upload_long(slots, self.device)] = x0_BCFHW
         if n > 1:
             noise_BCFHW = torch.cat([self.draw_noise_BCFHW(1, 1) for _ in range(n - 1)])
             renoised = self.schedule.add_noise(
@@ -335,6 +336,7 @@ class LatentStreamer:
                 timesteps_B=torch.full((1,), t, dtype=torch.long, device=self.device),
                 start_frames_B=starts,
                 sink_check=False,
+                capture=False,
             )
             x0_1CFHW = self.run_chain(batch).x0_BCFHW
             if i + 1 < state.num_steps:
@@ -370,12 +372,8 @@ class LatentStreamer:
             batch = DiTMicroBatch(
                 segments=[(t.stream_id, t.slots) for t in live],
                 noisy_latents_BCFHW=torch.cat([t.noisy_latents_BCFHW for t in live]),
-                timesteps_B=torch.tensor(
-                    [x for t in live for x in t.timesteps], dtype=torch.long, device=self.device
-                ),
-                start_frames_B=torch.tensor(
-                    [x for t in live for x in t.start_frames], dtype=torch.long, device=self.device
-                ),
+                timesteps_B=upload_long([x for t in live for x in t.timesteps], self.device),
+                start_frames_B=upload_long([x for t in live for x in t.start_frames], self.device),
             )
             x0_BCFHW = self.run_chain(batch).x0_BCFHW
             for tick, rows in zip(live, batch.row_slices()):
