@@ -56,6 +56,18 @@ def random_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
+def conv3d_channels_last_(module: torch.nn.Module) -> torch.nn.Module:
+    """Store every Conv3d weight in channels-last-3d layout (cuDNN's fast NDHWC kernels on CUDA).
+
+    Values are unchanged; only the memory layout of the weights moves.
+    """
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    return module
+
+
 def _build(cls, cfg, device: torch.device, dtype: torch.dtype, seed: int):
     with torch.device(device), _default_dtype(dtype if dtype.is_floating_point else torch.float32):
         model = cls(cfg)
