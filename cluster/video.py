@@ -1,4 +1,4 @@
-"""Video files and generated clips (PyAV), shared by `weir run`, `weir stream` and `weir demo`.
+"""Video files (PyAV, imported on use) and generated clips, shared by `weir run`, `weir stream` and `weir demo`.
 
 Frames are uint8 [H, W, 3] RGB numpy arrays throughout.
 """
@@ -9,7 +9,6 @@ import math
 from collections.abc import Iterator
 from fractions import Fraction
 
-import av
 import numpy as np
 
 
@@ -27,12 +26,16 @@ def fit_frame(frame_HWC: np.ndarray, height: int, width: int) -> np.ndarray:
         frame_HWC = frame_HWC[y0 : y0 + new_h]
     if frame_HWC.shape[:2] == (height, width):
         return np.ascontiguousarray(frame_HWC)
+    import av
+
     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_HWC), format="rgb24")
     return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
 
 
 def read_video(path: str, height: int, width: int, max_frames: int | None = None) -> tuple[list[np.ndarray], float]:
     """Decode a video file into frames fitted to height x width; returns (frames, fps)."""
+    import av
+
     frames: list[np.ndarray] = []
     with av.open(path) as container:
         stream = container.streams.video[0]
@@ -50,6 +53,9 @@ class VideoWriter:
     """Writes uint8 RGB frames to an H.264 (yuv420p) MP4 as they come."""
 
     def __init__(self, path: str, fps: float, height: int, width: int) -> None:
+        import av
+
+        self._av = av
         self._container = av.open(path, mode="w")
         self._stream = self._container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         self._stream.width = width
@@ -59,7 +65,7 @@ class VideoWriter:
         self.frames_written = 0
 
     def write(self, frame_HWC: np.ndarray) -> None:
-        for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame_HWC, format="rgb24")):
+        for packet in self._stream.encode(self._av.VideoFrame.from_ndarray(frame_HWC, format="rgb24")):
             self._container.mux(packet)
         self.frames_written += 1
 

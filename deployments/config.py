@@ -6,11 +6,14 @@ Plain Python (no Ray), so the CLI can validate it before starting anything.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 
+from deployments.tenants import TIERS, TenantRegistry, load_registry
 from stages.config import DIT_PRESETS
 
-TIERS = ("free", "standard", "premium")
+__all__ = ["TIERS", "PipelineSpec", "ServiceConfig"]
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,9 @@ class ServiceConfig:
     """Port of Serve's gRPC proxy."""
     http_port: int = 8000
     """Port of Serve's HTTP proxy, which also serves the metrics endpoint at /metrics."""
-    api_keys: tuple[tuple[str, str, str], ...] = ()
-    """(api_key, tenant, tier) rows. Empty = open access: every stream is tenant 'anonymous', tier 'standard'."""
+    tenants: TenantRegistry | None = None
+    """Tenants, their hashed API keys and quotas (deployments.tenants). None = open access: every stream
+    is tenant 'anonymous', tier 'standard', without quotas."""
     stats_interval_s: float = 1.0
     """Period of StreamStats messages to clients and of stats reports to the router and exporter."""
     idle_timeout_s: float = 30.0
@@ -79,9 +83,8 @@ class ServiceConfig:
             port = getattr(self, port_name)
             if not 1 <= port <= 65535:
                 raise ValueError(f"{port_name}={port} must be a TCP port (1..65535)")
-        for row in self.api_keys:
-            if len(row) != 3 or row[2] not in TIERS:
-                raise ValueError(f"api_keys row {row[:2]!r}...: need (key, tenant, tier) with tier in {TIERS}")
+        if self.tenants is not None and not isinstance(self.tenants, TenantRegistry):
+            raise ValueError("tenants must be a TenantRegistry (parse it with deployments.tenants.load_registry)")
         if self.stats_interval_s <= 0 or self.idle_timeout_s <= 0:
             raise ValueError("stats_interval_s and idle_timeout_s must be > 0")
         if not 0 < self.retry_after_s <= 600:
@@ -100,8 +103,12 @@ class ServiceConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> ServiceConfig:
-        """Build from plain data (YAML `args`); unknown keys raise ValueError naming them."""
+    def from_dict(cls, data: dict, environ: Mapping[str, str] | None = None) -> ServiceConfig:
+        """Build from plain data (YAML `args`); unknown keys raise ValueError naming them.
+
+        `tenants` may be a registry mapping, or the path of a registry file; when absent, the registry
+        comes from $WEIR_TENANTS (a secret holding the file's content) if set, else open access.
+        """
         data = dict(data)
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
@@ -110,22 +117,11 @@ class ServiceConfig:
         pipes = data.pop("pipelines", None)
         if pipes is not None:
             data["pipelines"] = tuple(p if isinstance(p, PipelineSpec) else PipelineSpec(**p) for p in pipes)
-        if "api_keys" in data:
-            data["api_keys"] = tuple(tuple(r) for r in data["api_keys"])
+        tenants = data.get("tenants")
+        if isinstance(tenants, Mapping):
+            data["tenants"] = TenantRegistry.from_dict(tenants)
+        elif isinstance(tenants, (str, os.PathLike)):
+            data["tenants"] = load_registry(tenants)
+        elif tenants is None:
+            data["tenants"] = load_registry(None, os.environ if environ is None else environ)
         return cls(**data)
-
-
-@dataclass(frozen=True)
-class TenantDirectory:
-    """API key -> (tenant, tier). Keys never appear in errors, logs or metrics."""
-
-    rows: tuple[tuple[str, str, str], ...] = field(default=())
-
-    def lookup(self, api_key: str) -> tuple[str, str] | None:
-        """(tenant, tier), or None for an unknown key. Open access when no rows are configured."""
-        if not self.rows:
-            return ("anonymous", "standard")
-        for key, tenant, tier in self.rows:
-            if key == api_key:
-                return (tenant, tier)
-        return None

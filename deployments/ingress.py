@@ -28,10 +28,11 @@ from ray import serve
 from ray.serve.grpc_util import gRPCInputStream
 
 from deployments.codec import FrameCodec
-from deployments.config import ServiceConfig, TenantDirectory
+from deployments.config import ServiceConfig
 from deployments.errors import status_of, unwrap
 from deployments.messages import AdmissionGrant, OpenRequest, StreamEvent
 from deployments.pipeline import now_us
+from deployments.tenants import TenantGate
 from protos import weir_pb2, weir_pb2_grpc
 from stages.errors import (
     AdmissionRefusedError,
@@ -66,7 +67,7 @@ class IngressCore:
         self.pipelines = pipelines
         self.metrics = metrics
         self.codec = codec or FrameCodec()
-        self.tenants = TenantDirectory(service.api_keys)
+        self.tenants = TenantGate(service.tenants)
 
     # ---- the bidi stream -------------------------------------------------------------------------------
 
@@ -100,6 +101,7 @@ class IngressCore:
             if not clean:
                 await self._quietly(pipeline.close.remote(stream_id))
             await self._quietly(self.router.release.remote(stream_id))
+            self.tenants.release(req.tenant)
 
     async def _open(self, requests, opened_us: int) -> tuple[OpenRequest, AdmissionGrant]:
         tier = "standard"
@@ -110,20 +112,27 @@ class IngressCore:
                 raise BadRequestError("the stream ended before its StreamOpen message", field="open") from None
             if first.WhichOneof("kind") != "open":
                 raise BadRequestError("the first message of a stream must be StreamOpen", field="open")
-            who = self.tenants.lookup(first.open.api_key)
-            if who is None:
-                raise UnauthenticatedError("unknown or missing API key")
-            tenant, tier = who
-            req = self.codec.parse_open(first.open, tenant=tenant, tier=tier)
-            stream_id = uuid.uuid4().hex[:16]
-            grant = await _call(self.router.admit.remote(stream_id, req))
+            # scrypt off the event loop; raises UnauthenticatedError, whose message never holds the key
+            tenant = await asyncio.to_thread(self.tenants.authenticate, first.open.api_key)
+            tier = tenant.tier
+            req = self.codec.parse_open(first.open, tenant=tenant.name, tier=tier)
+            self.tenants.acquire(tenant, height=req.height, width=req.width, num_steps=req.num_steps)
             try:
-                await _call(self.pipelines[grant.pipeline].open.remote(stream_id, req, opened_us))
+                stream_id = uuid.uuid4().hex[:16]
+                grant = await _call(self.router.admit.remote(stream_id, req))
+                try:
+                    await _call(self.pipelines[grant.pipeline].open.remote(stream_id, req, opened_us))
+                except BaseException:
+                    await self._quietly(self.router.release.remote(stream_id))
+                    raise
             except BaseException:
-                await self._quietly(self.router.release.remote(stream_id))
+                self.tenants.release(tenant.name)
                 raise
         except BaseException as exc:
-            self._record_open(tier, next((o for t, o in _OUTCOME.items() if isinstance(exc, t)), "error"))
+            outcome = next((o for t, o in _OUTCOME.items() if isinstance(exc, t)), "error")
+            if isinstance(exc, WeirError) and "quota" in exc.details:
+                outcome = "over_quota"
+            self._record_open(tier, outcome)
             raise
         self._record_open(tier, "admitted")
         return req, grant

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from scheduling.profile import ProfileSnapshot
+
 DEFAULT_TTFF_MS = 3000.0
 DEFAULT_FRAME_DEADLINE_MS = 2000.0
 DEFAULT_INPUT_FPS = 16.0
@@ -138,3 +140,11 @@ class PipelineStats:
     tick_ms_samples: list[float] = field(default_factory=list)
     skipped_by_tier: dict[str, int] = field(default_factory=dict)
     misses_by_tier: dict[str, int] = field(default_factory=dict)
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    """Frames skipped since start, by scheduling.batching.SkipReason value (cumulative)."""
+    streams_by_mode: dict[str, int] = field(default_factory=dict)
+    """Open streams per batching mode ('stream_batch' / 'step_by_step')."""
+    num_blocks: int = 0
+    """DiT blocks one forward runs on this pipeline (L)."""
+    profile: ProfileSnapshot | None = None
+    """The pipeline's measured stage-time models (seeded by scheduling.priors): what the router admits from."""

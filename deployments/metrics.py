@@ -21,7 +21,8 @@ LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10
 TTFF_BUCKETS_S = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 JITTER_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 STAGE_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-OPEN_OUTCOMES = ("admitted", "refused", "slo_unattainable", "unauthenticated", "bad_request", "error")
+OPEN_OUTCOMES = ("admitted", "refused", "over_quota", "slo_unattainable", "unauthenticated", "bad_request",
+                 "error")
 
 
 def _tier(tier: str) -> str:
@@ -43,6 +44,11 @@ class MetricsExporter:
         self.misses = Counter("weir_deadline_misses", "Frames sent after their deadline.", (*mg, "tier"), registry=r)
         self.skipped = Counter("weir_frames_skipped", "Frames skipped: could not meet their deadline.",
                                (*mg, "tier"), registry=r)
+        self.skipped_reason = Counter("weir_frames_skipped_by_reason",
+                                      "Frames skipped, by reason (scheduling.batching.SkipReason, output_overflow).",
+                                      (*mg, "reason"), registry=r)
+        self.modes = Gauge("weir_streams_by_mode", "Open streams per batching mode (stream_batch, step_by_step).",
+                           (*mg, "mode"), registry=r)
         self.frames_out = Counter("weir_frames_out", "Frames sent back.", mg, registry=r)
         self.stage = Histogram("weir_stage_seconds", "Wall time of one pipeline stage call.", (*mg, "stage"),
                                buckets=STAGE_BUCKETS_S, registry=r)
@@ -80,6 +86,9 @@ class MetricsExporter:
         prev = self._latest.get(s.pipeline)
         delta = s.frames_out_total - (prev.frames_out_total if prev else 0)
         self.frames_out.labels(*mg).inc(delta if delta >= 0 else s.frames_out_total)  # negative: restarted
+        for reason, total in s.skipped_by_reason.items():  # cumulative per pipeline: count the increase
+            before = prev.skipped_by_reason.get(reason, 0) if prev else 0
+            self.skipped_reason.labels(*mg, reason).inc(total - before if total >= before else total)
         self._latest[s.pipeline] = s
         group = [p for p in self._latest.values() if (p.model, p.gpu_type) == mg]
         self.queue_depth.labels(*mg).set(sum(p.queue_depth for p in group))
@@ -87,6 +96,8 @@ class MetricsExporter:
         self.fps.labels(*mg).set(sum(p.output_fps for p in group))
         self.gpu_mem.labels(*mg).set(sum(p.gpu_memory_bytes for p in group))
         self.healthy.labels(*mg).set(sum(1 for p in group if p.healthy))
+        for mode in ("stream_batch", "step_by_step"):
+            self.modes.labels(*mg, mode).set(sum(p.streams_by_mode.get(mode, 0) for p in group))
 
     def record_router(self, capacity: dict) -> None:
         self.admitted.set(capacity.get("active_streams", 0))

@@ -5,23 +5,37 @@ Three layers, each replaceable:
     Executor          the engine API as coroutines. InProcessExecutor runs a StreamEngine on one worker
                       thread (calls stay ordered, the event loop stays free); a compiled graph of stage
                       actors implements the same protocol.
-    PipelineCore      plain asyncio, no Ray: per-stream input queues, the batching loop, deadline skipping,
+    PipelineCore      plain asyncio, no Ray: cuts each stream's frames into chunks, drives the SLO-aware
+                      `scheduling.batching.BatchingScheduler`, runs its plans on the executor, and keeps
                       per-stream output queues and stats. Unit-testable with a real tiny engine.
     Pipeline          the Serve deployment: a thin shim that owns a PipelineCore and exposes it to the
                       ingress (open / push / control / events / close) and the router (load).
 
-One tick of the batching loop:
+One tick of the loop (the scheduler's module docstring, "Driving it"):
 
-    1. move queued input frames into the engine; a frame that can no longer meet its deadline is
-       skipped when a newer frame of the same stream is waiting (counted, reported in StreamStats)
-    2. ask the batch policy which ready streams share this tick's DiT forward
-    3. executor.step(ids) -> outputs; time it (the measured cost model the router admits from)
-    4. put each stream's outputs on its own bounded queue; a slow or vanished client fills only its own
+    1. cut queued frames into chunks (1 frame first, then 4; a partial last chunk at the end of input) and
+       `add_chunk(Chunk(seq, arrivals))` with each frame's arrival on the scheduler's clock
+    2. plan = schedule(now). plan.skipped: chunks that could no longer meet their deadline (or overflowed
+       the stream's queue) are dropped, never run; their frames are counted per stream, per tier and per
+       reason, and the client gets a StreamStats message at once
+    3. run the plan (`_run_plan`): encode + DiT + decode of the admitted chunks in ONE executor.step (the
+       engine prefills first chunks, stream-batches the rest, and runs a step-by-step stream's n steps back
+       to back); a stream with work but no new chunk (a stream batch that must drain, or chunks left in
+       flight by a mode switch) is flushed. The engine's mode of a stream follows the plan's mode (switched
+       before its next chunk, nothing in flight, no frame lost)
+    4. frames go to their stream's bounded queue as soon as the engine returns them; update_from_output
+       gets the measured times and, per emitted chunk, when its frames really left
+
+Timing fed back (so the seeded profile, scheduling.priors, converges on this machine): the whole tick
+always (the scheduler's tick estimate and utilization); the DiT time only for plans whose engine work
+was one shared stream-batch forward, estimated as the tick minus the profile's encode and decode
+predictions (the engine does not time its stages separately).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
@@ -41,7 +55,20 @@ from deployments.messages import (
     StreamEvent,
     StreamStatsSnapshot,
 )
-from scheduling.slo import LatencyWindow, percentile
+from scheduling.batching import (
+    BatchingConfig,
+    BatchingScheduler,
+    BatchMode,
+    BatchOutput,
+    BatchPlan,
+    Chunk,
+    SkippedChunk,
+    SkipReason,
+    StreamSpec,
+)
+from scheduling.priors import prior_of, seed_profile
+from scheduling.profile import StageProfile
+from scheduling.slo import MAX_FRAME_DEADLINE_S, MAX_TTFF_S, LatencyWindow, StreamSLO, percentile
 from stages.errors import (
     AdmissionRefusedError,
     BadFrameError,
@@ -55,10 +82,10 @@ log = logging.getLogger("weir.pipeline")
 
 CHUNK_FRAMES = 4
 """Input frames per chunk after the first (the VAE's temporal compression)."""
-MAX_QUEUED_CHUNKS = 4
-"""Input frames queued per stream beyond this many chunks are skipped, oldest first (backpressure)."""
+FIRST_CHUNK_FRAMES = 1
+"""Frames of a stream's first chunk (Weir starts from frame 0 alone; see stages.engine)."""
 TICK_EMA = 0.2
-"""Smoothing of the measured tick time."""
+"""Smoothing of the measured tick time per batch size (reported, informational)."""
 HEARTBEAT_S = 1.0
 """The loop wakes at least this often (idle streams are reaped on wake-ups)."""
 
@@ -78,6 +105,7 @@ class Executor(Protocol):
     async def ready_streams(self) -> list[str]: ...
     def pending_frames(self, stream_id: str) -> int: ...
     async def step(self, stream_ids: list[str]) -> dict[str, list]: ...
+    async def set_step_mode(self, stream_id: str, step_by_step: bool) -> list: ...
     async def set_prompt(self, stream_id: str, prompt: str) -> None: ...
     async def set_steps(self, stream_id: str, num_steps: int) -> list: ...
     async def flush(self, stream_id: str) -> list: ...
@@ -86,11 +114,18 @@ class Executor(Protocol):
 
 
 class InProcessExecutor:
-    """A StreamEngine in this process, driven from one worker thread (calls run in submission order)."""
+    """A StreamEngine in this process, driven from one worker thread (calls run in submission order).
+
+    Step-by-step mode uses the engine's own (`StreamEngine.set_step_mode`) when it has one; otherwise it
+    is emulated: the chunk enters the stream batch in the shared step, then drain ticks push it through
+    its remaining n-1 steps at once (n forwards back to back, emitted together).
+    """
 
     def __init__(self, engine) -> None:
         self.engine = engine
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weir-engine")
+        self._native_modes = hasattr(engine, "set_step_mode")
+        self._emulated_sbs: set[str] = set()
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -112,7 +147,23 @@ class InProcessExecutor:
         return self.engine.pending_frames(stream_id)
 
     async def step(self, stream_ids):
-        return await self._call(self.engine.step, stream_ids)
+        def run() -> dict[str, list]:
+            out = self.engine.step(stream_ids)
+            for sid in stream_ids:
+                if sid in self._emulated_sbs:
+                    out[sid] = list(out.get(sid, [])) + self.engine.flush(sid)
+            return out
+
+        return await self._call(run)
+
+    async def set_step_mode(self, stream_id, step_by_step):
+        if self._native_modes:
+            return await self._call(self.engine.set_step_mode, stream_id, step_by_step)
+        if step_by_step:
+            self._emulated_sbs.add(stream_id)
+            return await self._call(self.engine.flush, stream_id)  # drain the stream batch first
+        self._emulated_sbs.discard(stream_id)
+        return []
 
     async def set_prompt(self, stream_id, prompt) -> None:
         await self._call(self.engine.set_prompt, stream_id, prompt)
@@ -124,6 +175,7 @@ class InProcessExecutor:
         return await self._call(self.engine.flush, stream_id)
 
     async def close_stream(self, stream_id) -> None:
+        self._emulated_sbs.discard(stream_id)
         await self._call(self.engine.close_stream, stream_id)
 
     def memory_bytes(self) -> int:
@@ -157,28 +209,29 @@ def stream_params(req: OpenRequest):
 
     return StreamParams(
         prompt=req.prompt, num_steps=req.num_steps, noise_scale=req.noise_strength, seed=req.seed,
-        height=req.height, width=req.width, vae=req.vae or None, first_chunk_frames=1,
+        height=req.height, width=req.width, vae=req.vae or None, first_chunk_frames=FIRST_CHUNK_FRAMES,
     )
 
 
-# ---- batch policy --------------------------------------------------------------------------------------
+def stream_spec(req: OpenRequest) -> StreamSpec:
+    """The scheduler's view of a stream. SLOs beyond the scheduler's bounds (TTFF 60 s, deadline 10 s)
+    are clamped to them: such a stream is never skipped for lateness short of that.
+
+    Example: OpenRequest(num_steps=2, input_fps=8, ttff_ms=3000, frame_deadline_ms=60000) ->
+    StreamSpec(2, 8.0, StreamSLO(3.0, 10.0), first_chunk_frames=1).
+    """
+    slo = StreamSLO(ttff_s=min(req.ttff_ms / 1000, MAX_TTFF_S),
+                    frame_deadline_s=min(req.frame_deadline_ms / 1000, MAX_FRAME_DEADLINE_S))
+    return StreamSpec(num_steps=req.num_steps, input_fps=min(req.input_fps, 120.0), slo=slo,
+                      first_chunk_frames=FIRST_CHUNK_FRAMES)
 
 
-class BatchPolicy(Protocol):
-    """Which ready streams share one tick's forward. `deadlines` maps stream id -> earliest queued deadline."""
-
-    def choose(self, ready: list[str], deadlines: dict[str, float], now_s: float) -> list[str]: ...
-
-
-@dataclass
-class EarliestDeadlineFirst:
-    """Default policy: every ready stream, earliest deadline first, at most `max_batch` per tick."""
-
-    max_batch: int = 64
-
-    def choose(self, ready: list[str], deadlines: dict[str, float], now_s: float) -> list[str]:
-        ordered = sorted(ready, key=lambda sid: deadlines.get(sid, float("inf")))
-        return ordered[: self.max_batch]
+def build_scheduler(spec: PipelineSpec, profile: StageProfile | None = None) -> BatchingScheduler:
+    """The pipeline's batching scheduler, its profile seeded from scheduling.priors for the spec's model
+    and GPU class (corrected online by the pipeline's measurements)."""
+    prior = prior_of(spec.model)
+    profile = profile or seed_profile(spec.model, spec.gpu_type)
+    return BatchingScheduler(BatchingConfig(num_blocks=prior.num_blocks), profile)
 
 
 # ---- per-stream state ------------------------------------------------------------------------------------
@@ -190,13 +243,25 @@ class _StreamSlot:
     req: OpenRequest
     opened_us: int
     queue: deque = field(default_factory=deque)
-    """InFrames not yet handed to the engine."""
+    """(InFrame, arrival on the scheduler clock) not yet cut into a chunk."""
+    chunks: dict[int, list[InFrame]] = field(default_factory=dict)
+    """chunk seq -> frames of chunks queued in the scheduler (not yet in the engine)."""
+    arrivals: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    """chunk seq -> its frames' arrivals on the scheduler clock (while queued)."""
+    next_chunk: int = 0
+    in_engine: dict[int, int] = field(default_factory=dict)
+    """chunk seq -> frames of it still inside the engine."""
+    frame_chunk: dict[int, int] = field(default_factory=dict)
+    """frame seq -> chunk seq, for frames inside the engine."""
+    delivered_s: dict[int, float] = field(default_factory=dict)
+    """chunk seq -> when its last frame left (scheduler clock), until the scheduler emits it."""
+    engine_step_by_step: bool = False
     meta: dict[int, tuple[int, int]] = field(default_factory=dict)
     """seq -> (capture_ts_us, received_ts_us) of frames inside the engine."""
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     out_frames_queued: int = 0
-    started: bool = False
     ending: bool = False
+    input_ended: bool = False
     closed: bool = False
     last_seq: int = -1
     last_activity_s: float = field(default_factory=time.monotonic)
@@ -217,23 +282,32 @@ class _StreamSlot:
     def frames_out_span_s(self) -> float:
         return (self.last_out_us - self.first_out_us) / 1e6 if self.first_out_us else 0.0
 
+    @property
+    def queued_frames(self) -> int:
+        return len(self.queue) + sum(len(c) for c in self.chunks.values())
+
 
 # ---- the core ------------------------------------------------------------------------------------------
 
 
 class PipelineCore:
-    """The batching loop over one executor. All methods run on one asyncio loop."""
+    """The batching loop over one executor. All methods run on one asyncio loop.
+
+    `scheduler` defaults to `build_scheduler(spec)`; `clock` is the scheduler's clock (seconds).
+    """
 
     def __init__(self, name: str, spec: PipelineSpec, executor: Executor, *, service: ServiceConfig | None = None,
-                 policy: BatchPolicy | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 scheduler: BatchingScheduler | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.spec = spec
         self.service = service or ServiceConfig()
         self.executor = executor
-        self.policy = policy or EarliestDeadlineFirst()
+        self.scheduler = scheduler or build_scheduler(spec)
         self.clock = clock
         self.streams: dict[str, _StreamSlot] = {}
         self._wake = asyncio.Event()
+        self._engine_lock = asyncio.Lock()
+        """Held while a plan runs and by controls that reshape a stream (one engine user at a time)."""
         self._task: asyncio.Task | None = None
         self._heartbeat: asyncio.Task | None = None
         self._failure: BaseException | None = None
@@ -242,6 +316,7 @@ class PipelineCore:
         self._fps_window: deque = deque(maxlen=512)
         self._frames_out_total = 0
         self._skipped_total = 0
+        self._skipped_by_reason: dict[str, int] = {}
         self._misses_total = 0
         self._samples = PipelineStats(pipeline=name, model=spec.model, gpu_type=spec.gpu_type)
 
@@ -285,43 +360,55 @@ class PipelineCore:
         if req.model and req.model != self.spec.model:
             raise AdmissionRefusedError(f"pipeline {self.name} serves {self.spec.model}, not {req.model}",
                                         retry_after_s=self.service.retry_after_s)
+        spec = stream_spec(req)
         await self.executor.open_stream(stream_id, stream_params(req))
-        self.streams[stream_id] = _StreamSlot(stream_id, req, opened_us or now_us(),
-                                              events=asyncio.Queue())
+        opened_us = opened_us or now_us()
+        self.scheduler.add_stream(stream_id, spec, self._to_clock(opened_us))
+        self.streams[stream_id] = _StreamSlot(stream_id, req, opened_us, events=asyncio.Queue())
 
     async def push(self, stream_id: str, frames: list[InFrame]) -> int:
-        """Queue input frames; returns the stream's queue depth. Out-of-order seqs are BadFrameError."""
+        """Queue input frames; returns the stream's queued frames. Out-of-order seqs are BadFrameError."""
         s = self._slot(stream_id)
         for f in frames:
             if f.seq <= s.last_seq:
                 raise BadFrameError(f"frame seq {f.seq} after {s.last_seq}: seqs must increase", seq=f.seq)
             if f.frame.shape != (s.req.height, s.req.width, 3):
                 raise BadFrameError(f"frame {f.seq} has shape {f.frame.shape}", seq=f.seq)
+            if s.ending:
+                raise BadFrameError(f"frame {f.seq} arrived after the stream's end", seq=f.seq)
             s.last_seq = f.seq
-            s.queue.append(f)
+            s.queue.append((f, self._to_clock(f.received_ts_us)))
             s.stats.frames_in += 1
         s.last_activity_s = self.clock()
-        limit = MAX_QUEUED_CHUNKS * CHUNK_FRAMES
-        while len(s.queue) > limit:  # the stream sends faster than we serve it: drop its oldest
-            s.queue.popleft()
-            self._skip(s, 1)
         self._wake.set()
-        return len(s.queue)
+        return s.queued_frames
 
     async def set_prompt(self, stream_id: str, prompt: str) -> None:
         self._slot(stream_id)
         await self.executor.set_prompt(stream_id, prompt)
 
     async def set_steps(self, stream_id: str, num_steps: int) -> None:
+        """Change n: the engine finishes the frames in flight with the old n (sent now); the scheduler
+        restarts the stream with the new n, keeping its queued chunks."""
         s = self._slot(stream_id)
-        out = await self.executor.set_steps(stream_id, num_steps)
-        self._deliver(s, out)
+        async with self._engine_lock:
+            out = await self.executor.set_steps(stream_id, num_steps)
+            s.engine_step_by_step = False
+            self._deliver(s, out)
+            self.scheduler.finish_stream(stream_id)  # queued chunks are re-queued below, not skipped
+            s.req = _replace_steps(s.req, num_steps)
+            self.scheduler.add_stream(stream_id, stream_spec(s.req), self.clock())
+            for seq in sorted(s.chunks):
+                self.scheduler.add_chunk(stream_id, Chunk(seq, s.arrivals[seq]))
+            if s.input_ended:
+                self.scheduler.end_input(stream_id)
+        self._wake.set()
 
     def count_paused(self, stream_id: str, num_frames: int) -> None:
         self._slot(stream_id).stats.frames_paused += num_frames
 
     async def end(self, stream_id: str) -> None:
-        """Finish the stream: its queued frames are stepped, flushed, sent, then an `ended` event."""
+        """Finish the stream: its queued frames are run, flushed, sent, then an `ended` event."""
         s = self._slot(stream_id)
         s.ending = True
         self._wake.set()
@@ -334,12 +421,17 @@ class PipelineCore:
         s.closed = True
         s.events.put_nowait(StreamEvent(ended=True))
         try:
+            self.scheduler.finish_stream(stream_id)
+        except StreamNotFoundError:
+            pass
+        try:
             await self.executor.close_stream(stream_id)
         except WeirError:
             pass
 
     async def events(self, stream_id: str) -> AsyncIterator[StreamEvent]:
-        """The stream's outputs, batched per wake-up, with a stats event every stats interval.
+        """The stream's outputs, batched per wake-up, with a stats event every stats interval and right
+        after frames of the stream were skipped.
 
         Ends after the `ended` event. If the consumer goes away (cancellation) the stream is closed.
         """
@@ -360,10 +452,11 @@ class PipelineCore:
                     if ev.error is not None:
                         yield StreamEvent(error=ev.error)
                         return
-                if self.clock() >= next_stats:
+                ended = any(ev.ended for ev in batch)
+                if not ended and (self.clock() >= next_stats or any(ev.stats is not None for ev in batch)):
                     next_stats = self.clock() + interval
                     yield StreamEvent(stats=self.stream_stats(stream_id, s))
-                if any(ev.ended for ev in batch):
+                if ended:
                     yield StreamEvent(stats=self.stream_stats(stream_id, s), ended=True)
                     return
         finally:
@@ -381,8 +474,13 @@ class PipelineCore:
             st.jitter_ms = sum(abs(b - a) for a, b in zip(gaps, gaps[1:])) / (len(gaps) - 1)
         if s.frames_out_span_s > 0:
             st.output_fps = max(0, st.frames_out - 1) / s.frames_out_span_s
-        st.queue_depth = len(s.queue)
+        st.queue_depth = s.queued_frames
         return StreamStatsSnapshot(**vars(st))
+
+    def mode_of(self, stream_id: str) -> BatchMode:
+        """The batching mode the scheduler currently gives the stream."""
+        self._slot(stream_id)
+        return self.scheduler.mode_of(stream_id)
 
     # -- load (called by the router and the metrics reporter) -------------------------------------------------
 
@@ -390,6 +488,10 @@ class PipelineCore:
         now = self.clock()
         recent = [t for t in self._fps_window if now - t[0] <= 5.0]
         fps = sum(n for _, n in recent) / 5.0 if recent else 0.0
+        modes: dict[str, int] = {}
+        for sid in self.streams:
+            mode = self.scheduler.mode_of(sid).value
+            modes[mode] = modes.get(mode, 0) + 1
         stats = PipelineStats(
             pipeline=self.name,
             model=self.spec.model,
@@ -397,7 +499,7 @@ class PipelineCore:
             healthy=self._failure is None,
             max_streams=self.spec.max_streams,
             active_streams=len(self.streams),
-            queue_depth=sum(len(s.queue) for s in self.streams.values()),
+            queue_depth=sum(s.queued_frames for s in self.streams.values()),
             tick_ms_ema=self._tick_ms_ema,
             tick_ms_by_batch=dict(self._tick_by_batch),
             output_fps=fps,
@@ -406,6 +508,10 @@ class PipelineCore:
             deadline_misses_total=self._misses_total,
             gpu_memory_bytes=self.executor.memory_bytes(),
             active_stream_ids=sorted(self.streams),
+            skipped_by_reason=dict(self._skipped_by_reason),
+            streams_by_mode=modes,
+            num_blocks=self.scheduler.config.num_blocks,
+            profile=self.scheduler.profile.snapshot(),
         )
         if drain_samples:
             sm = self._samples
@@ -426,16 +532,21 @@ class PipelineCore:
     async def _run(self) -> None:
         try:
             while True:
-                await self._wake.wait()  # frames, controls, or the heartbeat
                 self._wake.clear()
                 await self._reap_idle()
-                await self._feed()
-                ready = await self.executor.ready_streams()
-                if ready:
-                    await self._tick(ready)
-                    self._wake.set()  # more chunks may be ready; yield to the loop first
-                    await asyncio.sleep(0)
+                self._cut_chunks()
+                async with self._engine_lock:
+                    plan = self.scheduler.schedule(self.clock())
+                    self._report_skips(plan.skipped)
+                    if not plan.is_empty:
+                        await self._run_plan(plan)
                 await self._finish_ending()
+                if plan.is_empty:
+                    wake = self.scheduler.next_wakeup_s(self.clock())
+                    timeout = None if wake is None else max(0.001, wake - self.clock())
+                    await _wait_event(self._wake, timeout)
+                else:
+                    await asyncio.sleep(0)  # let pushes and controls in before the next plan
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the engine broke: fail every stream, let check_health restart us
@@ -445,71 +556,100 @@ class PipelineCore:
                 s.events.put_nowait(StreamEvent(error=PipelineFailedError(
                     f"pipeline {self.name} failed ({type(exc).__name__}); reconnect")))
 
-    def _predicted_latency_us(self, s: _StreamSlot) -> int:
-        """Time from now until a frame entering the engine now leaves: its own tick, then n-1 more chunks
-        of the stream batch, each at least a chunk interval apart (the stream's input paces them).
+    def _cut_chunks(self) -> None:
+        """Queued frames -> scheduler chunks: 1 frame first, then 4; at the end a partial last chunk."""
+        for s in self.streams.values():
+            while s.queue:
+                need = FIRST_CHUNK_FRAMES if s.next_chunk == 0 else CHUNK_FRAMES
+                if len(s.queue) < need and not s.ending:
+                    break
+                items = [s.queue.popleft() for _ in range(min(need, len(s.queue)))]
+                seq = s.next_chunk
+                s.next_chunk += 1
+                s.chunks[seq] = [f for f, _ in items]
+                s.arrivals[seq] = tuple(itertools.accumulate((a for _, a in items), max))  # clock jitter
+                self.scheduler.add_chunk(s.stream_id, Chunk(seq, s.arrivals[seq]))
+            if s.ending and not s.queue and not s.input_ended:
+                s.input_ended = True
+                self.scheduler.end_input(s.stream_id)
 
-        Example: tick 100 ms, n = 2, 8 fps (chunk interval 500 ms) -> 100 + 500 = 600 ms.
-        """
-        tick_us = self._tick_ms_ema * 1000
-        chunk_us = CHUNK_FRAMES / s.req.input_fps * 1e6
-        return int(tick_us + (max(1, s.req.num_steps) - 1) * max(tick_us, chunk_us))
-
-    async def _feed(self) -> None:
-        """Hand each stream's next chunk to the engine, skipping frames that cannot meet their deadline.
-
-        The backlog stays here, not in the engine, so a stream that fell behind skips its stale frames
-        (oldest first, never its newest) instead of making every later frame late too.
-        """
-        now = now_us()
-        for s in list(self.streams.values()):
-            if not s.queue:
+    async def _run_plan(self, plan: BatchPlan) -> None:
+        """Execute one plan on the executor (module docstring, step 3) and report it to the scheduler."""
+        started = self.clock()
+        step_ids: list[str] = []
+        flush_ids: list[str] = []
+        shared_forward_only = True
+        for work in plan.work:
+            s = self.streams.get(work.stream_id)
+            if s is None:
                 continue
-            room = (CHUNK_FRAMES if s.started else 1) - self.executor.pending_frames(s.stream_id)
-            if s.ending:
-                room = len(s.queue)
-            take: list[InFrame] = []
-            predicted = self._predicted_latency_us(s)
-            while s.queue and len(take) < room:
-                f = s.queue.popleft()
-                late = now + predicted > f.received_ts_us + s.deadline_us
-                if late and s.started and s.queue and not s.ending:  # a newer frame waits: skip this one
-                    self._skip(s, 1)
-                    continue
-                take.append(f)
-            if not take:
+            if work.admitted is None:
+                if s.in_engine:  # a stream batch that must drain, or chunks left in flight by a mode switch
+                    flush_ids.append(s.stream_id)
                 continue
-            for f in take:
+            frames = s.chunks.pop(work.admitted.seq)
+            s.arrivals.pop(work.admitted.seq, None)
+            step_by_step = work.mode is BatchMode.STEP_BY_STEP
+            if not work.prefill and step_by_step != s.engine_step_by_step:
+                self._deliver(s, await self.executor.set_step_mode(s.stream_id, step_by_step))
+                s.engine_step_by_step = step_by_step
+            for f in frames:
                 s.meta[f.seq] = (f.capture_ts_us, f.received_ts_us)
-            s.started = True
-            await self.executor.add_frames(s.stream_id, [(f.seq, f.frame) for f in take])
+                s.frame_chunk[f.seq] = work.admitted.seq
+            s.in_engine[work.admitted.seq] = len(frames)
+            await self.executor.add_frames(s.stream_id, [(f.seq, f.frame) for f in frames])
+            full = len(frames) == (FIRST_CHUNK_FRAMES if work.prefill else CHUNK_FRAMES)
+            (step_ids if full else flush_ids).append(s.stream_id)
+            shared_forward_only &= full and not work.prefill and not step_by_step
+        if step_ids:
+            outputs = await self.executor.step(step_ids)
+            for sid, frames in outputs.items():
+                if sid in self.streams:
+                    self._deliver(self.streams[sid], frames)
+        for sid in flush_ids:
+            if sid in self.streams:
+                self._deliver(self.streams[sid], await self.executor.flush(sid))
+        finished = self.clock()
+        emitted_s = {}
+        for work in plan.work:
+            s = self.streams.get(work.stream_id)
+            for seq in work.emitted:
+                if s is not None and seq in s.delivered_s:
+                    emitted_s[(work.stream_id, seq)] = s.delivered_s.pop(seq)
+        dit_s = 0.0
+        if shared_forward_only and step_ids and not flush_ids:
+            profile = self.scheduler.profile
+            dit_s = (finished - started) - profile.encode_s(plan.num_admitted) - profile.decode_s(plan.num_emitted)
+        self.scheduler.update_from_output(plan, BatchOutput(
+            plan.plan_id, started, finished, dit_s=max(0.0, dit_s), emitted_s=emitted_s))
+        if step_ids or flush_ids:
+            self._record_tick(plan.num_rows, (finished - started) * 1000)
 
-    async def _tick(self, ready: list[str]) -> None:
-        deadlines = {}
-        for sid in ready:
-            s = self.streams.get(sid)
-            if s is not None and s.meta:
-                deadlines[sid] = (min(r for _, r in s.meta.values()) + s.deadline_us) / 1e6
-        ids = [sid for sid in self.policy.choose(ready, deadlines, self.clock()) if sid in self.streams]
-        if not ids:
-            return
-        t0 = time.perf_counter()
-        outputs = await self.executor.step(ids)
-        tick_ms = (time.perf_counter() - t0) * 1000
-        self._record_tick(len(ids), tick_ms)
-        for sid, frames in outputs.items():
-            s = self.streams.get(sid)
-            if s is not None:
-                self._deliver(s, frames)
+    def _report_skips(self, skipped: tuple[SkippedChunk, ...]) -> None:
+        """Drop skipped chunks' frames, count them, and tell each client at once (a stats message)."""
+        told: set[str] = set()
+        for sk in skipped:
+            s = self.streams.get(sk.stream_id)
+            if s is None or sk.reason is SkipReason.STREAM_FINISHED:
+                continue
+            frames = s.chunks.pop(sk.chunk_seq, [])
+            s.arrivals.pop(sk.chunk_seq, None)
+            self._skip(s, len(frames), sk.reason.value)
+            if s.stream_id not in told:
+                told.add(s.stream_id)
+                s.events.put_nowait(StreamEvent(stats=s.stats))
 
     async def _finish_ending(self) -> None:
         for s in list(self.streams.values()):
-            if s.ending and not s.queue:
+            if not (s.input_ended and not s.chunks) or self.scheduler.has_work(s.stream_id):
+                continue
+            async with self._engine_lock:
                 out = await self.executor.flush(s.stream_id)
-                self._deliver(s, out)
-                s.events.put_nowait(StreamEvent(ended=True))
-                self.streams.pop(s.stream_id, None)
-                await self.executor.close_stream(s.stream_id)
+            self._deliver(s, out)
+            s.events.put_nowait(StreamEvent(ended=True))
+            self.streams.pop(s.stream_id, None)
+            self.scheduler.finish_stream(s.stream_id)
+            await self.executor.close_stream(s.stream_id)
 
     async def _reap_idle(self) -> None:
         now = self.clock()
@@ -518,15 +658,22 @@ class PipelineCore:
                 log.info("closing idle stream %s", s.stream_id)
                 await self.close(s.stream_id)
 
-    def _record_tick(self, batch: int, tick_ms: float) -> None:
+    def _to_clock(self, wall_us: int) -> float:
+        """A wall-clock timestamp (µs since the epoch) on the scheduler's clock."""
+        return self.clock() - max(0, now_us() - wall_us) / 1e6
+
+    def _record_tick(self, rows: int, tick_ms: float) -> None:
         self._tick_ms_ema = tick_ms if self._tick_ms_ema == 0 else (1 - TICK_EMA) * self._tick_ms_ema + TICK_EMA * tick_ms
-        prev = self._tick_by_batch.get(batch)
-        self._tick_by_batch[batch] = tick_ms if prev is None else (1 - TICK_EMA) * prev + TICK_EMA * tick_ms
+        prev = self._tick_by_batch.get(rows)
+        self._tick_by_batch[rows] = tick_ms if prev is None else (1 - TICK_EMA) * prev + TICK_EMA * tick_ms
         self._samples.tick_ms_samples.append(tick_ms)
 
-    def _skip(self, s: _StreamSlot, n: int) -> None:
+    def _skip(self, s: _StreamSlot, n: int, reason: str) -> None:
+        if n <= 0:
+            return
         s.stats.frames_skipped += n
         self._skipped_total += n
+        self._skipped_by_reason[reason] = self._skipped_by_reason.get(reason, 0) + n
         tiers = self._samples.skipped_by_tier
         tiers[s.req.tier] = tiers.get(s.req.tier, 0) + n
 
@@ -534,10 +681,17 @@ class PipelineCore:
         if not frames:
             return
         out_us = now_us()
+        left_s = self.clock()
         outs: list[OutFrame] = []
         tier = s.req.tier
         for f in frames:
             capture_us, received_us = s.meta.pop(f.seq, (0, out_us))
+            chunk = s.frame_chunk.pop(f.seq, None)
+            if chunk is not None and chunk in s.in_engine:
+                s.in_engine[chunk] -= 1
+                if s.in_engine[chunk] <= 0:
+                    del s.in_engine[chunk]
+                    s.delivered_s[chunk] = left_s
             outs.append(OutFrame(seq=f.seq, frame=f.frame, capture_ts_us=capture_us,
                                  received_ts_us=received_us, output_ts_us=out_us))
             latency_s = (out_us - received_us) / 1e6
@@ -566,7 +720,7 @@ class PipelineCore:
         if overflow > 0:
             outs = outs[overflow:]
             s.out_frames_queued -= overflow
-            self._skip(s, overflow)
+            self._skip(s, overflow, "output_overflow")
         s.events.put_nowait(StreamEvent(frames=outs))
 
     def _slot(self, stream_id: str) -> _StreamSlot:
@@ -575,6 +729,22 @@ class PipelineCore:
             self.check_health()
             raise StreamNotFoundError(f"stream {stream_id!r} is not open on {self.name}", stream_id=stream_id)
         return s
+
+
+def _replace_steps(req: OpenRequest, num_steps: int) -> OpenRequest:
+    from dataclasses import replace
+
+    return replace(req, num_steps=num_steps)
+
+
+async def _wait_event(event: asyncio.Event, timeout_s: float | None) -> None:
+    """event.wait() for at most timeout_s (None: no limit); returns either way."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout_s)
+    finally:
+        if not waiter.done():
+            waiter.cancel()
 
 
 async def _get_within(queue: asyncio.Queue, timeout_s: float):
@@ -658,4 +828,6 @@ class Pipeline:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         load = self.core.load()
-        return {"active_streams": float(load.active_streams), "queue_depth": float(load.queue_depth)}
+        return {"active_streams": float(load.active_streams), "queue_depth": float(load.queue_depth),
+                "frames_skipped_total": float(load.frames_skipped_total),
+                "deadline_misses_total": float(load.deadline_misses_total)}

@@ -52,6 +52,8 @@ class DiTMicroBatch:
         x0_BCFHW: the predicted clean latents (set by the last shard).
         sink_check: run the adaptive sink check on single-frame rows (spec I.1). The prefill turns
             it off: its n steps rewrite the same positions, and the reference's prefill never runs it.
+        evict: False for the non-last steps of a step-by-step frame: a full cache writes at the
+            eviction queue's head without advancing it (stages.kv_cache, "Step by step").
         capture: the shard may replay this step from a CUDA graph (when it has a graph runner). The
             prefill sets False: its shape runs n times per stream and never again, so a capture
             would cost more than it saves.
@@ -64,6 +66,7 @@ class DiTMicroBatch:
     hidden_BLD: torch.Tensor | None = None
     x0_BCFHW: torch.Tensor | None = None
     sink_check: bool = True
+    evict: bool = True
     capture: bool = True
 
     @property
@@ -91,6 +94,7 @@ class _MicroBatchAttention:
         tokens_per_frame = states[0].tokens_per_frame
         token_starts_B = batch.start_frames_B.to(device) * tokens_per_frame
         self._sink_check = batch.sink_check
+        self._evict = batch.evict
         self._parts = []
         for (_, slots), rows, state in zip(batch.segments, batch.row_slices(), states):
             slots_B = state.slot_index(slots, device)
@@ -106,7 +110,8 @@ class _MicroBatchAttention:
         for rows, state, slots_B, cache_rows_B, starts_B in self._parts:
             cache: BlockKVCache = state.kv[block_index]
             lengths_B = cache.update(
-                slots_B, starts_B, k_BLND[rows], v_BLND[rows], sink_check=self._sink_check
+                slots_B, starts_B, k_BLND[rows], v_BLND[rows], sink_check=self._sink_check,
+                evict=self._evict,
             )
             outs.append(attend_kv_cache(q_BLND[rows], cache.k_RCND, cache.v_RCND, lengths_B, cache_rows_B))
         return outs[0] if len(outs) == 1 else torch.cat(outs)

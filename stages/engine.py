@@ -18,6 +18,11 @@ Frames in flight on a prompt change continue with the new prompt (their remainin
 the new text conditioning; the self-attention caches are kept). On a steps change the frames in flight
 are first finished with the old number of steps (drain ticks without new input), then the slots are
 resized from slot 0's caches; nothing is dropped.
+
+Step-by-step mode (`set_step_mode`, per stream, switchable mid-stream): the reference's "without stream
+batch" - each chunk runs its n steps back to back (batch 1, slot 0) and is emitted in the same tick:
+lower latency per frame, n forwards per chunk. Switching in, the frames in flight are drained first
+(returned); switching back, the n slots are rebuilt from slot 0 and the stream batch warms up again.
 """
 
 from __future__ import annotations
@@ -133,6 +138,7 @@ class _Stream:
     in_flight: deque = field(default_factory=deque)
     """Seq lists of the chunks inside the stream batch, oldest first (None for a drain tick)."""
     started: bool = False
+    step_by_step: bool = False
     last_frame_BC1HW: torch.Tensor | None = None
     frames_in: int = 0
     frames_out: int = 0
@@ -251,7 +257,8 @@ class StreamEngine:
         """One tick: each listed stream with a ready chunk advances by one chunk; one shared DiT forward.
 
         Streams without a ready chunk are returned with no frames. First chunks are prefilled
-        (each on its own; a prefill is a different shape) and decoded at once.
+        (each on its own; a prefill is a different shape) and decoded at once; so are the chunks of
+        step-by-step streams (all n steps back to back, batch 1).
         """
         out: dict[str, list[OutputFrame]] = {sid: [] for sid in stream_ids}
         with self._lock:
@@ -265,6 +272,10 @@ class StreamEngine:
                     continue
                 seqs, frames_BCTHW = self._take(s, CHUNK_FRAMES)
                 noisy, current_step = self._encode_noisy(s, frames_BCTHW, first=False)
+                if s.step_by_step:
+                    x0 = self.components.dit.step_through(s.stream_id, noisy, current_step)
+                    out[sid].extend(self._decode(s, x0, seqs))
+                    continue
                 batch.append((s, noisy, current_step, seqs))
             if batch:
                 out_lat = self.components.dit.step([(s.stream_id, z, t) for s, z, t, _ in batch])
@@ -312,6 +323,20 @@ class StreamEngine:
             self.components.dit.set_num_steps(stream_id, num_steps)
             s.num_steps = num_steps
             s.in_flight.clear()  # the resized stream batch warms up again from a zero buffer
+            return out
+
+    def set_step_mode(self, stream_id: str, step_by_step: bool) -> list[OutputFrame]:
+        """Run the stream step by step (True) or stream-batched (False) from its next chunk on. The
+        frames in flight are finished first and returned; nothing is dropped. A no-op if unchanged."""
+        with self._lock:
+            s = self._get(stream_id)
+            if s.step_by_step == step_by_step:
+                return []
+            out = self._drain(s) if s.started else []
+            if not step_by_step and s.started:
+                self.components.dit.set_num_steps(stream_id, s.num_steps)  # slots rebuilt from slot 0
+            s.in_flight.clear()
+            s.step_by_step = step_by_step
             return out
 
     def stats(self) -> EngineStats:

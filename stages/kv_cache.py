@@ -24,6 +24,12 @@ queries start at token c_start (a multiple of Fp) and span M tokens, c_end = c_s
    c_end + M to the queue if it lies in (sink_tokens, C] and differs from the queue's last entry.
 4. global_end = c_end; attention reads cache[:local_end] of the slot (non-causal).
 
+Step by step (the reference's "without stream batch", spec C): a frame's n steps are n calls at the
+same c_start on one slot. The fill phase already rewrites the same positions (c_end == global_end
+adds nothing to local_end, and the queue's last entry blocks a duplicate append). In the full phase
+only the LAST step may advance the eviction index: the earlier ones pass `evict=False` and write
+[tau-M, tau) at the queue head tau without popping it, so all n steps land where the last one does.
+
 Worked example (Fp = 16, C = 96, 3 sink frames -> sink_tokens = 48), the reference's 2-frame prefill
 at c_start = 0 (M = 32): fill, local_end = 0 + 32 - 0 = 32, writes [0, 32), queue gets 32 + 32 = 64 ->
 [64]. The first stream call of that slot at c_start = 32 (M = 16): sink frame 2 is empty so the check
@@ -118,6 +124,7 @@ class BlockKVCache:
         v_BMND: torch.Tensor,
         *,
         sink_check: bool = True,
+        evict: bool = True,
     ) -> torch.Tensor:
         """Run one call of the state machine for rows `slots_B` and write their new K/V.
 
@@ -126,6 +133,8 @@ class BlockKVCache:
             token_starts_B: int64 c_start of each row (a multiple of tokens_per_frame).
             k_BMND: the new rotated keys; v_BMND: the new values.
             sink_check: False skips step 1 even for a single-frame call (Weir's 1-latent prefill).
+            evict: False (a non-last step of a step-by-step frame) peeks the queue head in the full
+                phase instead of popping it (module docstring).
 
         Returns:
             lengths_B: valid cache tokens of each row after the write (what attention reads).
@@ -152,9 +161,10 @@ class BlockKVCache:
         # 2. full phase: pop the head, re-append it if it is a rolling (non-sink) frame end
         full_B = (c_end_B > cap) | (local_B >= cap)
         popped_B = queue_BQ[rows_B, head_B]
-        head_B = torch.where(full_B, (head_B + 1) % num_q, head_B)
-        len_B = len_B - full_B.long()
-        reappend_B = full_B & (popped_B > sink_tokens)
+        pop_B = full_B if evict else torch.zeros_like(full_B)
+        head_B = torch.where(pop_B, (head_B + 1) % num_q, head_B)
+        len_B = len_B - pop_B.long()
+        reappend_B = pop_B & (popped_B > sink_tokens)
         tail_B = (head_B + len_B) % num_q
         queue_BQ[rows_B, tail_B] = torch.where(reappend_B, popped_B, queue_BQ[rows_B, tail_B])
         len_B = len_B + reappend_B.long()

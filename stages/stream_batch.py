@@ -23,6 +23,13 @@ Warm-up: after the prefill the buffer is zeros and every slot sits at the prefil
 like the reference, those zero rows are forwarded (writing K/V into slots 1.. caches) but never
 emitted. `forward_warmup_rows=False` skips them instead (not the reference's behaviour).
 
+Step by step (the reference's "without stream batch", spec C; `step_through`): batch 1 on slot 0,
+all n steps back to back on one chunk at the stream's next frame position (slot 0's timestep is the
+motion controller's current_step), re-noised between steps, its x0 returned at once. Each step
+rewrites the same cache positions; only the last advances the eviction index (stages.kv_cache). The
+stream batch must be drained before (no chunk in flight); returning to it, `set_num_steps` rebuilds
+the n slots from slot 0 and restarts the warm-up.
+
 Noise: each stream draws from its own source, by default a torch.Generator seeded per stream.
 Draw order (it matches the reference's, so a source built on the same seed reproduces it): in the
 prefill, one draw of [F, C, H, W] between consecutive steps; in a step, one draw of [1, C, H, W] per
@@ -346,6 +353,47 @@ class LatentStreamer:
         for shard in self.shards:
             shard.set_num_slots(stream_id, state.num_steps)
         state.reset(next_frame=num_frames)
+        return x0_1CFHW
+
+    def step_through(
+        self, stream_id: str, noisy_latent_1CFHW: torch.Tensor, current_step: int | None
+    ) -> torch.Tensor:
+        """Step by step (module docstring): all n steps of one chunk on slot 0, batch 1; returns its
+        x0 [1, C, 1, H, W]. Noise draws: one [1, C, H, W] between consecutive steps.
+
+        Example, n = 2, steps (700, 500), next frame 7: forward x@cur at frame 7 (cache written at the
+        eviction head, not advanced), re-noise x0 to 500, forward at frame 7 again (head advanced).
+        """
+        state = self._state(stream_id)
+        if state.next_frame is None:
+            raise BadRequestError(f"stream {stream_id!r}: prefill before stepping")
+        if current_step is not None:
+            state.current_step = int(current_step)
+        if state.next_frame >= state.stream_cfg.rope_reset_frame:
+            state.next_frame = state.stream_cfg.num_kv_cache_frames - 1
+        starts = upload_long([state.next_frame], self.device)
+        timesteps = [state.current_step, *state.timesteps[1:]]
+        x_1CFHW = noisy_latent_1CFHW.to(self.device, self.dtype)
+        x0_1CFHW = x_1CFHW
+        for i, t in enumerate(timesteps):
+            last = i + 1 == len(timesteps)
+            batch = DiTMicroBatch(
+                segments=[(stream_id, (0,))],
+                noisy_latents_BCFHW=x_1CFHW,
+                timesteps_B=upload_long([t], self.device),
+                start_frames_B=starts,
+                sink_check=i == 0,
+                evict=last,
+                capture=False,
+            )
+            x0_1CFHW = self.run_chain(batch).x0_BCFHW
+            if not last:
+                noise_1CFHW = state.draw_noise_BCFHW(1, 1)
+                x_1CFHW = self.schedule.add_noise(
+                    x0_1CFHW, noise_1CFHW, upload_long([timesteps[i + 1]], self.device)
+                )
+        state.next_frame += 1
+        state.processed += 1
         return x0_1CFHW
 
     def step(

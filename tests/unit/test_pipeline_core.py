@@ -1,4 +1,5 @@
-"""The pipeline's batching loop over the real tiny engine, and the router's admission logic. No Ray."""
+"""The pipeline's batching loop (BatchingScheduler over the real tiny engine), and the router's admission
+logic (scheduling.admission over pipeline profiles). No Ray."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import pytest
 from deployments.config import PipelineSpec, ServiceConfig
 from deployments.messages import InFrame, OpenRequest, PipelineStats
 from deployments.pipeline import InProcessExecutor, PipelineCore, now_us
-from deployments.router import AdmissionController, tick_ms
+from deployments.router import RouterAdmission
+from scheduling.batching import BatchMode
+from scheduling.priors import PRIORS, seed_profile
+from scheduling.profile import AffineTime, StageProfile
+from stages.config import DIT_PRESETS
 from stages.errors import AdmissionRefusedError, BadFrameError, SLOUnattainableError, StreamNotFoundError
 
 H = W = 32
@@ -33,16 +38,20 @@ def _req(**kw) -> OpenRequest:
     return OpenRequest(**base)
 
 
-def _frames(seqs, value: int = 0) -> list[InFrame]:
+def _frames(seqs, value: int = 0, age_s: float = 0.0) -> list[InFrame]:
+    """Frames received `age_s` ago (a stale frame that waited upstream)."""
+    received = now_us() - int(age_s * 1e6)
     return [InFrame(seq=s, frame=np.full((H, W, 3), (value + 10 * s) % 256, np.uint8), capture_ts_us=s,
-                    received_ts_us=now_us()) for s in seqs]
+                    received_ts_us=received) for s in seqs]
 
 
-async def _collect(core: PipelineCore, sid: str):
+async def _collect(core: PipelineCore, sid: str, stats_events: list | None = None):
     frames, stats = [], None
     async for ev in core.events(sid):
         frames.extend(f.seq for f in ev.frames)
         stats = ev.stats or stats
+        if ev.stats is not None and stats_events is not None:
+            stats_events.append(ev.stats)
         assert ev.error is None
     return frames, stats
 
@@ -101,25 +110,53 @@ def test_a_vanished_consumer_closes_only_its_stream(engine):
     assert not engine.has_stream("gone")
 
 
-def test_frames_that_cannot_meet_their_deadline_are_skipped_and_counted(engine):
+def test_a_late_chunk_is_skipped_and_reported_to_its_client(engine):
     async def run():
         core = _core(engine)
-        await core.open("late", _req(frame_deadline_ms=50))
-        collected = asyncio.create_task(_collect(core, "late"))
-        await core.push("late", _frames([0]))
-        await asyncio.sleep(0.3)  # the first frame goes through (never skipped: TTFF)
-        core._tick_ms_ema = 10_000.0  # the engine is now predicted far too slow for a 50 ms deadline
-        await core.push("late", _frames(range(1, 9)))
+        await core.open("late", _req(frame_deadline_ms=1500, input_fps=16.0))
+        stats_events: list = []
+        collected = asyncio.create_task(_collect(core, "late", stats_events))
+        await core.push("late", _frames([0]))  # the first chunk is never skipped (TTFF)
         await asyncio.sleep(0.3)
+        await core.push("late", _frames(range(1, 5), age_s=5.0))  # waited 5 s upstream: its deadline passed
+        await asyncio.sleep(0.3)
+        await core.push("late", _frames(range(5, 9)))  # fresh: runs
         await core.end("late")
         frames, stats = await collected
+        load = core.load()
         await core.stop()
-        return frames, stats
+        return frames, stats, stats_events, load
 
-    frames, stats = asyncio.run(run())
-    assert frames[0] == 0
-    assert stats.frames_skipped >= 1
-    assert len(frames) + stats.frames_skipped == 9
+    frames, stats, stats_events, load = asyncio.run(run())
+    assert frames == [0, 5, 6, 7, 8]
+    assert stats.frames_skipped == 4 and stats.frames_out == 5
+    assert any(st.frames_skipped == 4 for st in stats_events[:-1]), "told before the end of the stream"
+    assert load.frames_skipped_total == 4 and load.skipped_by_reason == {"deadline_passed": 4}
+
+
+def test_a_tight_deadline_puts_a_stream_in_step_by_step_mode(engine):
+    async def run():
+        core = _core(engine)
+        # at 4 fps stream batching needs >= 3/4 s buffering + 1 s for the next chunk: only step by step fits
+        await core.open("tight", _req(frame_deadline_ms=1500, input_fps=4.0))
+        await core.open("loose", _req(frame_deadline_ms=10_000, input_fps=8.0))
+        tight = asyncio.create_task(_collect(core, "tight"))
+        loose = asyncio.create_task(_collect(core, "loose"))
+        modes = set()
+        for seq in range(9):
+            await core.push("tight", _frames([seq]))
+            await core.push("loose", _frames([seq]))
+            await asyncio.sleep(0.02)
+            modes.add(core.mode_of("tight"))
+        await core.end("tight")
+        await core.end("loose")
+        (ft, _), (fl, _) = await tight, await loose
+        await core.stop()
+        return modes, ft, fl
+
+    modes, ft, fl = asyncio.run(run())
+    assert modes == {BatchMode.STEP_BY_STEP}
+    assert ft == list(range(9)) and fl == list(range(9))
 
 
 def test_bad_frames_and_full_pipelines_are_typed_errors(engine):
@@ -147,52 +184,71 @@ class _Clock:
         return self.t
 
 
-def _controller(max_streams: int = 2) -> tuple[AdmissionController, _Clock]:
+def _controller(max_streams: int = 2, retry_after_s: float = 3.0) -> tuple[RouterAdmission, _Clock]:
     clock = _Clock()
-    service = ServiceConfig(pipelines=(PipelineSpec(max_streams=max_streams),), retry_after_s=3.0)
-    return AdmissionController(service, clock=clock), clock
+    service = ServiceConfig(pipelines=(PipelineSpec(max_streams=max_streams),), retry_after_s=retry_after_s)
+    return RouterAdmission(service, clock=clock), clock
 
 
-def _load(active: list[str], ticks: dict[int, float]) -> PipelineStats:
+def _load(active: list[str], profile: StageProfile | None = None) -> PipelineStats:
     return PipelineStats(pipeline="Pipeline-0-tiny", model="tiny", gpu_type="cpu", max_streams=2,
-                         active_streams=len(active), active_stream_ids=list(active), tick_ms_by_batch=ticks)
+                         active_streams=len(active), active_stream_ids=list(active),
+                         profile=(profile or seed_profile("tiny", "cpu")).snapshot())
 
 
-def test_tick_model_interpolates_and_extrapolates():
-    st = _load([], {1: 40.0, 4: 100.0})
-    assert tick_ms(st, 2) == pytest.approx(60.0)
-    assert tick_ms(st, 5) == pytest.approx(120.0)
-    assert tick_ms(_load([], {}), 3) == 0.0
+def test_every_model_has_a_profile_prior():
+    assert set(PRIORS) == set(DIT_PRESETS)
+    for model, prior in PRIORS.items():
+        assert prior.num_blocks == DIT_PRESETS[model].num_layers
 
 
 def test_slots_then_refusal_with_retry_hint():
     ctl, _ = _controller(max_streams=2)
-    assert ctl.admit("s1", _req()).pipeline == "Pipeline-0-tiny"
+    grant = ctl.admit("s1", _req())
+    assert grant.pipeline == "Pipeline-0-tiny" and grant.predicted_ttff_ms > 0
     ctl.admit("s2", _req())
     with pytest.raises(AdmissionRefusedError) as err:
         ctl.admit("s3", _req())
     assert err.value.retry_after_s == 3.0
+    assert ctl.capacity()["refused_total"] == 1
     ctl.release("s1")
     ctl.admit("s3", _req())
 
 
-def test_a_pipeline_that_would_fall_behind_refuses():
+def test_a_pipeline_whose_measured_profile_is_slow_refuses():
     ctl, _ = _controller()
-    ctl.update("Pipeline-0-tiny", _load(["x"], {1: 300.0}))  # T(2) ~ 600 ms > 4 frames at 8 fps = 500 ms
-    with pytest.raises(AdmissionRefusedError):
-        ctl.admit("s1", _req(input_fps=8.0))
-    ctl.admit("s2", _req(input_fps=4.0))  # a 1 s chunk interval keeps up
+    slow = StageProfile("cpu", PRIORS["tiny"].shape, encode=AffineTime(0.02, 0.02),
+                        dit_block=AffineTime(0.01, 0.03), decode=AffineTime(0.02, 0.03))
+    ctl.update("Pipeline-0-tiny", _load([], slow))
+    ctl.admit("s1", _req(input_fps=8.0))  # row load 2 chunks/s * (2 rows * 4 blocks * 0.03 + 0.05) = 0.58
+    with pytest.raises(AdmissionRefusedError, match="row load") as err:
+        ctl.admit("s2", _req(input_fps=8.0))  # 1.16 > 0.85
+    assert err.value.retry_after_s == 3.0
+    ctl.admit("s3", _req(input_fps=2.0))  # a 2 s chunk period adds only 0.145
 
 
 def test_an_slo_below_the_latency_floor_is_unattainable():
     ctl, _ = _controller()
-    with pytest.raises(SLOUnattainableError, match="frame deadline"):
-        ctl.admit("s1", _req(input_fps=8.0, num_steps=2, frame_deadline_ms=200))  # floor 3/8 + 4/8 s
+    with pytest.raises(SLOUnattainableError, match="latency"):
+        ctl.admit("s1", _req(input_fps=8.0, num_steps=2, frame_deadline_ms=200))  # buffering alone is 3/8 s
+
+
+def test_an_unreachable_pipeline_takes_no_stream():
+    ctl, _ = _controller()
+    ctl.update("Pipeline-0-tiny", None)
+    with pytest.raises(AdmissionRefusedError, match="draining"):
+        ctl.admit("s1", _req())
+    ctl.update("Pipeline-0-tiny", _load([]))
+    ctl.admit("s1", _req())
 
 
 def test_unconfirmed_reservations_expire():
     ctl, clock = _controller(max_streams=1)
     ctl.admit("s1", _req())
     clock.t += 60
-    ctl.update("Pipeline-0-tiny", _load([], {}))  # the pipeline never saw s1: its client vanished
+    ctl.update("Pipeline-0-tiny", _load([]))  # the pipeline never saw s1: its client vanished
     ctl.admit("s2", _req())
+    ctl.update("Pipeline-0-tiny", _load(["s2"]))  # confirmed: kept however long it lives
+    clock.t += 60
+    ctl.update("Pipeline-0-tiny", _load(["s2"]))
+    assert ctl.owner == {"s2": "Pipeline-0-tiny"}
