@@ -407,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.offline import main as offline_main
 
         return offline_main(argv[1:])
+    if argv[:1] == ["tenants"]:
+        from deployments.tenants import tenants_main
+
+        return tenants_main(argv[1:])
     if argv[:2] in (["bench", "engine"], ["bench", "pipeline"]):
         from cluster import bench
 

@@ -32,6 +32,7 @@ never sends a control call for a stream while a tick of that stream is in flight
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -49,7 +50,7 @@ from stages.dit_stage import DiTMicroBatch, DiTShard
 from stages.errors import BadRequestError, StreamExistsError, StreamNotFoundError, WeirError
 from stages.flow_match import FlowMatchSchedule, denoising_steps
 from stages.kv_cache import BlockKVCache, upload_long
-from stages.loading import build_dit_shard, random_init_
+from stages.loading import _default_dtype, build_dit_shard, random_init_
 from stages.motion import motion_distance
 from stages.stream_batch import GeneratorNoise, StreamBatchState
 from stages.vae_stage import VAEDecodeStage, VAEEncodeStage
@@ -166,16 +167,6 @@ class _HeadStream:
 
 def _no_noise(shape: tuple[int, ...]) -> torch.Tensor:
     raise AssertionError("the head's stream-batch state never draws noise (the tail re-noises)")
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 class _ReplayView:
@@ -479,12 +470,26 @@ class StageWorker:
 
     # ---- the compiled-graph node ------------------------------------------------------------------------
 
+    def _settle(self, msg: StageMessage) -> None:
+        """Make the message's CUDA tensors contiguous and wait for the device: the channel's NCCL
+        send/recv run on their own stream, so nothing may still be pending on ours at a hand-off."""
+        if self.device.type != "cuda":
+            return
+        batch = msg.batch
+        if batch is not None:
+            for f in dataclasses.fields(batch):
+                value = getattr(batch, f.name)
+                if isinstance(value, torch.Tensor) and value.is_cuda and not value.is_contiguous():
+                    setattr(batch, f.name, value.contiguous())
+        torch.cuda.synchronize(self.device)
+
     def run(self, msg: StageMessage) -> StageMessage:
         """Do this worker's roles for one message and pass it on (the graph node of this actor)."""
         if msg.failure is not None:
             return msg
         with self._lock:
             try:
+                self._settle(msg)  # tensors received over NCCL are complete before any kernel reads them
                 if self.is_head:
                     with self._timed("encode"):
                         self._run_head(msg)
@@ -500,6 +505,7 @@ class StageWorker:
                 if self.placement.decode:
                     with self._timed("decode"):
                         self._run_decode(msg)
+                self._settle(msg)  # every tensor sent on is dense and fully written before NCCL reads it
             except Exception as exc:  # noqa: BLE001 - reported to the driver in the message
                 msg.batch = None
                 msg.failure = StageFailure(

@@ -32,13 +32,23 @@ def build_application(service: ServiceConfig, executor_factory=None):
     pipelines = {}
     for name, spec in zip(service.pipeline_names, service.pipelines):
         actor_options: dict = {"num_cpus": spec.num_cpus}
-        if spec.device == "cuda":
+        placement: dict = {}
+        if spec.device == "cuda" and spec.resolved_executor == "graph" and executor_factory is None:
+            # the replica sits in a CPU bundle; each stage actor takes one GPU bundle of the same node
+            gpu_bundle: dict = {"GPU": 1, "CPU": 1}
+            if spec.gpu_type not in ("", "cpu"):
+                gpu_bundle[f"accelerator_type:{spec.gpu_type}"] = 0.001
+            placement = {
+                "placement_group_bundles": [{"CPU": max(spec.num_cpus, 0.01)}] + [gpu_bundle] * spec.num_gpus,
+                "placement_group_strategy": "STRICT_PACK",
+            }
+        elif spec.device == "cuda":
             actor_options["num_gpus"] = 1
             if spec.gpu_type not in ("", "cpu"):
                 actor_options["accelerator_type"] = spec.gpu_type
         pipelines[name] = Pipeline.options(
             name=name, num_replicas=1, ray_actor_options=actor_options,
-            max_ongoing_requests=max(64, 8 * spec.max_streams),
+            max_ongoing_requests=max(64, 8 * spec.max_streams), **placement,
         ).bind(name, spec, service, metrics, executor_factory)
     router = Router.options(ray_actor_options={"num_cpus": 0}).bind(service, pipelines, metrics)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(service, router, pipelines, metrics)

@@ -36,8 +36,27 @@ class PipelineSpec:
     """Stream slots: the router never places more streams here (1..256)."""
     num_cpus: float = 1.0
     """CPUs the replica reserves (0 allowed in tests on a small machine)."""
+    executor: str = "auto"
+    """'graph': stage actors (VAE encode, DiT shards, VAE decode) pinned to the pipeline's GPUs and
+    wired by a Ray compiled graph over NCCL; 'inprocess': the engine inside the replica; 'auto':
+    'graph' on CUDA, 'inprocess' on CPU (busy-polling graph actors starve a small CPU machine)."""
+    num_gpus: int = 1
+    """GPUs of one pipeline (graph executor): the DiT blocks are split over them (1..16)."""
+
+    @property
+    def resolved_executor(self) -> str:
+        """'graph' or 'inprocess' after resolving 'auto'."""
+        if self.executor == "auto":
+            return "graph" if self.device == "cuda" else "inprocess"
+        return self.executor
 
     def __post_init__(self) -> None:
+        if self.executor not in ("auto", "graph", "inprocess"):
+            raise ValueError(f"executor={self.executor!r}: choose 'auto', 'graph' or 'inprocess'")
+        if not 1 <= self.num_gpus <= 16:
+            raise ValueError(f"num_gpus={self.num_gpus} must be in 1..16")
+        if self.num_gpus > 1 and self.resolved_executor != "graph":
+            raise ValueError(f"num_gpus={self.num_gpus} needs executor='graph' (one process drives one GPU)")
         if self.model not in DIT_PRESETS:
             raise ValueError(f"model={self.model!r}: choose one of {sorted(DIT_PRESETS)}")
         if self.vae not in ("wan", "taehv"):

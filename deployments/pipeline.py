@@ -46,6 +46,7 @@ from typing import Protocol
 
 from ray import serve
 
+from deployments.autoscaling import AutoscalingStatsRecorder
 from deployments.config import PipelineSpec, ServiceConfig
 from deployments.messages import (
     InFrame,
@@ -189,6 +190,23 @@ class InProcessExecutor:
         return 0
 
 
+async def build_graph_executor(spec: PipelineSpec):
+    """Production default on GPUs: stage actors on the replica's GPU bundles (bundle 0 holds the
+    replica itself), wired by a compiled graph over NCCL; the DiT blocks split over spec.num_gpus."""
+    import ray
+
+    from cluster.graph import CompiledGraphExecutor
+    from cluster.plan import build_plan
+    from cluster.stage_actor import WorkerOptions
+
+    plan = build_plan(spec.num_gpus, model=spec.model, device="cuda", dtype=spec.dtype, vae=spec.vae,
+                      checkpoint_dir=spec.checkpoint_dir)
+    options = WorkerOptions(cuda_graphs=True, env_vars={"NCCL_NVLS_ENABLE": "0"})
+    return await CompiledGraphExecutor.create(
+        plan, placement_group=ray.util.get_current_placement_group(), bundle_offset=1, options=options
+    )
+
+
 def build_engine_executor(spec: PipelineSpec) -> InProcessExecutor:
     """Production default: a StreamEngine for the spec, in process."""
     import torch
@@ -201,6 +219,8 @@ def build_engine_executor(spec: PipelineSpec) -> InProcessExecutor:
         EngineSpec(model=spec.model, vae=spec.vae, device=spec.device, dtype=spec.dtype,
                    checkpoint_dir=spec.checkpoint_dir)
     )
+    if spec.device == "cuda":  # the first client's TTFF must not pay for kernel loading and graph capture
+        engine.warm_up(480, 832, steps=(1, 2))
     return InProcessExecutor(engine)
 
 
@@ -770,10 +790,17 @@ class Pipeline:
     `metrics` is an optional handle of the exporter deployment, fed a PipelineStats every stats interval.
     """
 
-    def __init__(self, name: str, spec: PipelineSpec, service: ServiceConfig, metrics=None,
-                 executor_factory: Callable[[PipelineSpec], Executor] | None = None) -> None:
-        executor = (executor_factory or build_engine_executor)(spec)
+    async def __init__(self, name: str, spec: PipelineSpec, service: ServiceConfig, metrics=None,
+                       executor_factory: Callable[[PipelineSpec], Executor] | None = None) -> None:
+        if executor_factory is not None:
+            executor = executor_factory(spec)
+        elif spec.resolved_executor == "graph":
+            executor = await build_graph_executor(spec)
+        else:
+            executor = build_engine_executor(spec)
+        self.executor = executor
         self.core = PipelineCore(name, spec, executor, service=service)
+        self._autoscaling = AutoscalingStatsRecorder(spec.max_streams)
         self._metrics = metrics
         self._reporter: asyncio.Task | None = None
 
@@ -825,9 +852,14 @@ class Pipeline:
 
     def check_health(self) -> None:
         self.core.check_health()
+        executor_health = getattr(self.executor, "check_health", None)
+        if executor_health is not None:
+            executor_health()  # a graph that could not be rebuilt fails the replica; Serve replaces it
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        load = self.core.load()
-        return {"active_streams": float(load.active_streams), "queue_depth": float(load.queue_depth),
-                "frames_skipped_total": float(load.frames_skipped_total),
-                "deadline_misses_total": float(load.deadline_misses_total)}
+        """SLO-slack signals for deployments.autoscaling.slo_policy (free slots, live streams, misses)."""
+        return self._autoscaling.stats(self.core.load())
+
+    def note_refused(self) -> None:
+        """The router refused a stream this pipeline's model could have served (admission wait signal)."""
+        self._autoscaling.note_refused()

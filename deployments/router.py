@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from ray import serve
 
+from deployments.autoscaling import gpu_class_of
 from deployments.config import ServiceConfig
 from deployments.messages import AdmissionGrant, OpenRequest, PipelineStats
 from deployments.pipeline import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, stream_spec
@@ -68,8 +69,10 @@ class RouterAdmission:
             prior = prior_of(spec.model)
             if self.book.find(spec.gpu_type, prior.shape) is None:
                 self.book.put(seed_profile(spec.model, spec.gpu_type))
+            gpu_class = gpu_class_of(spec.gpu_type)
+            cost = gpu_class.cost_per_hour if gpu_class is not None else 1.0
             self.admission.add_replica(ReplicaInfo(name, spec.gpu_type, prior.shape, prior.num_blocks,
-                                                   spec.max_streams))
+                                                   spec.max_streams, cost_per_hour=cost))
             self.models[name] = spec.model
             self.refreshed_s[name] = -1e9
             self.reachable[name] = True

@@ -339,6 +339,29 @@ class StreamEngine:
             s.step_by_step = step_by_step
             return out
 
+    def warm_up(self, height: int, width: int, *, steps: tuple[int, ...] = (1, 2, 3, 4),
+                vaes: tuple[str, ...] | None = None, chunks: int = 6) -> float:
+        """Run a throwaway stream per (steps, vae) at this resolution so that kernels are loaded, cuDNN
+        has picked its algorithms and the DiT's CUDA graphs exist before the first client arrives.
+        Returns the seconds it took. Client streams are unaffected (their state is their own)."""
+        import time
+
+        t0 = time.perf_counter()
+        frame = np.full((height, width, 3), 128, np.uint8)
+        for vae in vaes or tuple(self.components.encoders):
+            for n in steps:
+                sid = f"__warm_up_{vae}_{n}"
+                self.open_stream(sid, StreamParams(prompt="warm up", num_steps=n, height=height, width=width,
+                                                   vae=vae))
+                try:
+                    for seq in range(1 + CHUNK_FRAMES * (chunks + n)):
+                        self.push_frame(sid, seq, frame)
+                finally:
+                    self.close_stream(sid)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
     def stats(self) -> EngineStats:
         text = self.components.text
         return EngineStats(
