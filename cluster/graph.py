@@ -79,7 +79,7 @@ from cluster.stage_actor import (
     WorkItem,
     stage_actor_class,
 )
-from scheduling.block_scheduler import BlockMove, BlockPlan, StageTiming
+from scheduling.block_scheduler import BlockMove, BlockPlan, BlockRebalancer, StageTiming
 from stages.engine import CHUNK_FRAMES, OutputFrame, StreamParams
 from stages.errors import (
     BadFrameError,
@@ -728,6 +728,19 @@ class ChainExecutor:
         await self.chain.close()
 
     # ---- block rebalancing ---------------------------------------------------------------------------
+
+    async def maybe_rebalance(self, rebalancer: BlockRebalancer, now: float) -> PipelinePlan | None:
+        """Feed the shards' measured times to `rebalancer`; when it proposes a re-split (drift past its
+        threshold, no sooner than its minimum interval), execute the moves. Returns the new plan or None.
+        The pipeline deployment calls this periodically on multi-GPU plans."""
+        for timing in await self.stage_timings():
+            if timing.dit_s > 0.0:
+                rebalancer.observe(timing)
+        proposal = rebalancer.propose(now)
+        if proposal is None or not proposal.moves:
+            return None
+        log.info("rebalancing %s -> %s (%d block moves)", self.plan.spec, proposal.plan.ranges, len(proposal.moves))
+        return await self.apply_moves(proposal.moves)
 
     async def apply_moves(self, moves: Sequence[BlockMove]) -> PipelinePlan:
         """Execute a BlockRebalancer's moves (stage index = shard index): drain and tear down the graph,

@@ -207,6 +207,10 @@ async def build_graph_executor(spec: PipelineSpec):
     )
 
 
+REBALANCE_PERIOD_S = 10.0
+"""How often a multi-GPU pipeline offers its measured stage times to the block rebalancer."""
+
+
 def build_engine_executor(spec: PipelineSpec) -> InProcessExecutor:
     """Production default: a StreamEngine for the spec, in process."""
     import torch
@@ -803,11 +807,28 @@ class Pipeline:
         self._autoscaling = AutoscalingStatsRecorder(spec.max_streams)
         self._metrics = metrics
         self._reporter: asyncio.Task | None = None
+        self._rebalancer: asyncio.Task | None = None
 
     def _ensure_started(self) -> None:
         self.core.start()
         if self._reporter is None and self._metrics is not None:
             self._reporter = asyncio.get_running_loop().create_task(self._report())
+        plan = getattr(self.executor, "plan", None)
+        if self._rebalancer is None and plan is not None and len(plan.shard_ranges) > 1:
+            self._rebalancer = asyncio.get_running_loop().create_task(self._rebalance(plan))
+
+    async def _rebalance(self, plan) -> None:
+        """Multi-GPU plans: re-split the DiT blocks when the shards' measured times drift apart
+        (scheduling.block_scheduler.BlockRebalancer: threshold, hysteresis, minimum interval)."""
+        from scheduling.block_scheduler import BlockRebalancer
+
+        rebalancer = BlockRebalancer(plan.block_plan, time.monotonic())
+        while True:
+            await asyncio.sleep(REBALANCE_PERIOD_S)
+            try:
+                await self.executor.maybe_rebalance(rebalancer, time.monotonic())
+            except Exception:  # noqa: BLE001 - a failed re-split leaves the old plan serving
+                log.warning("block rebalance of %s failed", self.core.name, exc_info=True)
 
     async def _report(self) -> None:
         while True:

@@ -78,3 +78,34 @@ def test_local_chain_with_a_block_move_equals_the_engine():
     assert [s for s, _ in _frames(got)] == list(range(FRAMES))
     for (seq, a), (_, b) in zip(_frames(reference), _frames(got)):
         assert np.array_equal(a, b), f"frame {seq} differs"
+
+
+def test_drifted_stage_times_trigger_a_live_rebalance_that_keeps_the_output():
+    from scheduling.block_scheduler import BlockPlan, BlockRebalancer, RebalanceConfig, StageTiming
+
+    clip = list(generated_clip(FRAMES, H, W, seed=4))
+    reference = _engine_run(clip)
+    plan = build_plan(2, model="tiny", device="cpu")
+    ex = ChainExecutor(plan, LocalChain.build(plan, WorkerOptions(num_threads=1, sync_timing=True)))
+    rebalancer = BlockRebalancer(BlockPlan(plan.shard_ranges), 0.0,
+                                 RebalanceConfig(threshold=0.1, min_interval_s=0.0, min_samples=1))
+    for _ in range(8):  # stage 0's GPU has become 4x slower per block (hand-built measurements)
+        rebalancer.observe(StageTiming(stage=0, dit_s=0.8, extra_s=0.0))
+        rebalancer.observe(StageTiming(stage=1, dit_s=0.2, extra_s=0.0))
+
+    async def run():
+        await ex.open_stream("s", StreamParams(prompt="a cat", height=H, width=W, num_steps=2, seed=3))
+        out, new_plan = [], None
+        for i, frame in enumerate(clip):
+            await ex.add_frames("s", [(i, frame)])
+            if "s" in await ex.ready_streams():
+                out += (await ex.step(["s"]))["s"]
+            if i == 4:
+                new_plan = await ex.maybe_rebalance(rebalancer, now=100.0)
+        out += await ex.flush("s")
+        return out, new_plan
+
+    got, new_plan = asyncio.run(run())
+    assert new_plan is not None and new_plan.shard_ranges[0][1] < plan.shard_ranges[0][1]
+    for (seq, a), (_, b) in zip(_frames(reference), _frames(got)):
+        assert np.array_equal(a, b), f"frame {seq} differs after the rebalance"
