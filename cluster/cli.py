@@ -61,11 +61,12 @@ def service_from_args(args: argparse.Namespace):
     from deployments.config import PipelineSpec, ServiceConfig
 
     device = args.device or ("cuda" if _has_cuda() else "cpu")
-    model = args.model or ("wan-1.3b" if device == "cuda" and args.checkpoint_dir else "tiny")
+    model = args.model or ("wan-1.3b" if device == "cuda" else "tiny")
     spec = PipelineSpec(
         model=model, vae=args.vae, device=device, dtype="bfloat16" if device == "cuda" else "float32",
         checkpoint_dir=args.checkpoint_dir, gpu_type=args.gpu_type or ("cpu" if device == "cpu" else ""),
-        max_streams=args.max_streams, num_cpus=args.pipeline_cpus,
+        max_streams=args.max_streams, num_cpus=args.pipeline_cpus, executor=args.executor,
+        num_gpus=args.gpus_per_pipeline,
     )
     return ServiceConfig(pipelines=(spec,) * args.pipelines, grpc_port=args.grpc_port, http_port=args.http_port)
 
@@ -79,6 +80,9 @@ def _add_service_args(p: argparse.ArgumentParser, *, grpc_port: int | None = 900
     p.add_argument("--pipelines", type=int, default=1, help="pipeline deployments (one engine each)")
     p.add_argument("--max-streams", type=int, default=8, help="stream slots per pipeline")
     p.add_argument("--pipeline-cpus", type=float, default=1.0, help="CPUs each pipeline replica reserves")
+    p.add_argument("--executor", default="auto", choices=["auto", "graph", "inprocess"],
+                   help="auto: stage actors on a compiled graph on GPUs, the engine in process on CPU")
+    p.add_argument("--gpus-per-pipeline", type=int, default=1, help="GPUs one pipeline's stages span")
     p.add_argument("--grpc-port", type=int, default=grpc_port if grpc_port else 0)
     p.add_argument("--http-port", type=int, default=http_port if http_port else 0)
 

@@ -7,7 +7,6 @@ corrupt JPEG is a BadFrameError rather than a silently concealed picture.
 
 from __future__ import annotations
 
-import av
 import numpy as np
 
 from deployments.messages import (
@@ -164,6 +163,8 @@ def decode_jpeg(data: bytes, *, seq: int = -1) -> np.ndarray:
     """JPEG bytes -> uint8 [H, W, 3] RGB; BadFrameError for anything libavcodec finds corrupt."""
     if len(data) < 4 or data[:2] != b"\xff\xd8":
         raise BadFrameError(f"frame {seq} is not a JPEG (no SOI marker)", seq=seq, got=len(data))
+    import av  # JPEG only: raw RGB streams need no codec library
+
     try:
         decoder = av.CodecContext.create("mjpeg", "r")
         decoder.options = {"err_detect": "explode"}
@@ -178,6 +179,8 @@ def decode_jpeg(data: bytes, *, seq: int = -1) -> np.ndarray:
 
 def encode_jpeg(frame_HWC: np.ndarray, quality: int = 85) -> bytes:
     """uint8 [H, W, 3] RGB -> baseline JPEG bytes (4:2:0). quality 1..100 maps onto MJPEG's qscale 31..2."""
+    import av
+
     h, w = frame_HWC.shape[:2]
     encoder = av.CodecContext.create("mjpeg", "w")
     encoder.width, encoder.height, encoder.pix_fmt = w, h, "yuvj420p"

@@ -6,18 +6,14 @@ measurements of a curve the robust fit replaces the seed. The router admits from
 pushed by the replica with its load. So a prior only has to be *conservative* (slower than reality):
 too slow a prior refuses a few streams during the first seconds, too fast a prior over-admits.
 
-No benchmark of Weir on GPUs is recorded yet (BENCHMARKS.md does not exist), so the GPU numbers are
-conservative guesses:
-
-    wan-1.3b, H100 (and any other GPU class), 480x832, bf16, Wan VAE:
-        DiT block   0.5 ms + 2.5 ms per row     one row = 1560 tokens; ~190 GFLOP per block-row would be
-                                                 ~0.5 ms at 400 TFLOP/s, so 3 ms for one row is ~6x slack
-        encode      20 ms + 20 ms per chunk      Wan VAE, 4 frames of 480x832
-        decode      30 ms + 40 ms per chunk
-      worked example: one 2-step stream in stream batch: 0.04 + 30 * (0.0005 + 0.005) + 0.07 = 0.275 s
-      per 4-frame chunk (~14.5 fps alone).
-    wan-14b: the 1.3B numbers scaled by the parameter ratio per block (5120 vs 1536 wide, ~8x per block).
-
+The GPU numbers are the H100 measurements of BENCHMARKS.md (1.3B, 480x832, bf16, Wan VAE) with about
+20% slack, used for every GPU class until that class's own measurements replace them:
+    wan-1.3b: DiT 40.0 ms for one row and 64.7 ms for two (1 and 2 steps) -> per block 0.5 ms + 0.82 ms
+              per row -> seeded 0.6 ms + 1.0 ms per row; Wan VAE encode 42 ms, decode 75 ms per 4-frame
+              chunk -> seeded 5 + 45 ms and 5 + 80 ms.
+      worked example: one 1-step stream: encode 0.05 + 30 * (0.0006 + 0.001) + decode 0.085 = 0.183 s per
+      chunk, so one H100 keeps up with about 1.4 such streams at 16 fps (4 chunks/s each).
+    wan-14b: DiT 156 ms per row measured (40 blocks) -> seeded 1.5 ms + 4.5 ms per row per block.
 The tiny CPU model (tests, demo) was timed on the 2-core development box, one torch thread, 64x64 frames
 (prefill ~0.15 s, a 2-step stream-batch tick ~0.2-0.3 s, encode and decode included), rounded up:
 
@@ -48,7 +44,7 @@ class ProfilePrior:
     decode: AffineTime
 
 
-_WAN_13B_BLOCK = AffineTime(0.0005, 0.0025)
+_WAN_13B_BLOCK = AffineTime(0.0006, 0.001)
 
 PRIORS: dict[str, ProfilePrior] = {
     "tiny": ProfilePrior(
@@ -57,11 +53,11 @@ PRIORS: dict[str, ProfilePrior] = {
     ),
     "wan-1.3b": ProfilePrior(
         ShapeKey("wan-1.3b", 480, 832, "wan"), 30,
-        encode=AffineTime(0.02, 0.02), dit_block=_WAN_13B_BLOCK, decode=AffineTime(0.03, 0.04),
+        encode=AffineTime(0.005, 0.045), dit_block=_WAN_13B_BLOCK, decode=AffineTime(0.005, 0.08),
     ),
     "wan-14b": ProfilePrior(
         ShapeKey("wan-14b", 480, 832, "wan"), 40,
-        encode=AffineTime(0.02, 0.02), dit_block=_WAN_13B_BLOCK.scaled(8.0), decode=AffineTime(0.03, 0.04),
+        encode=AffineTime(0.005, 0.045), dit_block=AffineTime(0.0015, 0.0045), decode=AffineTime(0.005, 0.08),
     ),
 }
 """model preset -> prior. Every model the DiT presets define has a row (a test checks)."""
