@@ -311,7 +311,7 @@ def bench_serve_main(args: argparse.Namespace) -> int:
     rows = []
     for i, r in enumerate(results):
         if isinstance(r, Exception):
-            rows.append({"stream": i, "status": type(r).__name__, "frames": 0})
+            rows.append({"stream": i, "status": type(r).__name__, "frames": 0, "error": str(r)[:300]})
             continue
         ss = r.server_stats
         rows.append({
