@@ -359,9 +359,12 @@ def estimate_load(profile: StageProfile, num_blocks: int, streams: Sequence[Stre
     ρ = Σ λ (n B + C); utilization = min(1, ρ + A * forwards/s) with forwards/s = Σ λ over stream-batch
     streams + Σ n λ over step-by-step ones (no sharing assumed); tick = (A + r_max B + C) / (1 - ρ) where
     r_max is the most rows one stream adds to a forward (n in stream batch, 1 step by step).
+    Correction: tick = max(A + r_max B + C, A / (1 - ρ)) — every forward serves all chunks that arrived
+    during the previous one (T = A + ρ T), and holds at least one stream's rows; dividing the whole
+    one-stream cost by (1 - ρ) double-counts the work and refused a lone stream an idle GPU could serve.
 
     Example (A=0.11, B=0.045, C=0.025 as in `tick_coefficients`; two 16 fps streams, n=2, stream batch):
-    λ = 4, ρ = 2 * 4 * (0.09 + 0.025) = 0.92, tick = (0.11 + 0.09 + 0.025) / 0.08 = 2.81 s: far too slow
+    λ = 4, ρ = 2 * 4 * (0.09 + 0.025) = 0.92, tick = max(0.11 + 0.09 + 0.025, 0.11 / 0.08) = 1.375 s: far too slow
     for a 0.25 s chunk period, which admission catches through the latencies.
     """
     fixed, per_row, per_chunk = tick_coefficients(profile, num_blocks)
@@ -372,7 +375,9 @@ def estimate_load(profile: StageProfile, num_blocks: int, streams: Sequence[Stre
     max_rows = max((s.spec.num_steps if s.mode is BatchMode.STREAM_BATCH else 1 for s in streams), default=1)
     if row_load >= 1.0:
         return LoadEstimate(row_load, 1.0, math.inf, False)
-    tick = (fixed + max_rows * per_row + per_chunk) / (1.0 - row_load)
+    # each forward serves every chunk that arrived during the previous one: T = A + rho * T, and a
+    # forward holds at least one stream's rows and chunk (periodic arrivals, not Poisson)
+    tick = max(fixed + max_rows * per_row + per_chunk, fixed / (1.0 - row_load))
     keeps_up = all(
         s.spec.num_steps * tick <= s.spec.chunk_period_s for s in streams if s.mode is BatchMode.STEP_BY_STEP
     )

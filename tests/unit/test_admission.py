@@ -68,13 +68,13 @@ def test_worked_example_capacity():
     ctl = controller(("h", "H100", 1.0, 4.0, 16))
     for i in range(6):
         ctl.admit(request(f"s{i}"), now=0.0)
-    assert ctl.free_slots("h", spec()) == 2
-    assert replica_capacity(make_profile("H100"), BLOCKS, 16, spec()) == 8
+    assert ctl.free_slots("h", spec()) == 3
+    assert replica_capacity(make_profile("H100"), BLOCKS, 16, spec()) == 9
 
 
 def test_refusal_carries_a_retry_hint_and_the_numbers():
     ctl = controller(("h", "H100", 1.0, 4.0, 16))
-    for i in range(8):
+    for i in range(9):
         ctl.admit(request(f"s{i}"), now=0.0)
     with pytest.raises(AdmissionRefusedError) as err:
         ctl.admit(request("late"), now=1.0, retry_after_s=12.5)
@@ -114,7 +114,7 @@ def test_chooses_the_cheaper_fitting_replica():
 
 def test_admitted_streams_are_protected():
     ctl = controller(("h", "H100", 1.0, 4.0, 16))
-    for i in range(5):
+    for i in range(7):
         ctl.admit(request(f"tight{i}", spec(deadline=0.8)), 0.0)
     lax = request("lax", spec(deadline=5.0, ttff=5.0))
     with pytest.raises(AdmissionRefusedError) as err:
@@ -123,7 +123,7 @@ def test_admitted_streams_are_protected():
     assert estimate.latency_s <= 5.0 * 0.9  # the newcomer itself would be fine ...
     assert estimate.worst_slack_s < 0 or not estimate.fits  # ... but an admitted stream would not
     assert ctl.check_replica("h") == []
-    assert len(ctl.streams_on("h")) == 5
+    assert len(ctl.streams_on("h")) == 7
 
 
 def test_tight_deadline_is_admitted_step_by_step():
