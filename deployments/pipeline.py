@@ -202,9 +202,43 @@ async def build_graph_executor(spec: PipelineSpec):
     plan = build_plan(spec.num_gpus, model=spec.model, device="cuda", dtype=spec.dtype, vae=spec.vae,
                       checkpoint_dir=spec.checkpoint_dir)
     options = WorkerOptions(cuda_graphs=True, env_vars={"NCCL_NVLS_ENABLE": "0"})
-    return await CompiledGraphExecutor.create(
+    executor = await CompiledGraphExecutor.create(
         plan, placement_group=ray.util.get_current_placement_group(), bundle_offset=1, options=options
     )
+    # the first client's TTFF must not pay for kernel loading, cuDNN tuning and CUDA-graph capture
+    await warm_up_executor(executor, 480, 832, steps=(1, 2), vae=spec.vae)
+    return executor
+
+
+async def warm_up_executor(executor: Executor, height: int, width: int, *, steps: tuple[int, ...] = (1, 2),
+                           vae: str = "wan", chunks: int = 6) -> float:
+    """Run a throwaway stream per step count through any executor before clients arrive (the graph
+    executor's counterpart of StreamEngine.warm_up). Returns seconds; a failure is logged, not raised:
+    a cold pipeline still serves, only slower at first."""
+    import numpy as np
+
+    from stages.engine import StreamParams
+
+    t0 = time.monotonic()
+    frame = np.full((height, width, 3), 128, np.uint8)
+    for n in steps:
+        sid = f"__warm_up_{n}"
+        try:
+            await executor.open_stream(sid, StreamParams(prompt="warm up", num_steps=n, height=height,
+                                                         width=width, vae=vae))
+            for seq in range(1 + 4 * (chunks + n)):
+                await executor.add_frames(sid, [(seq, frame)])
+                if sid in await executor.ready_streams():
+                    await executor.step([sid])
+            await executor.flush(sid)
+        except Exception:  # noqa: BLE001 - see docstring
+            log.warning("warm-up of %d-step streams failed", n, exc_info=True)
+        finally:
+            try:
+                await executor.close_stream(sid)
+            except Exception:  # noqa: BLE001
+                log.warning("closing warm-up stream %s failed", sid, exc_info=True)
+    return time.monotonic() - t0
 
 
 REBALANCE_PERIOD_S = 10.0

@@ -29,3 +29,19 @@ def test_warm_up_leaves_no_stream_behind():
     assert engine.warm_up(32, 48, steps=(1, 2), vaes=("wan",), chunks=1) > 0
     assert engine.stats().active_streams == 0
     assert engine.components.dit.shards[0].stream_ids == []
+
+
+def test_executor_warm_up_runs_through_the_protocol_and_leaves_nothing_open(caplog):
+    import asyncio
+
+    from cluster.graph import ChainExecutor, LocalChain
+    from cluster.plan import build_plan
+    from cluster.stage_actor import WorkerOptions
+    from deployments.pipeline import warm_up_executor
+
+    torch.set_num_threads(1)
+    plan = build_plan(2, model="tiny", device="cpu")
+    ex = ChainExecutor(plan, LocalChain.build(plan, WorkerOptions(num_threads=1)))
+    assert asyncio.run(warm_up_executor(ex, 32, 48, steps=(1, 2), chunks=1)) > 0
+    assert asyncio.run(ex.ready_streams()) == []
+    assert not [r for r in caplog.records if "warm-up" in r.getMessage() or "closing" in r.getMessage()]
