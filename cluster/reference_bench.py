@@ -149,12 +149,11 @@ def _time_ms(fn, *, warmup: int, iters: int) -> list[float]:
     return times
 
 
-def _build_pipeline(ref, model, cfg: DiTConfig, *, height: int, width: int, num_steps: int,
-                    text_BST: torch.Tensor, device: torch.device):
-    """Assemble CausalStreamInferencePipeline around `model` without its __init__ (which loads files)."""
-    for block in model.blocks:  # the reference keeps eviction state on the modules: reset per session
-        block.self_attn.evict_idx = None
-    stream_cfg = StreamConfig(num_steps=num_steps)
+def assemble_reference_pipeline(ref, model, cfg: DiTConfig, *, height: int, width: int,
+                                stream_cfg: StreamConfig, text_BST: torch.Tensor, device: torch.device | str):
+    """The published CausalStreamInferencePipeline around a built `model`, without its __init__ (which
+    loads files): `ref` names its Wrapper, Pipeline and FlowMatchScheduler classes. Used by this
+    benchmark and by the parity tests' oracle."""
     wrapper = ref.Wrapper.__new__(ref.Wrapper)
     torch.nn.Module.__init__(wrapper)
     wrapper.model = model
@@ -187,6 +186,15 @@ def _build_pipeline(ref, model, cfg: DiTConfig, *, height: int, width: int, num_
     pipe.block_x = None
     pipe.num_frame_per_block = 1
     return pipe
+
+
+def _build_pipeline(ref, model, cfg: DiTConfig, *, height: int, width: int, num_steps: int,
+                    text_BST: torch.Tensor, device: torch.device):
+    """A benchmark session: reset the eviction state the reference keeps on its modules, then assemble."""
+    for block in model.blocks:
+        block.self_attn.evict_idx = None
+    return assemble_reference_pipeline(ref, model, cfg, height=height, width=width,
+                                       stream_cfg=StreamConfig(num_steps=num_steps), text_BST=text_BST, device=device)
 
 
 @torch.no_grad()

@@ -44,16 +44,16 @@ import torch
 
 from cluster.plan import PipelinePlan, StagePlacement
 from scheduling.noise import NoiseController
-from stages.config import DIT_PRESETS, VAE_PRESETS, StreamConfig
+from stages.config import DIT_PRESETS, StreamConfig
 from stages.dit import WanBlock, WanDiT
 from stages.dit_stage import DiTMicroBatch, DiTShard
+from stages.engine import encode_noisy
 from stages.errors import BadRequestError, StreamExistsError, StreamNotFoundError, WeirError
 from stages.flow_match import FlowMatchSchedule, denoising_steps
 from stages.kv_cache import BlockKVCache, upload_long
-from stages.loading import _default_dtype, build_dit_shard, random_init_
-from stages.motion import motion_distance
+from stages.loading import _default_dtype, build_dit_shard, build_vae_models, random_init_
 from stages.stream_batch import GeneratorNoise, StreamBatchState
-from stages.vae_stage import VAEDecodeStage, VAEEncodeStage
+from stages.vae_stage import VAEDecodeStage, VAEEncodeStage, frames_model_to_uint8, frames_uint8_to_model
 
 KV_FIELDS = ("k_RCND", "v_RCND", "global_end_R", "local_end_R", "queue_RQ", "queue_head_R", "queue_len_R")
 """The tensors of a BlockKVCache (moved whole by a block rebalance)."""
@@ -217,41 +217,9 @@ def build_shard(
 
 
 def _build_vaes(plan: PipelinePlan, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-    """The Wan VAE and TAEHV models, as stages.loading.build_models builds them (same seeds)."""
-    from stages.taehv import TAEHV, TAEHV_PRESETS
-    from stages.wan_vae import WanVAE
-
-    vae_cfg = VAE_PRESETS["wan" if plan.model != "tiny" else "tiny"]
-    taehv_cfg = TAEHV_PRESETS["tiny" if plan.model == "tiny" else "taew2_1"]
-    if plan.checkpoint_dir is None:
-        out = {}
-        for kind, cls, cfg, seed in (("wan", WanVAE, vae_cfg, 1), ("taehv", TAEHV, taehv_cfg, 2)):
-            with torch.device(device), _default_dtype(dtype):
-                out[kind] = random_init_(cls(cfg), plan.weights_seed + seed)
-        return _vae_layout(out, device)
-    from stages.checkpoints import find_checkpoints, load_taehv, load_wan_vae
-
-    layout = find_checkpoints(plan.checkpoint_dir, dit=plan.model)
-    with torch.device("meta"):
-        wan = WanVAE(vae_cfg)
-    load_wan_vae(wan, layout.vae)
-    out = {"wan": wan}
-    if layout.taehv is not None:
-        with torch.device("meta"):
-            taehv = TAEHV(taehv_cfg)
-        load_taehv(taehv, layout.taehv)
-        out["taehv"] = taehv
-    return _vae_layout(out, device)
-
-
-def _vae_layout(vaes: dict[str, torch.nn.Module], device: torch.device) -> dict[str, torch.nn.Module]:
-    """The engine's CUDA memory-layout tweak of the Wan VAE, when stages.loading has one."""
-    import stages.loading
-
-    channels_last = getattr(stages.loading, "conv3d_channels_last_", None)
-    if device.type == "cuda" and channels_last is not None:
-        channels_last(vaes["wan"])
-    return vaes
+    """The Wan VAE and TAEHV models, exactly as the single-process engine builds them."""
+    return build_vae_models(plan.model, device, dtype, checkpoint_dir=plan.checkpoint_dir,
+                            weights_seed=plan.weights_seed)
 
 
 # ---- the worker -------------------------------------------------------------------------------------
@@ -517,23 +485,13 @@ class StageWorker:
                 )
         return msg
 
-    def _frames_to_model(self, frames_THWC: torch.Tensor) -> torch.Tensor:
-        # exactly StreamEngine._take: permute, to device, to dtype, / 127.5 - 1
-        frames_BCTHW = frames_THWC.permute(3, 0, 1, 2).unsqueeze(0).to(self.device)
-        return frames_BCTHW.to(self.dtype) / 127.5 - 1.0
-
     def _encode_noisy(self, st: _HeadStream, frames_THWC: torch.Tensor, *, first: bool) -> tuple[torch.Tensor, int | None]:
-        # exactly StreamEngine._encode_noisy
-        frames_BCTHW = self._frames_to_model(frames_THWC)
-        if first:
-            scale, current_step = st.noise.init_noise_scale, None
-        else:
-            motion = motion_distance(st.last_frame_BC1HW, frames_BCTHW)
-            scale, current_step = st.noise.update(motion)
+        frames_BCTHW = frames_uint8_to_model(frames_THWC, device=self.device, dtype=self.dtype)
+        noisy, current_step = encode_noisy(
+            self.encoders[st.params.vae], st.params.stream_id, frames_BCTHW, st.noise, st.generator,
+            None if first else st.last_frame_BC1HW, dtype=self.dtype,
+        )
         st.last_frame_BC1HW = frames_BCTHW[:, :, -1:]
-        z_BCTHW = self.encoders[st.params.vae].encode(st.params.stream_id, frames_BCTHW)
-        eps = torch.randn(z_BCTHW.shape, generator=st.generator, device=self.device, dtype=torch.float32)
-        noisy = (eps.to(z_BCTHW.dtype) * scale + z_BCTHW * (1 - scale)).to(self.dtype)
         return noisy, current_step
 
     def _head(self, stream_id: str) -> _HeadStream:
@@ -633,11 +591,7 @@ class StageWorker:
             if params is None:
                 raise StreamNotFoundError(f"stream {item.stream_id!r} is not open on actor {self.index}")
             frames_BCTHW = self.decoders[params.vae].decode(item.stream_id, x0)
-            # exactly StreamEngine._decode's conversion
-            frames_THWC = (
-                ((frames_BCTHW[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
-            )
-            item.frames_out_THWC = frames_THWC.cpu()
+            item.frames_out_THWC = frames_model_to_uint8(frames_BCTHW)[0].cpu()
 
     # ---- block rebalancing (control calls, graph torn down) -------------------------------------------
 

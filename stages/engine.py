@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from scheduling.noise import NoiseController
-from stages.config import DIT_PRESETS, VAE_PRESETS, StreamConfig
+from stages.config import DIT_PRESETS, StreamConfig
 from stages.errors import BadFrameError, BadRequestError, StreamExistsError, StreamNotFoundError
 from stages.motion import motion_distance
+from stages.vae_stage import frames_model_to_uint8, frames_uint8_to_model
 
 MIN_SIDE = 16
 MAX_SIDE = 2048
@@ -390,20 +391,14 @@ class StreamEngine:
         items = [s.pending.popleft() for _ in range(count)]
         seqs = [seq for seq, _ in items]
         frames_THWC = torch.from_numpy(np.stack([f for _, f in items]))
-        frames_BCTHW = frames_THWC.permute(3, 0, 1, 2).unsqueeze(0).to(self.device)
-        frames_BCTHW = frames_BCTHW.to(self.dtype) / 127.5 - 1.0
-        return seqs, frames_BCTHW
+        return seqs, frames_uint8_to_model(frames_THWC, device=self.device, dtype=self.dtype)
 
     def _encode_noisy(self, s: _Stream, frames_BCTHW: torch.Tensor, *, first: bool) -> tuple[torch.Tensor, int]:
-        if first:
-            scale, current_step = s.noise.init_noise_scale, None
-        else:
-            motion = motion_distance(s.last_frame_BC1HW, frames_BCTHW)
-            scale, current_step = s.noise.update(motion)
+        noisy, current_step = encode_noisy(
+            self.components.encoders[s.vae], s.stream_id, frames_BCTHW, s.noise, s.generator,
+            None if first else s.last_frame_BC1HW, dtype=self.dtype,
+        )
         s.last_frame_BC1HW = frames_BCTHW[:, :, -1:]
-        z_BCTHW = self.components.encoders[s.vae].encode(s.stream_id, frames_BCTHW)
-        eps = torch.randn(z_BCTHW.shape, generator=s.generator, device=self.device, dtype=torch.float32)
-        noisy = (eps.to(z_BCTHW.dtype) * scale + z_BCTHW * (1 - scale)).to(self.dtype)
         return noisy, current_step
 
     def _prefill(self, s: _Stream) -> list[OutputFrame]:
@@ -436,15 +431,30 @@ class StreamEngine:
 
     def _decode(self, s: _Stream, x0_BCTHW: torch.Tensor, seqs: list[int]) -> list[OutputFrame]:
         frames_BCTHW = self.components.decoders[s.vae].decode(s.stream_id, x0_BCTHW)
-        frames_THWC = (
-            ((frames_BCTHW[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
-        )
-        frames = frames_THWC.cpu().numpy()
+        frames = frames_model_to_uint8(frames_BCTHW)[0].cpu().numpy()
         if frames.shape[0] != len(seqs):
             raise AssertionError(f"decoded {frames.shape[0]} frames for {len(seqs)} inputs")
         s.frames_out += len(seqs)
         self._frames_out += len(seqs)
         return [OutputFrame(seq=q, frame=f) for q, f in zip(seqs, frames)]
+
+
+def encode_noisy(encoder, stream_id: str, frames_BCTHW: torch.Tensor, noise: NoiseController,
+                 generator: torch.Generator, prev_last_BC1HW: torch.Tensor | None, *,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, int | None]:
+    """Encode a chunk and noise it for the DiT: z_noisy = eps * s + z * (1 - s).
+
+    The strength s comes from the stream's motion-aware controller, fed the chunk's motion after
+    `prev_last_BC1HW` (None for the first chunk: the initial strength, no step label). Returns
+    (z_noisy in `dtype`, current_step). The one place this is done, for the engine and stage actors.
+    """
+    if prev_last_BC1HW is None:
+        scale, current_step = noise.init_noise_scale, None
+    else:
+        scale, current_step = noise.update(motion_distance(prev_last_BC1HW, frames_BCTHW))
+    z_BCTHW = encoder.encode(stream_id, frames_BCTHW)
+    eps = torch.randn(z_BCTHW.shape, generator=generator, device=z_BCTHW.device, dtype=torch.float32)
+    return (eps.to(z_BCTHW.dtype) * scale + z_BCTHW * (1 - scale)).to(dtype), current_step
 
 
 @dataclass
@@ -465,4 +475,4 @@ def build_components(spec: EngineSpec) -> EngineComponents:
     """Build (and load, if spec.checkpoint_dir is set) every model an engine needs."""
     from stages.loading import build_models
 
-    return build_models(spec, DIT_PRESETS[spec.model], VAE_PRESETS["wan" if spec.model != "tiny" else "tiny"])
+    return build_models(spec, DIT_PRESETS[spec.model])

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stages.config import DiTConfig, StreamConfig, VAEConfig
+from stages.config import VAE_PRESETS, DiTConfig, StreamConfig
 from stages.dit import WanDiT
 from stages.dit_stage import DiTShard
 from stages.stream_batch import LatentStreamer
@@ -92,48 +92,63 @@ def build_dit_shard(cfg: DiTConfig, block_range: tuple[int, int] | None, *, devi
     return DiTShard(model, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
 
 
-def build_models(spec: EngineSpec, dit_cfg: DiTConfig, vae_cfg: VAEConfig) -> EngineComponents:
-    """Every component of a single-device engine: DiT (one shard), both VAEs, the text encoder."""
+def build_vae_models(model: str, device: torch.device, dtype: torch.dtype, *, checkpoint_dir: str | None = None,
+                     weights_seed: int = 0) -> dict[str, torch.nn.Module]:
+    """VAE kind -> model for a DiT preset: the Wan VAE always, TAEHV unless a release folder lacks it.
+
+    Random weights are seeded weights_seed + 1 (Wan) and + 2 (TAEHV); on CUDA the Wan VAE's Conv3d
+    weights are stored channels-last. The single-process engine and the stage actors both build here.
+    """
     from stages.checkpoints import find_checkpoints, load_taehv, load_wan_vae
+
+    vae_cfg = VAE_PRESETS["tiny" if model == "tiny" else "wan"]
+    taehv_cfg = TAEHV_PRESETS["tiny" if model == "tiny" else "taew2_1"]
+    if checkpoint_dir is None:
+        out = {
+            "wan": _build(WanVAE, vae_cfg, device, dtype, weights_seed + 1),
+            "taehv": _build(TAEHV, taehv_cfg, device, dtype, weights_seed + 2),
+        }
+    else:
+        layout = find_checkpoints(checkpoint_dir, dit=model)
+        with torch.device("meta"):
+            wan_vae = WanVAE(vae_cfg)
+        load_wan_vae(wan_vae, layout.vae)
+        out = {"wan": wan_vae}
+        if layout.taehv is not None:
+            with torch.device("meta"):
+                taehv = TAEHV(taehv_cfg)
+            load_taehv(taehv, layout.taehv)
+            out["taehv"] = taehv
+    if torch.device(device).type == "cuda":
+        conv3d_channels_last_(out["wan"])
+    return out
+
+
+def build_models(spec: EngineSpec, dit_cfg: DiTConfig) -> EngineComponents:
+    """Every component of a single-device engine: DiT (one shard), both VAEs, the text encoder."""
+    from stages.checkpoints import find_checkpoints
     from stages.engine import EngineComponents
     from stages.t5 import build_text_encoder
 
     device, dtype = torch.device(spec.device), spec.torch_dtype
-    graphs = spec.cuda_graphs and device.type == "cuda"
     if device.type == "cuda":
-        # fixed shapes per stream: let cuDNN pick the fastest VAE convolution once per shape
         torch.backends.cudnn.benchmark = True
-    taehv_cfg = TAEHV_PRESETS["tiny" if spec.model == "tiny" else "taew2_1"]
-    if spec.checkpoint_dir is None:
-        shard = build_dit_shard(dit_cfg, None, device=device, dtype=dtype, seed=spec.weights_seed,
-                                cuda_graphs=graphs)
-        wan_vae = _build(WanVAE, vae_cfg, device, dtype, spec.weights_seed + 1)
-        taehv = _build(TAEHV, taehv_cfg, device, dtype, spec.weights_seed + 2)
-    else:
-        layout = find_checkpoints(spec.checkpoint_dir, dit=spec.model)
-        shard = build_dit_shard(dit_cfg, None, device=device, dtype=dtype,
-                                checkpoint=str(layout.dit_checkpoint(spec.model)), cuda_graphs=graphs)
-        with torch.device("meta"):
-            wan_vae = WanVAE(vae_cfg)
-        load_wan_vae(wan_vae, layout.vae)
-        with torch.device("meta"):
-            taehv = TAEHV(taehv_cfg)
-        if layout.taehv is not None:
-            load_taehv(taehv, layout.taehv)
-        else:
-            taehv = None
+    checkpoint = None
+    if spec.checkpoint_dir is not None:
+        checkpoint = str(find_checkpoints(spec.checkpoint_dir, dit=spec.model).dit_checkpoint(spec.model))
+    shard = build_dit_shard(dit_cfg, None, device=device, dtype=dtype, checkpoint=checkpoint,
+                            seed=spec.weights_seed, cuda_graphs=spec.cuda_graphs and device.type == "cuda")
+    vaes = build_vae_models(spec.model, device, dtype, checkpoint_dir=spec.checkpoint_dir,
+                            weights_seed=spec.weights_seed)
     text_device = torch.device(spec.text_device or spec.device)
     text = build_text_encoder(
         spec.checkpoint_dir, device=text_device, dtype=dtype if text_device.type == "cuda" else torch.float32,
         seed=spec.weights_seed,
     )
-    if device.type == "cuda":
-        conv3d_channels_last_(wan_vae)
     scaling = StreamConfig().latent_scaling
-    encoders = {"wan": VAEEncodeStage("wan", wan_vae, device, dtype, scaling)}
-    decoders = {"wan": VAEDecodeStage("wan", wan_vae, device, dtype, scaling)}
-    if taehv is not None:
-        tae_dtype = torch.float16 if device.type == "cuda" else dtype
-        encoders["taehv"] = VAEEncodeStage("taehv", taehv, device, tae_dtype, scaling)
-        decoders["taehv"] = VAEDecodeStage("taehv", taehv, device, tae_dtype, scaling)
+    encoders, decoders = {}, {}
+    for kind, vae in vaes.items():
+        vae_dtype = torch.float16 if kind == "taehv" and device.type == "cuda" else dtype
+        encoders[kind] = VAEEncodeStage(kind, vae, device, vae_dtype, scaling)
+        decoders[kind] = VAEDecodeStage(kind, vae, device, vae_dtype, scaling)
     return EngineComponents(dit=LatentStreamer([shard]), encoders=encoders, decoders=decoders, text=text)

@@ -13,11 +13,13 @@ re-noising noise from the global RNG seeded with `noise_seed`.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from cluster.reference_bench import assemble_reference_pipeline
 from stages.config import DiTConfig, StreamConfig
 
 reference = pytest.importorskip(
@@ -61,42 +63,12 @@ def build_reference_pipeline(
     model.load_state_dict(state_dict, strict=True)
     model.eval().requires_grad_(False)
 
-    wrapper = CausalWanDiffusionWrapper.__new__(CausalWanDiffusionWrapper)
-    torch.nn.Module.__init__(wrapper)
-    wrapper.model = model
-    wrapper.uniform_timestep = False
-    wrapper.scheduler = FlowMatchScheduler(shift=8.0, sigma_min=0.0, extra_one_step=True)
-    wrapper.scheduler.set_timesteps(1000, training=True)
-    wrapper.seq_len = 32760
-    wrapper.post_init()
-
-    pipe = reference.CausalStreamInferencePipeline.__new__(reference.CausalStreamInferencePipeline)
-    torch.nn.Module.__init__(pipe)
-    pipe.device = "cpu"
-    pipe.generator = wrapper
-
-    def text_encoder(text_prompts):
-        return {"prompt_embeds": text_embeds_BST.clone()}
-
-    object.__setattr__(pipe, "text_encoder", text_encoder)
-    pipe.denoising_step_list = torch.tensor(stream_cfg.timesteps, dtype=torch.long)
-    pipe.scheduler = wrapper.get_scheduler()
-    pipe.num_transformer_blocks = cfg.num_layers
-    pipe.num_heads = cfg.num_heads
-    pipe.height = height // 16 * 2
-    pipe.width = width // 16 * 2
-    pipe.frame_seq_length = (height // 16) * (width // 16)
-    pipe.num_kv_cache = stream_cfg.num_kv_cache_frames
-    pipe.kv_cache_length = pipe.frame_seq_length * pipe.num_kv_cache
-    pipe.num_sink_tokens = stream_cfg.num_sink_frames
-    pipe.adapt_sink_threshold = stream_cfg.adapt_sink_threshold
-    pipe.conditional_dict = None
-    pipe.kv_cache1 = None
-    pipe.kv_cache2 = None
-    pipe.hidden_states = None
-    pipe.block_x = None
-    pipe.num_frame_per_block = 1
-    return pipe
+    names = types.SimpleNamespace(
+        Wrapper=CausalWanDiffusionWrapper, Pipeline=reference.CausalStreamInferencePipeline,
+        FlowMatchScheduler=FlowMatchScheduler,
+    )
+    return assemble_reference_pipeline(names, model, cfg, height=height, width=width, stream_cfg=stream_cfg,
+                                       text_BST=text_embeds_BST, device=torch.device("cpu"))
 
 
 @torch.no_grad()
