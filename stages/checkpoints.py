@@ -22,6 +22,7 @@ parameters, cast to the model's dtype), so a 5.7B-parameter T5 never exists twic
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import re
@@ -317,7 +318,22 @@ def load_dit_checkpoint(
     else:
         path, obj = None, path_or_state_dict
     state_dict, unwrapped = unwrap_dit_state_dict(obj, path=path)
+    report = load_dit_state_dict(model, state_dict, full_model_keys=full_model_keys, path=path, assign=assign)
+    return dataclasses.replace(report, entry=unwrapped.entry, stripped=unwrapped.stripped)
 
+
+def load_dit_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    full_model_keys: Iterable[str] | None = None,
+    path: str | None = None,
+    assign: bool | None = None,
+) -> LoadReport:
+    """Strictly load an unwrapped full-model (or shard-sized) DiT state dict into a WanDiT or a shard:
+    every key the model owns must be there with its shape; keys of the full model it does not own are
+    skipped; any other key is unexpected. Raises CheckpointError naming the keys; the model is
+    untouched on failure."""
     expected = model.state_dict(keep_vars=True)
     if full_model_keys is None:
         cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
@@ -331,13 +347,7 @@ def load_dit_checkpoint(
     _check(model, state_dict, expected, missing=missing, unexpected=unexpected, path=path, what=None)
     owned = {k: state_dict[k] for k in expected}
     _load_matched(model, owned, expected, assign=assign)
-    return LoadReport(
-        path=path,
-        num_loaded=len(owned),
-        num_skipped=len(state_dict) - len(owned),
-        entry=unwrapped.entry,
-        stripped=unwrapped.stripped,
-    )
+    return LoadReport(path=path, num_loaded=len(owned), num_skipped=len(state_dict) - len(owned))
 
 
 # ------------------------------------------------------------------------------ VAE, T5, TAEHV files

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.config import DiTConfig
-from stages.errors import CheckpointError
 from stages.rope import RopeAngles, RopeTables
 
 
@@ -253,39 +252,12 @@ class WanDiT(nn.Module):
         return {k: v for k, v in full_state_dict.items() if k in own}
 
     def load_checkpoint(self, full_state_dict: dict[str, torch.Tensor]) -> None:
-        """Strictly load this shard's slice of a full-model state dict; raise CheckpointError naming
-        missing and mis-shaped keys. Keys of other shards' blocks are ignored; any other unknown key
-        (e.g. a `model.` prefix that was not stripped) is an error.
-        """
-        own = self.state_dict()
-        other_blocks = {
-            k
-            for k in full_state_dict
-            if k.startswith("blocks.") and int(k.split(".")[1]) not in self.block_indices
-        }
-        shard_only = {"patch_embedding.", "head."}
-        unexpected = [
-            k
-            for k in full_state_dict
-            if k not in own and k not in other_blocks and not any(k.startswith(p) for p in shard_only)
-        ]
-        missing = [k for k in own if k not in full_state_dict]
-        mismatched = [
-            (k, tuple(full_state_dict[k].shape), tuple(v.shape))
-            for k, v in own.items()
-            if k in full_state_dict and tuple(full_state_dict[k].shape) != tuple(v.shape)
-        ]
-        if missing or unexpected or mismatched:
-            raise CheckpointError(
-                f"checkpoint does not match WanDiT shard {self.block_range}: {len(missing)} missing, "
-                f"{len(unexpected)} unexpected, {len(mismatched)} mis-shaped keys",
-                missing=missing,
-                unexpected=unexpected,
-                mismatched=mismatched,
-            )
-        self.load_state_dict(self.shard_state_dict(full_state_dict), strict=True)
+        """Strictly load this shard's slice of a full-model state dict (stages.checkpoints does the
+        checking: missing and mis-shaped keys, and any key outside the published layout, are a
+        CheckpointError naming them; other shards' blocks are skipped)."""
+        from stages.checkpoints import load_dit_state_dict
 
-    # ---- forward pieces ------------------------------------------------------------------------
+        load_dit_state_dict(self, full_state_dict)
 
     def rope_tables(self, device: torch.device) -> RopeTables:
         tables = self._rope_by_device.get(device)
