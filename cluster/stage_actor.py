@@ -55,7 +55,7 @@ from stages.loading import _default_dtype, build_dit_shard, build_vae_models, ra
 from stages.stream_batch import GeneratorNoise, StreamBatchState
 from stages.vae_stage import VAEDecodeStage, VAEEncodeStage, frames_model_to_uint8, frames_uint8_to_model
 
-KV_FIELDS = ("k_RCND", "v_RCND", "global_end_R", "local_end_R", "queue_RQ", "queue_head_R", "queue_len_R")
+KV_FIELDS = BlockKVCache.TENSOR_FIELDS
 """The tensors of a BlockKVCache (moved whole by a block rebalance)."""
 
 
@@ -519,6 +519,7 @@ class StageWorker:
                 start_frames_B=torch.zeros(1, **long),
                 sink_check=False,
                 capture=False,
+                start_frames=(0,),
             )
             msg.prefill_timesteps = tuple(timesteps)
             msg.batch = batch
@@ -546,6 +547,7 @@ class StageWorker:
                 noisy_latents_BCFHW=torch.cat([t.noisy_latents_BCFHW for t in ticks]),
                 timesteps_B=upload_long([x for t in ticks for x in t.timesteps], self.device),
                 start_frames_B=upload_long([x for t in ticks for x in t.start_frames], self.device),
+                start_frames=tuple(x for t in ticks for x in t.start_frames),
             )
 
     def _tail(self, stream_id: str) -> StreamBatchState:
@@ -627,6 +629,7 @@ class StageWorker:
                 with torch.device(self.device), _default_dtype(self.dtype):
                     block = WanBlock(cfg)
                 block.load_state_dict({k: v.to(self.device, self.dtype) for k, v in weights.items()}, strict=True)
+                block.ops = shard.ops  # eager or compiled, as the shard's own blocks
                 shard.model.blocks[str(i)] = block.eval().requires_grad_(False)
             for sid, per_block in payload["kv"].items():
                 state = shard.state(sid)

@@ -47,10 +47,11 @@ def attend_kv_cache(
     q_BMND: torch.Tensor,
     k_cache_RCND: torch.Tensor,
     v_cache_RCND: torch.Tensor,
-    lengths_B: torch.Tensor,
+    lengths_B: torch.Tensor | None,
     cache_rows_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attend each query row to the first lengths_B[b] cached keys of its cache row.
+    """Attend each query row to the first lengths_B[b] cached keys of its cache row (None: the
+    whole cache, every row full; then no mask is built and SDPA can take its flash kernels).
 
     Args:
         q_BMND: queries (already rotated).
@@ -69,16 +70,18 @@ def attend_kv_cache(
             q_BMND,
             k_cache_RCND,
             v_cache_RCND,
-            cache_seqlens=lengths_B.to(torch.int32),
+            cache_seqlens=None if lengths_B is None else lengths_B.to(torch.int32),
             cache_batch_idx=None if cache_rows_B is None else cache_rows_B.to(torch.int32),
         )
     if cache_rows_B is not None:
         k_cache_RCND = k_cache_RCND.index_select(0, cache_rows_B)
         v_cache_RCND = v_cache_RCND.index_select(0, cache_rows_B)
-    capacity = k_cache_RCND.shape[1]
-    valid_B11C = (torch.arange(capacity, device=q_BMND.device)[None, :] < lengths_B[:, None])[
-        :, None, None, :
-    ]
+    valid_B11C = None
+    if lengths_B is not None:
+        capacity = k_cache_RCND.shape[1]
+        valid_B11C = (torch.arange(capacity, device=q_BMND.device)[None, :] < lengths_B[:, None])[
+            :, None, None, :
+        ]
     q, k, v = q_BMND.transpose(1, 2), k_cache_RCND.transpose(1, 2), v_cache_RCND.transpose(1, 2)
     if q.device.type == "cpu" and q.dtype in _HALF:  # CPU SDPA is slow and lossy in half precision
         out_BNMD = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=valid_B11C)

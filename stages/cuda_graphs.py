@@ -121,6 +121,7 @@ class ShardGraphRunner:
             sig(batch.start_frames_B),
             sig(batch.hidden_BLD),
             bool(batch.sink_check),
+            batch.full_segments,
         )
 
     def run(self, batch, states: list) -> torch.Tensor | None:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.config import DiTConfig
+from stages.fused import EAGER_OPS, BlockOps, rms_norm
 from stages.rope import RopeAngles, RopeTables
 
 
@@ -71,8 +72,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -96,12 +96,14 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(
-        self, x_BLD: torch.Tensor, rope: RopeAngles, attn: BlockAttention, block_index: int
+        self, x_BLD: torch.Tensor, rope: RopeAngles, attn: BlockAttention, block_index: int,
+        ops: BlockOps = EAGER_OPS,
     ) -> torch.Tensor:
         b, num_tokens, d = x_BLD.shape
         heads = (b, num_tokens, self.num_heads, d // self.num_heads)
-        q_BLND = rope.apply(self.norm_q(self.q(x_BLD)).view(heads))
-        k_BLND = rope.apply(self.norm_k(self.k(x_BLD)).view(heads))
+        cos, sin = rope.cos_BL1P, rope.sin_BL1P
+        q_BLND = ops.rms_norm_rotate(self.q(x_BLD), self.norm_q.weight, self.norm_q.eps, self.num_heads, cos, sin)
+        k_BLND = ops.rms_norm_rotate(self.k(x_BLD), self.norm_k.weight, self.norm_k.eps, self.num_heads, cos, sin)
         v_BLND = self.v(x_BLD).view(heads)
         out_BLND = attn.self_attend(block_index, q_BLND, k_BLND, v_BLND)
         return self.o(out_BLND.flatten(2))
@@ -126,14 +128,21 @@ class CrossAttention(nn.Module):
         heads = (b, s, self.num_heads, d // self.num_heads)
         return self.norm_k(self.k(ctx_BSD)).view(heads), self.v(ctx_BSD).view(heads)
 
-    def forward(self, x_BLD: torch.Tensor, attn: BlockAttention, block_index: int) -> torch.Tensor:
+    def forward(
+        self, x_BLD: torch.Tensor, attn: BlockAttention, block_index: int, ops: BlockOps = EAGER_OPS
+    ) -> torch.Tensor:
         b, num_tokens, d = x_BLD.shape
-        q_BLND = self.norm_q(self.q(x_BLD)).view(b, num_tokens, self.num_heads, d // self.num_heads)
+        q_BLD = ops.rms_norm(self.q(x_BLD), self.norm_q.weight, self.norm_q.eps)
+        q_BLND = q_BLD.view(b, num_tokens, self.num_heads, d // self.num_heads)
         return self.o(attn.cross_attend(block_index, q_BLND).flatten(2))
 
 
 class WanBlock(nn.Module):
-    """Pre-norm adaLN block: self-attention, cross-attention, FFN (spec B step 4)."""
+    """Pre-norm adaLN block: self-attention, cross-attention, FFN (spec B step 4).
+
+    `ops` (stages.fused) holds the elementwise pieces: eager by default, compiled on CUDA
+    (`WanDiT.use_ops`). It is configuration, not weights or per-stream state.
+    """
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -147,6 +156,7 @@ class WanBlock(nn.Module):
             nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d)
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        self.ops: BlockOps = EAGER_OPS
 
     def forward(
         self,
@@ -156,20 +166,16 @@ class WanBlock(nn.Module):
         attn: BlockAttention,
         block_index: int,
     ) -> torch.Tensor:
-        b, num_tokens, d = x_BLD.shape
-        num_frames = e0_BF6D.shape[1]
-        per_frame = (num_frames, num_tokens // num_frames)  # modulation is broadcast per latent frame
+        ops = self.ops  # modulation is broadcast per latent frame: each chunk is [B, F, 1, D]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e0_BF6D).chunk(6, dim=2)
 
-        h_BFPD = self.norm1(x_BLD).unflatten(1, per_frame) * (1 + scale1) + shift1
-        y_BLD = self.self_attn(h_BFPD.flatten(1, 2), rope, attn, block_index)
-        x_BLD = x_BLD + (y_BLD.unflatten(1, per_frame) * gate1).flatten(1, 2)
+        h_BLD = ops.modulate(x_BLD, shift1, scale1, self.norm1.eps)
+        x_BLD = ops.gated_residual(x_BLD, self.self_attn(h_BLD, rope, attn, block_index, ops), gate1)
 
-        x_BLD = x_BLD + self.cross_attn(self.norm3(x_BLD), attn, block_index)
+        x_BLD = x_BLD + self.cross_attn(self.norm3(x_BLD), attn, block_index, ops)
 
-        h_BFPD = self.norm2(x_BLD).unflatten(1, per_frame) * (1 + scale2) + shift2
-        y_BLD = self.ffn(h_BFPD.flatten(1, 2))
-        return x_BLD + (y_BLD.unflatten(1, per_frame) * gate2).flatten(1, 2)
+        h_BLD = ops.modulate(x_BLD, shift2, scale2, self.norm2.eps)
+        return ops.gated_residual(x_BLD, self.ffn(h_BLD), gate2)
 
 
 class WanHead(nn.Module):
@@ -258,6 +264,11 @@ class WanDiT(nn.Module):
         from stages.checkpoints import load_dit_state_dict
 
         load_dit_state_dict(self, full_state_dict)
+
+    def use_ops(self, ops: BlockOps) -> None:
+        """Run every owned block's elementwise pieces through `ops` (stages.fused: eager or compiled)."""
+        for block in self.blocks.values():
+            block.ops = ops
 
     def rope_tables(self, device: torch.device) -> RopeTables:
         tables = self._rope_by_device.get(device)

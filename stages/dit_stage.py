@@ -33,6 +33,7 @@ from stages.cuda_graphs import ShardGraphRunner
 from stages.dit import WanDiT
 from stages.errors import BadRequestError, StreamExistsError, StreamNotFoundError
 from stages.flow_match import FlowMatchSchedule
+from stages.fused import EAGER_OPS, BlockOps, compiled_ops
 from stages.kv_cache import BlockKVCache, DiTStreamState, KVCachePolicy
 
 Segment = tuple[str, tuple[int, ...]]
@@ -68,6 +69,11 @@ class DiTMicroBatch:
     sink_check: bool = True
     evict: bool = True
     capture: bool = True
+    start_frames: tuple[int, ...] | None = None
+    """Host copy of start_frames_B, when the sender has it: lets each shard know, without reading
+    a tensor, which segments' caches are full (no attention mask needed). None = always mask."""
+    full_segments: tuple[bool, ...] | None = None
+    """Set by the shard from its host mirror (`DiTStreamState.advance_host_ends`), per segment."""
 
     @property
     def num_rows(self) -> int:
@@ -90,30 +96,34 @@ class DiTMicroBatch:
 class _MicroBatchAttention:
     """`BlockAttention` over a micro-batch: routes each segment's rows to its stream's caches."""
 
-    def __init__(self, batch: DiTMicroBatch, states: list[DiTStreamState], device: torch.device) -> None:
+    def __init__(self, batch: DiTMicroBatch, states: list[DiTStreamState], device: torch.device,
+                 ops: BlockOps = EAGER_OPS) -> None:
+        self._plan = ops.plan_cache_write
         tokens_per_frame = states[0].tokens_per_frame
         token_starts_B = batch.start_frames_B.to(device) * tokens_per_frame
         self._sink_check = batch.sink_check
         self._evict = batch.evict
         self._parts = []
-        for (_, slots), rows, state in zip(batch.segments, batch.row_slices(), states):
+        full = batch.full_segments or (False,) * len(states)
+        for (_, slots), rows, state, is_full in zip(batch.segments, batch.row_slices(), states, full):
             slots_B = state.slot_index(slots, device)
             all_in_order = slots == tuple(range(state.num_slots))
             self._parts.append(
-                (rows, state, slots_B, None if all_in_order else slots_B, token_starts_B[rows])
+                (rows, state, slots_B, None if all_in_order else slots_B, token_starts_B[rows], is_full)
             )
 
     def self_attend(
         self, block_index: int, q_BLND: torch.Tensor, k_BLND: torch.Tensor, v_BLND: torch.Tensor
     ) -> torch.Tensor:
         outs = []
-        for rows, state, slots_B, cache_rows_B, starts_B in self._parts:
+        for rows, state, slots_B, cache_rows_B, starts_B, is_full in self._parts:
             cache: BlockKVCache = state.kv[block_index]
             lengths_B = cache.update(
                 slots_B, starts_B, k_BLND[rows], v_BLND[rows], sink_check=self._sink_check,
-                evict=self._evict,
+                evict=self._evict, all_slots=cache_rows_B is None, plan=self._plan,
             )
-            outs.append(attend_kv_cache(q_BLND[rows], cache.k_RCND, cache.v_RCND, lengths_B, cache_rows_B))
+            outs.append(attend_kv_cache(q_BLND[rows], cache.k_RCND, cache.v_RCND,
+                                        None if is_full else lengths_B, cache_rows_B))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def cross_attend(self, block_index: int, q_BLND: torch.Tensor) -> torch.Tensor:
@@ -133,6 +143,9 @@ class DiTShard:
         schedule: flow-matching schedule for the x0 conversion (last shard only); default shift 8.
         cuda_graphs: replay steady-state micro-steps from CUDA graphs (stages/cuda_graphs.py); only
             takes effect on a CUDA device, and falls back to eager for good if a capture fails.
+        compile_ops: run the blocks' elementwise pieces and the KV-cache bookkeeping through
+            torch.compile (stages/fused.py); only takes effect on a CUDA device. None (default) =
+            as cuda_graphs: the fast GPU path is both.
     """
 
     def __init__(
@@ -143,12 +156,16 @@ class DiTShard:
         dtype: torch.dtype,
         schedule: FlowMatchSchedule | None = None,
         cuda_graphs: bool = False,
+        compile_ops: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.schedule = (schedule or FlowMatchSchedule()).to(self.device)
         self._streams: dict[str, DiTStreamState] = {}
+        compile_ops = cuda_graphs if compile_ops is None else compile_ops
+        self.ops: BlockOps = compiled_ops() if compile_ops and self.device.type == "cuda" else EAGER_OPS
+        self.model.use_ops(self.ops)
         self.graphs: ShardGraphRunner | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = ShardGraphRunner(self._compute, self.device)
@@ -283,6 +300,13 @@ class DiTShard:
         from a CUDA graph; the result is the same computation on the same state.
         """
         states = self._check(batch)
+        if batch.start_frames is not None:
+            num_frames = batch.grid_fhw[0]
+            full = tuple(
+                state.advance_host_ends(slots, batch.start_frames[rows], num_frames)
+                for (_, slots), rows, state in zip(batch.segments, batch.row_slices(), states)
+            )
+            batch = dataclasses.replace(batch, full_segments=full)
         out = None
         if self.graphs is not None and batch.capture:
             out = self.graphs.run(batch, states)
@@ -332,7 +356,7 @@ class DiTShard:
         timesteps_B = batch.timesteps_B.to(self.device)
         e_BFD, e0_BF6D = self.model.time_embeddings(timesteps_B[:, None].expand(-1, f))
         rope = self.model.rope_tables(self.device).angles(batch.start_frames_B.to(self.device), f, hp, wp)
-        attn = _MicroBatchAttention(batch, states, self.device)
+        attn = _MicroBatchAttention(batch, states, self.device, self.ops)
         x_BLD = self.model.run_blocks(x_BLD, e0_BF6D, rope, attn)
 
         if not self.is_last:

@@ -44,6 +44,7 @@ front inserts, the full phase keeps the length constant). `queue_lists()` reads 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -81,8 +82,17 @@ class BlockKVCache:
     """One block's self-attention cache of one stream, for R slots.
 
     Tensors: k_RCND, v_RCND (keys stored rotated), global_end_R, local_end_R (int64 token indices),
-    and the eviction ring queue_RQ with its head_R / len_R. All on one device.
+    the eviction ring queue_RQ with its head_R / len_R, and the running per-frame means of the sink
+    frames sink_k_RSX / sink_v_RSX (X = N*D; what the adaptive sink check compares against, kept up
+    to date on every write that lands in a sink frame, so the check never re-reads the cache). All on
+    one device.
     """
+
+    TENSOR_FIELDS = (
+        "k_RCND", "v_RCND", "global_end_R", "local_end_R", "queue_RQ", "queue_head_R", "queue_len_R",
+        "sink_k_RSX", "sink_v_RSX",
+    )
+    """Every tensor of the cache (copied by `replicated_from_slot0`, moved whole by a block rebalance)."""
 
     def __init__(
         self,
@@ -107,6 +117,9 @@ class BlockKVCache:
         self.queue_RQ = torch.zeros(num_slots, policy.queue_capacity, **long)
         self.queue_head_R = torch.zeros(num_slots, **long)
         self.queue_len_R = torch.zeros(num_slots, **long)
+        sinks = (num_slots, policy.num_sink_frames, num_heads * head_dim)
+        self.sink_k_RSX = torch.zeros(sinks, device=device, dtype=dtype)  # mean of an all-zero frame
+        self.sink_v_RSX = torch.zeros(sinks, device=device, dtype=dtype)
 
     @property
     def num_slots(self) -> int:
@@ -125,6 +138,8 @@ class BlockKVCache:
         *,
         sink_check: bool = True,
         evict: bool = True,
+        all_slots: bool = False,
+        plan: Callable[..., tuple[torch.Tensor, ...]] | None = None,
     ) -> torch.Tensor:
         """Run one call of the state machine for rows `slots_B` and write their new K/V.
 
@@ -135,100 +150,48 @@ class BlockKVCache:
             sink_check: False skips step 1 even for a single-frame call (Weir's 1-latent prefill).
             evict: False (a non-last step of a step-by-step frame) peeks the queue head in the full
                 phase instead of popping it (module docstring).
+            all_slots: the rows are exactly slots 0..R-1 in order (then state is written back whole).
+            plan: `plan_cache_write` or a compiled copy of it (stages.fused); None = the eager one.
 
         Returns:
             lengths_B: valid cache tokens of each row after the write (what attention reads).
         """
-        fp, cap = self.tokens_per_frame, self.capacity
-        sink_tokens = self.policy.num_sink_frames * fp
-        num_q = self.policy.queue_capacity
-        b, m = k_BMND.shape[:2]
-        rows_B = torch.arange(b, device=slots_B.device)
-        c_end_B = token_starts_B + m
-        global_B = self.global_end_R[slots_B]
-        local_B = self.local_end_R[slots_B]
-        queue_BQ = self.queue_RQ[slots_B]
-        head_B = self.queue_head_R[slots_B]
-        len_B = self.queue_len_R[slots_B]
-
-        # 1. adaptive sink check (single-frame calls only), pushes to the front of the queue
-        if sink_check and self.policy.sink_check_enabled and m <= fp:
-            fire_B, target_B = self._sink_check(slots_B, k_BMND, v_BMND)
-            head_B = torch.where(fire_B, (head_B - 1) % num_q, head_B)
-            queue_BQ[rows_B, head_B] = torch.where(fire_B, target_B, queue_BQ[rows_B, head_B])
-            len_B = len_B + fire_B.long()
-
-        # 2. full phase: pop the head, re-append it if it is a rolling (non-sink) frame end
-        full_B = (c_end_B > cap) | (local_B >= cap)
-        popped_B = queue_BQ[rows_B, head_B]
-        pop_B = full_B if evict else torch.zeros_like(full_B)
-        head_B = torch.where(pop_B, (head_B + 1) % num_q, head_B)
-        len_B = len_B - pop_B.long()
-        reappend_B = pop_B & (popped_B > sink_tokens)
-        tail_B = (head_B + len_B) % num_q
-        queue_BQ[rows_B, tail_B] = torch.where(reappend_B, popped_B, queue_BQ[rows_B, tail_B])
-        len_B = len_B + reappend_B.long()
-
-        # 3. fill phase: advance local_end, append the end of the next frame-sized span
-        fill_local_B = local_B + c_end_B - global_B
-        rolling_B = c_end_B + m
-        last_B = queue_BQ[rows_B, (head_B + len_B - 1) % num_q]
-        append_B = (
-            ~full_B & (rolling_B > sink_tokens) & (rolling_B <= cap) & ((len_B == 0) | (last_B != rolling_B))
-        )
-        tail_B = (head_B + len_B) % num_q
-        queue_BQ[rows_B, tail_B] = torch.where(append_B, rolling_B, queue_BQ[rows_B, tail_B])
-        len_B = len_B + append_B.long()
-
-        # 4. write the new K/V and commit the bookkeeping
-        new_local_B = torch.where(full_B, torch.full_like(local_B, cap), fill_local_B)
-        write_end_B = torch.where(full_B, popped_B, fill_local_B)
-        positions_BM = write_end_B[:, None] - m + torch.arange(m, device=slots_B.device)[None, :]
-        self.k_RCND.index_put_((slots_B[:, None], positions_BM), k_BMND.to(self.k_RCND.dtype))
-        self.v_RCND.index_put_((slots_B[:, None], positions_BM), v_BMND.to(self.v_RCND.dtype))
-        self.global_end_R[slots_B] = c_end_B
-        self.local_end_R[slots_B] = new_local_B
-        self.queue_RQ[slots_B] = queue_BQ
-        self.queue_head_R[slots_B] = head_B
-        self.queue_len_R[slots_B] = len_B
-        return new_local_B
-
-    def _sink_check(
-        self, slots_B: torch.Tensor, k_BMND: torch.Tensor, v_BMND: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fire_B, front-insert value_B): compare each sink frame with the new frame (spec I.1)."""
         fp = self.tokens_per_frame
-        num_sink = self.policy.num_sink_frames
-        b = k_BMND.shape[0]
-        sink_tokens = num_sink * fp
-
-        def sink_means(cache_RCND: torch.Tensor) -> torch.Tensor:  # [B, sinks, N*D]
-            sinks_BTND = cache_RCND[:, :sink_tokens].index_select(0, slots_B)
-            return sinks_BTND.reshape(b, num_sink, fp, -1).mean(2)
-
-        k_new_B1X = k_BMND.reshape(b, 1, fp, -1).mean(2)
-        v_new_B1X = v_BMND.reshape(b, 1, fp, -1).mean(2)
-        cos_k_BS = torch.cosine_similarity(sink_means(self.k_RCND), k_new_B1X.to(self.k_RCND.dtype), dim=-1)
-        cos_v_BS = torch.cosine_similarity(sink_means(self.v_RCND), v_new_B1X.to(self.v_RCND.dtype), dim=-1)
-        avg_BS = (cos_k_BS + cos_v_BS) / 2
-        fire_B = avg_BS.min(dim=-1).values < self.policy.sink_threshold
-        target_B = (avg_BS.argmin(dim=-1) + 1) * fp
-        return fire_B, target_B
+        b, m = k_BMND.shape[:2]
+        k_BMND = k_BMND.to(self.k_RCND.dtype)
+        v_BMND = v_BMND.to(self.v_RCND.dtype)
+        state = (self.global_end_R, self.local_end_R, self.queue_RQ, self.queue_head_R, self.queue_len_R,
+                 self.sink_k_RSX, self.sink_v_RSX)
+        if not all_slots:
+            state = tuple(t[slots_B] for t in state)
+        frame_k_BFX = k_BMND.reshape(b, m // fp, fp, -1).mean(2)
+        frame_v_BFX = v_BMND.reshape(b, m // fp, fp, -1).mean(2)
+        check = sink_check and self.policy.sink_check_enabled and m <= fp
+        (global_B, local_B, queue_BQ, head_B, len_B, sink_k_BSX, sink_v_BSX, write_start_B, _) = (
+            plan or plan_cache_write
+        )(
+            *state, token_starts_B, frame_k_BFX, frame_v_BFX,
+            tokens_per_frame=fp, capacity=self.capacity, num_sink_frames=self.policy.num_sink_frames,
+            sink_threshold=self.policy.sink_threshold, sink_check=check, evict=evict,
+        )
+        # the new K/V: row b's tokens go to [write_start_B[b], write_start_B[b] + m) of its slot
+        flat_BM = (slots_B * self.capacity + write_start_B)[:, None] + torch.arange(m, device=slots_B.device)
+        self.k_RCND.view(-1, *self.k_RCND.shape[2:]).index_copy_(0, flat_BM.flatten(), k_BMND.flatten(0, 1))
+        self.v_RCND.view(-1, *self.v_RCND.shape[2:]).index_copy_(0, flat_BM.flatten(), v_BMND.flatten(0, 1))
+        new_state = (global_B, local_B, queue_BQ, head_B, len_B, sink_k_BSX, sink_v_BSX)
+        for name, value in zip(self.TENSOR_FIELDS[2:], new_state):
+            if all_slots:
+                getattr(self, name).copy_(value)
+            else:
+                getattr(self, name)[slots_B] = value
+        return local_B
 
     def replicated_from_slot0(self, num_slots: int) -> BlockKVCache:
         """A cache of `num_slots` slots, each a copy of slot 0 (K/V, ends and eviction queue)."""
         out = BlockKVCache.__new__(BlockKVCache)
         out.tokens_per_frame = self.tokens_per_frame
         out.policy = self.policy
-        for name in (
-            "k_RCND",
-            "v_RCND",
-            "global_end_R",
-            "local_end_R",
-            "queue_RQ",
-            "queue_head_R",
-            "queue_len_R",
-        ):
+        for name in self.TENSOR_FIELDS:
             t = getattr(self, name)
             setattr(out, name, t[:1].repeat(num_slots, *([1] * (t.dim() - 1))))
         return out
@@ -238,6 +201,88 @@ class BlockKVCache:
         q, head, size = self.queue_RQ.tolist(), self.queue_head_R.tolist(), self.queue_len_R.tolist()
         cap = self.policy.queue_capacity
         return [[q[r][(head[r] + i) % cap] for i in range(size[r])] for r in range(len(q))]
+
+
+def plan_cache_write(
+    global_B: torch.Tensor,
+    local_B: torch.Tensor,
+    queue_BQ: torch.Tensor,
+    head_B: torch.Tensor,
+    len_B: torch.Tensor,
+    sink_k_BSX: torch.Tensor,
+    sink_v_BSX: torch.Tensor,
+    token_starts_B: torch.Tensor,
+    frame_k_BFX: torch.Tensor,
+    frame_v_BFX: torch.Tensor,
+    *,
+    tokens_per_frame: int,
+    capacity: int,
+    num_sink_frames: int,
+    sink_threshold: float,
+    sink_check: bool,
+    evict: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Steps 1-4 of the module docstring for B rows, as a pure function of small tensors (no K/V):
+    returns the rows' new (global_end, local_end, queue, head, len, sink_k, sink_v), the token
+    where each row's write starts, and whether each row's sink check fired. Pure, so torch.compile
+    can fuse its few dozen tiny ops.
+
+    frame_k_BFX / frame_v_BFX are the per-frame means of the new keys / values (X = N*D). A write
+    covers F whole frames starting at a frame boundary, so the sink frames it lands in take those
+    means; the check compares the sinks' means with the new frame's (spec I.1).
+    """
+    fp, cap, num_q = tokens_per_frame, capacity, queue_BQ.shape[1]
+    sink_tokens = num_sink_frames * fp
+    b, num_frames = frame_k_BFX.shape[:2]
+    m = num_frames * fp
+    rows_B = torch.arange(b, device=global_B.device)
+    queue_BQ = queue_BQ.clone()
+    c_end_B = token_starts_B + m
+    fire_B = torch.zeros_like(global_B, dtype=torch.bool)
+
+    # 1. adaptive sink check (single-frame calls only), pushes to the front of the queue
+    if sink_check and num_sink_frames > 0:
+        cos_k_BS = torch.cosine_similarity(sink_k_BSX, frame_k_BFX, dim=-1)
+        cos_v_BS = torch.cosine_similarity(sink_v_BSX, frame_v_BFX, dim=-1)
+        avg_BS = (cos_k_BS + cos_v_BS) / 2
+        fire_B = avg_BS.min(dim=-1).values < sink_threshold
+        target_B = (avg_BS.argmin(dim=-1) + 1) * fp
+        head_B = torch.where(fire_B, (head_B - 1) % num_q, head_B)
+        queue_BQ[rows_B, head_B] = torch.where(fire_B, target_B, queue_BQ[rows_B, head_B])
+        len_B = len_B + fire_B.long()
+
+    # 2. full phase: pop the head, re-append it if it is a rolling (non-sink) frame end
+    full_B = (c_end_B > cap) | (local_B >= cap)
+    popped_B = queue_BQ[rows_B, head_B]
+    pop_B = full_B if evict else torch.zeros_like(full_B)
+    head_B = torch.where(pop_B, (head_B + 1) % num_q, head_B)
+    len_B = len_B - pop_B.long()
+    reappend_B = pop_B & (popped_B > sink_tokens)
+    tail_B = (head_B + len_B) % num_q
+    queue_BQ[rows_B, tail_B] = torch.where(reappend_B, popped_B, queue_BQ[rows_B, tail_B])
+    len_B = len_B + reappend_B.long()
+
+    # 3. fill phase: advance local_end, append the end of the next frame-sized span
+    fill_local_B = local_B + c_end_B - global_B
+    rolling_B = c_end_B + m
+    last_B = queue_BQ[rows_B, (head_B + len_B - 1) % num_q]
+    append_B = (
+        ~full_B & (rolling_B > sink_tokens) & (rolling_B <= cap) & ((len_B == 0) | (last_B != rolling_B))
+    )
+    tail_B = (head_B + len_B) % num_q
+    queue_BQ[rows_B, tail_B] = torch.where(append_B, rolling_B, queue_BQ[rows_B, tail_B])
+    len_B = len_B + append_B.long()
+
+    # 4. where the write goes, and the sink frames it lands in
+    new_local_B = torch.where(full_B, torch.full_like(local_B, cap), fill_local_B)
+    write_start_B = torch.where(full_B, popped_B, fill_local_B) - m
+    if num_sink_frames > 0:
+        frame_BS = torch.arange(num_sink_frames, device=global_B.device)[None, :] - write_start_B[:, None] // fp
+        lands_BS1 = ((frame_BS >= 0) & (frame_BS < num_frames))[:, :, None]
+        pick_BS = frame_BS.clamp(0, num_frames - 1)
+        sink_k_BSX = torch.where(lands_BS1, frame_k_BFX[rows_B[:, None], pick_BS], sink_k_BSX)
+        sink_v_BSX = torch.where(lands_BS1, frame_v_BFX[rows_B[:, None], pick_BS], sink_v_BSX)
+    return c_end_B, new_local_B, queue_BQ, head_B, len_B, sink_k_BSX, sink_v_BSX, write_start_B, fire_B
 
 
 def upload_long(values, device: torch.device | str) -> torch.Tensor:
@@ -268,7 +313,36 @@ class DiTStreamState:
     policy: KVCachePolicy
     kv: dict[int, BlockKVCache] = field(default_factory=dict)
     cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    host_local_end: list[int] = field(default_factory=list)
+    """Host mirror of every block's local_end per slot (all blocks see the same calls): see `advance_host_ends`."""
+    host_global_end: list[int] = field(default_factory=list)
     _slot_index_cache: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def advance_host_ends(self, slots: tuple[int, ...], start_frames: tuple[int, ...], num_frames: int) -> bool:
+        """Mirror one call's local_end bookkeeping on the host (phases 2-4 of the module docstring) and
+        say whether every row's cache is full after it: then attention reads the whole cache and needs
+        no length mask, which keeps it on the fast attention kernels.
+
+        local_end depends only on each call's token span, never on tensor values (the sink check moves
+        queue entries, not local_end), so the mirror is exact. Full is absorbing: once local_end is the
+        capacity, every later call is in the full phase.
+
+        Example (Fp = 16, C = 96): after a 1-frame prefill (local_end 16) the stream calls at frames
+        1, 2, 3, 4, 5 reach 32, 48, 64, 80, 96: the fifth call and every one after it are full.
+        """
+        fp = self.tokens_per_frame
+        cap = self.policy.num_cache_frames * fp
+        if len(self.host_local_end) != self.num_slots:
+            self.host_local_end = [0] * self.num_slots
+            self.host_global_end = [0] * self.num_slots
+        all_full = True
+        for slot, start in zip(slots, start_frames):
+            c_end = (start + num_frames) * fp
+            local, seen = self.host_local_end[slot], self.host_global_end[slot]
+            local = cap if (c_end > cap or local >= cap) else local + c_end - seen
+            self.host_local_end[slot], self.host_global_end[slot] = local, c_end
+            all_full = all_full and local >= cap
+        return all_full
 
     def slot_index(self, slots: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """int64 tensor of slot indices on `device`, memoised per tuple (one upload per pattern)."""
@@ -285,5 +359,8 @@ class DiTStreamState:
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 1")
         self.kv = {i: cache.replicated_from_slot0(num_slots) for i, cache in self.kv.items()}
+        if self.host_local_end:
+            self.host_local_end = [self.host_local_end[0]] * num_slots
+            self.host_global_end = [self.host_global_end[0]] * num_slots
         self.num_slots = num_slots
         self._slot_index_cache.clear()

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stages.fused import rotate
+
 
 def axis_pairs(head_dim: int) -> tuple[int, int, int]:
     """Rotation pairs of the (temporal, height, width) axes: 128 -> (22, 21, 21)."""
@@ -54,14 +56,7 @@ class RopeAngles:
 
     def apply(self, x_BLND: torch.Tensor) -> torch.Tensor:
         """Rotate adjacent channel pairs of every head; returns x's dtype and shape."""
-        b, num_tokens, n, d = x_BLND.shape
-        pairs_BLNP2 = x_BLND.float().reshape(b, num_tokens, n, d // 2, 2)
-        real_BLNP, imag_BLNP = pairs_BLNP2.unbind(-1)
-        cos, sin = self.cos_BL1P, self.sin_BL1P
-        out_BLNP2 = torch.stack(
-            (real_BLNP * cos - imag_BLNP * sin, real_BLNP * sin + imag_BLNP * cos), dim=-1
-        )
-        return out_BLNP2.reshape(b, num_tokens, n, d).to(x_BLND.dtype)
+        return rotate(x_BLND, self.cos_BL1P, self.sin_BL1P)
 
 
 class RopeTables:

@@ -344,6 +344,7 @@ class LatentStreamer:
                 start_frames_B=starts,
                 sink_check=False,
                 capture=False,
+                start_frames=(0,),
             )
             x0_1CFHW = self.run_chain(batch).x0_BCFHW
             if i + 1 < state.num_steps:
@@ -385,6 +386,7 @@ class LatentStreamer:
                 sink_check=i == 0,
                 evict=last,
                 capture=False,
+                start_frames=(state.next_frame,),
             )
             x0_1CFHW = self.run_chain(batch).x0_BCFHW
             if not last:
@@ -422,6 +424,7 @@ class LatentStreamer:
                 noisy_latents_BCFHW=torch.cat([t.noisy_latents_BCFHW for t in live]),
                 timesteps_B=upload_long([x for t in live for x in t.timesteps], self.device),
                 start_frames_B=upload_long([x for t in live for x in t.start_frames], self.device),
+                start_frames=tuple(x for t in live for x in t.start_frames),
             )
             x0_BCFHW = self.run_chain(batch).x0_BCFHW
             for tick, rows in zip(live, batch.row_slices()):

@@ -7,6 +7,7 @@ back at frame 50 (the stream starts at frame 2, so the reset happens at step 48)
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -116,16 +117,14 @@ def test_stream_matches_reference(num_steps, monkeypatch):
 
     # count sink refreshes that hit a full cache, to prove the run exercises them
     full_phase_refreshes = []
-    original_check = kv_cache.BlockKVCache._sink_check
 
-    def counting_check(self, slots_B, k, v):
-        fire_B, target_B = original_check(self, slots_B, k, v)
-        full_phase_refreshes.append(int((fire_B & (self.local_end_R[slots_B] >= self.capacity)).sum()))
-        return fire_B, target_B
-
-    monkeypatch.setattr(kv_cache.BlockKVCache, "_sink_check", counting_check)
+    def counting_plan(global_B, local_B, *args, capacity, **kw):
+        out = kv_cache.plan_cache_write(global_B, local_B, *args, capacity=capacity, **kw)
+        full_phase_refreshes.append(int((out[-1] & (local_B >= capacity)).sum()))
+        return out
 
     shard = DiTShard(model, device="cpu", dtype=torch.float32)
+    shard.ops = dataclasses.replace(shard.ops, plan_cache_write=counting_plan)
     streamer = LatentStreamer([shard])
     streamer.open(
         "s",

@@ -12,7 +12,7 @@ from stages.config import DIT_PRESETS, StreamConfig
 from stages.dit import WanDiT
 from stages.dit_stage import DiTShard
 from stages.errors import StreamExistsError, StreamNotFoundError
-from stages.stream_batch import LatentStreamer
+from stages.stream_batch import GeneratorNoise, LatentStreamer
 
 TOL = 1e-5
 NUM_STEPS = 10
@@ -188,3 +188,25 @@ def test_close_frees_state_and_ids_are_checked(weights):
         streamer.shards[0].state("a")
     with pytest.raises(StreamNotFoundError):
         streamer.step([("a", None, None)])
+
+
+def test_host_mirror_of_cache_ends_matches_the_device():
+    """The shard's host mirror of local_end (which drops the attention mask once a cache is full)
+    follows the device bookkeeping exactly, through the fill phase, the full phase and a RoPE reset."""
+    cfg = DIT_PRESETS["tiny"]
+    shard = DiTShard(WanDiT(cfg), device="cpu", dtype=torch.float32)
+    streamer = LatentStreamer([shard])
+    stream_cfg = StreamConfig(num_steps=2)
+    streamer.open("m", height=64, width=96, stream_cfg=stream_cfg,
+                  noise=GeneratorNoise(3, device="cpu", dtype=torch.float32))
+    streamer.set_prompt_context("m", torch.randn(1, 16, cfg.text_dim))
+    streamer.prefill("m", torch.randn(1, 16, 1, 8, 12))
+    state = shard.state("m")
+    seen_full = []
+    for k in range(stream_cfg.rope_reset_frame + 4):
+        streamer.step([("m", torch.randn(1, 16, 1, 8, 12), None)])
+        for cache in state.kv.values():
+            assert state.host_local_end == cache.local_end_R.tolist(), f"step {k}"
+            assert state.host_global_end == cache.global_end_R.tolist(), f"step {k}"
+        seen_full.append(all(e == cache.capacity for e in state.host_local_end))
+    assert not seen_full[0] and all(seen_full[-10:])

@@ -1,0 +1,124 @@
+"""The DiT block's elementwise pieces, as plain functions that torch.compile can fuse on CUDA.
+
+Shape legend:
+    B  rows      L  tokens per row (F * Fp)      F  latent frames per row      D  model width
+    N  heads     Dh head dim                     P  rotation pairs per head (Dh / 2)
+
+Eager, each piece is a handful of kernels over a [B, L, D] tensor (a LayerNorm, then a multiply and
+an add for the adaLN modulation; float32 casts, a mean, an rsqrt and three multiplies for the
+RMSNorm; a split, four multiplies, two adds and a stack for RoPE). A 1.3B step runs 30 blocks of
+them, thousands of memory-bound launches that cost more than the block's matmuls. Compiled, each
+piece is one kernel that reads its input once.
+
+The KV cache's bookkeeping (`stages.kv_cache.plan_cache_write`: sink check, eviction ring, write
+position, a few dozen ops on tensors of a few hundred bytes) is compiled the same way.
+
+`BlockOps` bundles the pieces; a block calls them through `block.ops`. `EAGER_OPS` is the default
+everywhere (CPU tests compare it bit for bit with the reference); `compiled_ops()` returns the same
+functions through `torch.compile`, built once per process and shared by every block (a CUDA-graph
+capture after the first eager call replays the compiled kernels). The math is the same; in bf16 the fused kernels round at fewer places.
+
+Worked example (modulate, one row of F = 2 frames of Fp = 3 tokens): the LayerNorm of each of the
+6 tokens is scaled by (1 + scale[f]) and shifted by shift[f] of its frame f = token // 3.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stages.kv_cache import plan_cache_write
+
+
+def modulate(
+    x_BLD: torch.Tensor,
+    shift_BF1D: torch.Tensor,
+    scale_BF1D: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """adaLN: LayerNorm(x) (no affine) * (1 + scale) + shift, per latent frame. Returns [B, L, D]."""
+    num_frames = shift_BF1D.shape[1]
+    per_frame = (num_frames, x_BLD.shape[1] // num_frames)
+    h_BLD = F.layer_norm(x_BLD, (x_BLD.shape[-1],), eps=eps).type_as(x_BLD)
+    return (h_BLD.unflatten(1, per_frame) * (1 + scale_BF1D) + shift_BF1D).flatten(1, 2)
+
+
+def gated_residual(x_BLD: torch.Tensor, y_BLD: torch.Tensor, gate_BF1D: torch.Tensor) -> torch.Tensor:
+    """x + y * gate, the gate per latent frame. Returns [B, L, D]."""
+    num_frames = gate_BF1D.shape[1]
+    per_frame = (num_frames, y_BLD.shape[1] // num_frames)
+    return x_BLD + (y_BLD.unflatten(1, per_frame) * gate_BF1D).flatten(1, 2)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last dim, normalised in float32, returned in x's dtype."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def rotate(x_BLND: torch.Tensor, cos_BL1P: torch.Tensor, sin_BL1P: torch.Tensor) -> torch.Tensor:
+    """RoPE: rotate adjacent channel pairs (x[2p], x[2p+1]) of every head in float32; x's dtype out."""
+    b, num_tokens, n, d = x_BLND.shape
+    real_BLNP, imag_BLNP = x_BLND.float().reshape(b, num_tokens, n, d // 2, 2).unbind(-1)
+    out_BLNP2 = torch.stack(
+        (real_BLNP * cos_BL1P - imag_BLNP * sin_BL1P, real_BLNP * sin_BL1P + imag_BLNP * cos_BL1P), dim=-1
+    )
+    return out_BLNP2.reshape(b, num_tokens, n, d).to(x_BLND.dtype)
+
+
+def rms_norm_rotate(
+    x_BLD: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    num_heads: int,
+    cos_BL1P: torch.Tensor,
+    sin_BL1P: torch.Tensor,
+) -> torch.Tensor:
+    """RMSNorm over D, split into heads, RoPE: the self-attention query/key path. Returns [B, L, N, Dh]."""
+    b, num_tokens, d = x_BLD.shape
+    heads = (b, num_tokens, num_heads, d // num_heads)
+    return rotate(rms_norm(x_BLD, weight, eps).view(heads), cos_BL1P, sin_BL1P)
+
+
+@dataclass(frozen=True)
+class BlockOps:
+    """The elementwise pieces a WanBlock calls (eager or compiled)."""
+
+    modulate: Callable[..., torch.Tensor]
+    gated_residual: Callable[..., torch.Tensor]
+    rms_norm: Callable[..., torch.Tensor]
+    rms_norm_rotate: Callable[..., torch.Tensor]
+    plan_cache_write: Callable[..., tuple[torch.Tensor, ...]]
+    compiled: bool = False
+
+
+EAGER_OPS = BlockOps(modulate, gated_residual, rms_norm, rms_norm_rotate, plan_cache_write)
+
+
+@functools.cache
+def compiled_ops() -> BlockOps:
+    """The pieces through torch.compile, built once per process.
+
+    Each piece is compiled whole (fullgraph: a graph break would be a bug). A piece first compiles
+    for the shapes it sees; when a second shape arrives (another batch size or resolution, another
+    dtype) torch.compile recompiles it with those dimensions symbolic, so a server that batches 1..n
+    rows stays at a handful of compilations per piece. The recompile limit is raised process-wide so
+    that several dtypes and resolutions never exhaust it (a piece that hit it would raise instead of
+    running).
+    """
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+
+    def c(fn):
+        return torch.compile(fn, fullgraph=True)
+
+    return BlockOps(
+        c(modulate), c(gated_residual), c(rms_norm), c(rms_norm_rotate), c(plan_cache_write), compiled=True
+    )
