@@ -84,6 +84,29 @@ def rms_norm_rotate(
     return rotate(rms_norm(x_BLD, weight, eps).view(heads), cos_BL1P, sin_BL1P)
 
 
+def norm_silu(x_BCTHW: torch.Tensor, gamma_C111: torch.Tensor, scale: float) -> torch.Tensor:
+    """The Wan VAE's RMSNorm (L2 over channels, times sqrt(C) and gamma) followed by SiLU."""
+    return F.silu(F.normalize(x_BCTHW, dim=1) * scale * gamma_C111)
+
+
+@functools.cache
+def compiled_norm_silu() -> Callable[..., torch.Tensor]:
+    """`norm_silu` through torch.compile: one kernel per call instead of five passes over a
+    full-resolution activation (the VAE's biggest tensors)."""
+    _raise_recompile_limit()
+    return torch.compile(norm_silu, fullgraph=True)
+
+
+def _raise_recompile_limit() -> None:
+    """Process-wide: several dtypes, resolutions and layer shapes must never exhaust the limit (a
+    fullgraph piece that hit it would raise instead of running)."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+
+
 @dataclass(frozen=True)
 class BlockOps:
     """The elementwise pieces a WanBlock calls (eager or compiled)."""
@@ -106,15 +129,9 @@ def compiled_ops() -> BlockOps:
     Each piece is compiled whole (fullgraph: a graph break would be a bug). A piece first compiles
     for the shapes it sees; when a second shape arrives (another batch size or resolution, another
     dtype) torch.compile recompiles it with those dimensions symbolic, so a server that batches 1..n
-    rows stays at a handful of compilations per piece. The recompile limit is raised process-wide so
-    that several dtypes and resolutions never exhaust it (a piece that hit it would raise instead of
-    running).
+    rows stays at a handful of compilations per piece.
     """
-    import torch._dynamo
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    _raise_recompile_limit()
 
     def c(fn):
         return torch.compile(fn, fullgraph=True)

@@ -121,6 +121,7 @@ def build_vae_models(model: str, device: torch.device, dtype: torch.dtype, *, ch
             out["taehv"] = taehv
     if torch.device(device).type == "cuda":
         conv3d_channels_last_(out["wan"])
+        out["wan"].use_compiled_ops()
     return out
 
 

@@ -37,6 +37,7 @@ The module holds weights only; the caller owns each stream's caches (STYLE.md pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.config import VAEConfig
+from stages.fused import compiled_norm_silu, norm_silu
 
 CACHE_T = 2
 """Frames of input each causal conv keeps for the next call (its temporal kernel minus one)."""
@@ -99,20 +101,24 @@ class WanVAECache:
 
 
 class CausalConv3d(nn.Conv3d):
-    """Conv3d padded causally in time: 2*pad_t frames on the left only (cached frames first)."""
+    """Conv3d padded causally in time: 2*pad_t frames on the left only (cached frames first).
+
+    The spatial zero padding is the convolution's own (no padded copy of the input); in time the
+    cached frames stand in for the padding, and only a stream's first call pads with zeros.
+    """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0)
         pad_t, pad_h, pad_w = (padding,) * 3 if isinstance(padding, int) else padding
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, pad_h, pad_w))
         self.time_pad = 2 * pad_t
-        self.space_pad = (pad_w, pad_w, pad_h, pad_h)
 
     def forward(self, x_BCTHW: torch.Tensor, past_BCTHW: torch.Tensor | None = None) -> torch.Tensor:
         time_pad = self.time_pad
         if past_BCTHW is not None and time_pad > 0:
             x_BCTHW = torch.cat([past_BCTHW.to(x_BCTHW.device), x_BCTHW], dim=2)
             time_pad -= past_BCTHW.shape[2]
-        x_BCTHW = F.pad(x_BCTHW, (*self.space_pad, time_pad, 0))
+        if time_pad > 0:
+            x_BCTHW = F.pad(x_BCTHW, (0, 0, 0, 0, time_pad, 0))
         return super().forward(x_BCTHW)
 
 
@@ -215,13 +221,14 @@ class ResidualBlock(nn.Module):
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
+    norm_silu: Callable[..., torch.Tensor] = staticmethod(norm_silu)
+    """RMSNorm then SiLU in one call (stages.fused; `WanVAE.use_compiled_ops` swaps in the compiled one)."""
+
     def forward(self, x_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
         skip_BCTHW = self.shortcut(x_BCTHW)
-        for layer in self.residual:
-            if isinstance(layer, CausalConv3d):
-                x_BCTHW = _cached_conv(layer, x_BCTHW, cache)
-            else:
-                x_BCTHW = layer(x_BCTHW)
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        x_BCTHW = _cached_conv(conv1, self.norm_silu(x_BCTHW, norm1.gamma, norm1.scale), cache)
+        x_BCTHW = _cached_conv(conv2, self.norm_silu(x_BCTHW, norm2.gamma, norm2.scale), cache)
         return x_BCTHW + skip_BCTHW
 
 
@@ -339,6 +346,13 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg)
+
+    def use_compiled_ops(self) -> None:
+        """Run every residual block's RMSNorm + SiLU as one torch.compile'd kernel (CUDA)."""
+        fused = compiled_norm_silu()
+        for module in self.modules():
+            if isinstance(module, ResidualBlock):
+                module.norm_silu = fused
 
     def new_encode_cache(self) -> WanVAECache:
         """A fresh per-stream encoder cache (one slot per encoder CausalConv3d: 26 for the Wan layout)."""
