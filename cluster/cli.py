@@ -2,7 +2,9 @@
 
     weir serve   [--config serve.yaml] [--model tiny] [--device cpu] [--pipelines 1] [--max-streams 8]
     weir stream  --input FILE|webcam|generated --prompt "..." --output out.mp4 [--address localhost:9000]
+                 [--record out_server.mp4] [--change-prompt "..." --change-at 24 --blend-chunks 8 --blend slerp]
     weir demo    local Ray + the Serve app (tiny model on CPU without a GPU), a generated clip over gRPC
+                 [--web: serve the browser page at /web/ instead, until Ctrl-C]
     weir bench serve --streams N     concurrent streams against a local (or --address) deployment
     weir bench engine | pipeline     engine / pipeline benchmarks (cluster.bench)
     weir run     offline restyling of a file (cluster.offline)
@@ -68,7 +70,8 @@ def service_from_args(args: argparse.Namespace):
         max_streams=args.max_streams, num_cpus=args.pipeline_cpus, executor=args.executor,
         num_gpus=args.gpus_per_pipeline,
     )
-    return ServiceConfig(pipelines=(spec,) * args.pipelines, grpc_port=args.grpc_port, http_port=args.http_port)
+    return ServiceConfig(pipelines=(spec,) * args.pipelines, grpc_port=args.grpc_port, http_port=args.http_port,
+                         recordings_dir=args.recordings_dir)
 
 
 def _add_service_args(p: argparse.ArgumentParser, *, grpc_port: int | None = 9000, http_port: int | None = 8000) -> None:
@@ -83,6 +86,7 @@ def _add_service_args(p: argparse.ArgumentParser, *, grpc_port: int | None = 900
     p.add_argument("--executor", default="auto", choices=["auto", "graph", "inprocess"],
                    help="auto: stage actors on a compiled graph on GPUs, the engine in process on CPU")
     p.add_argument("--gpus-per-pipeline", type=int, default=1, help="GPUs one pipeline's stages span")
+    p.add_argument("--recordings-dir", default=None, help="folder for stream recordings (default: recording off)")
     p.add_argument("--grpc-port", type=int, default=grpc_port if grpc_port else 0)
     p.add_argument("--http-port", type=int, default=http_port if http_port else 0)
 
@@ -108,9 +112,11 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"weir: serving the applications of {args.config}; Ctrl-C stops")
     else:
         service = service_from_args(args)
-        weir_app.start(service)
+        weir_app.start(service, web=None if args.no_web else _web_config())
         print(f"weir: gRPC on :{service.grpc_port} (application '{service.app_name}'), "
               f"metrics at http://localhost:{service.http_port}/metrics; Ctrl-C stops")
+        if not args.no_web:
+            print(f"weir: web page at http://localhost:{service.http_port}/web/")
     try:
         while True:
             time.sleep(3600)
@@ -207,15 +213,36 @@ def _write_video(path: str, frames: list, fps: float) -> None:
 
 
 def stream_main(args: argparse.Namespace) -> int:
-    from cluster.client import stream_frames
+    import dataclasses
+
+    from cluster.client import fetch_recording, set_prompt_message, stream_frames
 
     frames, fps = _input_frames(args.input, args.height, args.width, args.max_frames, args.fps)
     live = _LiveLine()
-    result = asyncio.run(stream_frames(args.address, frames, _options_from_args(args, fps), app_name=args.app,
-                                       on_frame=live))
+    opts = dataclasses.replace(_options_from_args(args, fps), record=bool(args.record))
+    change = None
+    if args.change_prompt:
+        change = set_prompt_message(args.change_prompt, blend_chunks=args.blend_chunks, blend=args.blend)
+
+    def controls(i: int) -> list:
+        return [change] if change is not None and i == args.change_at else []
+
+    result = asyncio.run(stream_frames(args.address, frames, opts, app_name=args.app, on_frame=live,
+                                       extra_messages=controls))
     sys.stderr.write("\n")
     _write_video(args.output, result.frames, fps)
     _print_result(result, args.output)
+    if args.record:
+        from protos import weir_pb2
+
+        done = [r for r in result.recordings if r.state == weir_pb2.RECORDING_FINISHED]
+        if not done:
+            reasons = "; ".join(r.message for r in result.recording_events if r.message) or "none was finished"
+            print(f"  recording: nothing to fetch ({reasons})", file=sys.stderr)
+            return 1
+        size = asyncio.run(fetch_recording(args.address, done[0].recording_id, args.record,
+                                           api_key=opts.api_key, app_name=args.app))
+        print(f"  recording {done[0].recording_id}: {done[0].frames} frames, {size} bytes, wrote {args.record}")
     return 0
 
 
@@ -230,6 +257,13 @@ def _print_result(result, output: str | None) -> None:
         s = result.server_stats
         print(f"  server: ttff {s.ttff_ms:.0f} ms, p50 {s.latency_p50_ms:.0f} ms, p99 {s.latency_p99_ms:.0f} ms, "
               f"skipped {s.frames_skipped}, deadline misses {s.deadline_misses}")
+
+
+def _web_config():
+    """The browser page's application (deployments.web), as `weir serve` and `weir demo --web` run it."""
+    from deployments.web import WebConfig
+
+    return WebConfig()
 
 
 # ---- weir demo -----------------------------------------------------------------------------------------
@@ -248,8 +282,19 @@ def demo_main(args: argparse.Namespace) -> int:
     service = service_from_args(args)
     print(f"weir demo: Ray up in {time.monotonic() - t0:.1f} s; starting the Serve app "
           f"({service.pipelines[0].model} on {service.pipelines[0].device})")
-    weir_app.start(service)
+    weir_app.start(service, web=_web_config() if args.web else None)
     t_ready = time.monotonic()
+    if args.web:
+        print(f"weir demo: app ready in {t_ready - t0:.1f} s; open http://localhost:{service.http_port}/web/ "
+              "(webcam or a video file in, the styled video out); Ctrl-C stops")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
+        return 0
     print(f"weir demo: app ready in {t_ready - t0:.1f} s; streaming {args.num_frames} generated frames "
           f"{args.height}x{args.width} at {args.fps:g} fps over gRPC :{service.grpc_port}")
     frames = list(generated_clip(args.num_frames, args.height, args.width))
@@ -363,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     p.add_argument("--config", default=None, help="Serve config YAML (import_path deployments.app:build_app)")
     _add_service_args(p)
+    p.add_argument("--no-web", action="store_true", help="do not serve the browser page at /web/")
     p.set_defaults(fn=serve_main)
 
     p = sub.add_parser("stream", help="stream a video through a running Weir")
@@ -371,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="localhost:9000")
     p.add_argument("--app", default="weir", help="Serve application name")
     p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--record", default=None, metavar="MP4",
+                   help="also record the output on the server and fetch that recording to MP4 at the end")
+    p.add_argument("--change-prompt", default=None, help="switch to this prompt during the stream")
+    p.add_argument("--change-at", type=int, default=24, help="input frame at which --change-prompt is sent")
+    p.add_argument("--blend-chunks", type=int, default=0, help="blend the change over N chunks (0 = at once)")
+    p.add_argument("--blend", default="linear", choices=["linear", "slerp"], help="how the blend interpolates")
     _add_stream_args(p, prompt_required=True, fps=None)
     p.set_defaults(fn=stream_main)
 
@@ -380,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None)
     _add_service_args(p, grpc_port=None, http_port=None)
     _add_stream_args(p, prompt_required=False, fps=8.0)
+    p.add_argument("--web", action="store_true",
+                   help="serve the browser page and wait (instead of streaming a generated clip)")
     p.set_defaults(fn=demo_main, pipeline_cpus=0.0)
 
     p = sub.add_parser("run", help="offline restyling of a file (no Ray)", add_help=False)

@@ -5,6 +5,14 @@
     result.ttff_ms         # open sent -> first output frame received, client clock
     result.latencies_ms    # per frame: capture (client clock) -> output received
 
+Live controls go in through `extra_messages` (set_prompt_message, start_recording_message, ...); a
+recording made with `OpenOptions(record=True)` or a start_recording control is listed in
+`result.recordings` at the end and fetched with `fetch_recording`:
+
+    result = await stream_frames(address, frames, OpenOptions(prompt="...", record=True),
+                                 extra_messages=lambda i: [set_prompt_message("a dog", blend_chunks=4)] if i == 20 else [])
+    await fetch_recording(address, result.recordings[0].recording_id, "out_server.mp4")
+
 A refused or failed stream raises the typed WeirError rebuilt from the status code and trailing
 metadata (AdmissionRefusedError carries retry_after_s).
 """
@@ -12,8 +20,9 @@ metadata (AdmissionRefusedError carries retry_after_s).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,8 +31,10 @@ import numpy as np
 from deployments.codec import FrameCodec
 from deployments.errors import error_from_status
 from protos import weir_pb2, weir_pb2_grpc
+from stages.errors import WeirError
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+BLEND = {"linear": weir_pb2.BLEND_LINEAR, "slerp": weir_pb2.BLEND_SLERP}
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,12 @@ class OpenOptions:
     api_key: str = ""
     jpeg_in: bool = False
     jpeg_out: bool = False
+    prompts: tuple[tuple[str, float], ...] = ()
+    """(prompt, weight) pairs instead of `prompt` (leave `prompt` empty)."""
+    blend: str = "linear"
+    """How `prompts` are mixed: 'linear' or 'slerp'."""
+    record: bool = False
+    """Record the output on the server from the start (see fetch_recording)."""
 
     def message(self) -> weir_pb2.ClientMessage:
         return weir_pb2.ClientMessage(open=weir_pb2.StreamOpen(
@@ -52,7 +69,30 @@ class OpenOptions:
             slo=weir_pb2.SLO(ttff_ms=self.ttff_ms, frame_deadline_ms=self.frame_deadline_ms),
             api_key=self.api_key,
             output_encoding=weir_pb2.JPEG if self.jpeg_out else weir_pb2.RAW_RGB24,
+            prompts=_weighted(self.prompts), blend=BLEND[self.blend], record=self.record,
         ))
+
+
+def _weighted(prompts: Sequence[tuple[str, float]]) -> list[weir_pb2.WeightedPrompt]:
+    return [weir_pb2.WeightedPrompt(prompt=p, weight=w) for p, w in prompts]
+
+
+def set_prompt_message(prompt: str | Sequence[tuple[str, float]], *, blend_chunks: int = 0,
+                       blend: str = "linear") -> weir_pb2.ClientMessage:
+    """A prompt change: one prompt, or (prompt, weight) pairs; at once, or blended over N chunks."""
+    if isinstance(prompt, str):
+        change = weir_pb2.SetPrompt(prompt=prompt, blend_chunks=blend_chunks, blend=BLEND[blend])
+    else:
+        change = weir_pb2.SetPrompt(prompts=_weighted(prompt), blend_chunks=blend_chunks, blend=BLEND[blend])
+    return weir_pb2.ClientMessage(control=weir_pb2.Control(set_prompt=change))
+
+
+def start_recording_message() -> weir_pb2.ClientMessage:
+    return weir_pb2.ClientMessage(control=weir_pb2.Control(start_recording=weir_pb2.StartRecording()))
+
+
+def stop_recording_message() -> weir_pb2.ClientMessage:
+    return weir_pb2.ClientMessage(control=weir_pb2.Control(stop_recording=weir_pb2.StopRecording()))
 
 
 @dataclass
@@ -62,6 +102,10 @@ class StreamResult:
     ttff_ms: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     server_stats: weir_pb2.StreamStats | None = None
+    recording_events: list[weir_pb2.RecordingStatus] = field(default_factory=list)
+    """Every RecordingStatus the server sent during the stream, in order."""
+    recordings: list[weir_pb2.RecordingStatus] = field(default_factory=list)
+    """The stream's recordings as StreamEnded listed them (finished ones can be fetched)."""
     sent: int = 0
     started_s: float = 0.0
     finished_s: float = 0.0
@@ -144,8 +188,11 @@ async def stream_frames(
                         on_frame(msg.frame.seq, img, result.latencies_ms[-1])
                 elif kind == "stats":
                     result.server_stats = msg.stats
+                elif kind == "recording":
+                    result.recording_events.append(msg.recording)
                 elif kind == "ended":
                     result.server_stats = msg.ended.stats
+                    result.recordings = list(msg.ended.recordings)
                 elif kind == "error":
                     pass  # the status code that follows carries it
         except grpc.aio.AioRpcError as err:
@@ -168,3 +215,33 @@ async def unary(address: str, method: str, request, *, app_name: str = "weir"):
             return await getattr(stub, method)(request, metadata=metadata(app_name))
         except grpc.aio.AioRpcError as err:
             raise error_from_status(err.code(), err.details() or "", dict(err.trailing_metadata() or ())) from err
+
+
+async def fetch_recording(address: str, recording_id: str, path: str, *, api_key: str = "",
+                          app_name: str = "weir") -> int:
+    """Download a finished recording to `path` (written to a temporary name, renamed when complete);
+    returns its size. Typed errors as in stream_frames (RecordingNotFoundError for an unknown id)."""
+    tmp = f"{path}.part"
+    size = expected = 0
+    try:
+        async with channel(address) as ch:
+            stub = weir_pb2_grpc.WeirStub(ch)
+            request = weir_pb2.FetchRecordingRequest(recording_id=recording_id, api_key=api_key)
+            with open(tmp, "wb") as f:
+                async for chunk in stub.FetchRecording(request, metadata=metadata(app_name)):
+                    if not chunk.data:
+                        continue  # a failed call's status carrier
+                    if chunk.offset != size:
+                        raise WeirError(f"recording {recording_id}: chunk at offset {chunk.offset}, expected {size}")
+                    f.write(chunk.data)
+                    size += len(chunk.data)
+                    expected = chunk.total_bytes
+        if size == 0 or size != expected:
+            raise WeirError(f"recording {recording_id}: received {size} of {expected} bytes")
+        os.replace(tmp, path)
+        return size
+    except grpc.aio.AioRpcError as err:
+        raise error_from_status(err.code(), err.details() or "", dict(err.trailing_metadata() or ())) from err
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

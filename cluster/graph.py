@@ -38,7 +38,9 @@ way with other streams' ticks. In-order delivery per stream follows from the per
 
 Control operations (open / close / prompt / steps / block moves) are normal actor calls on the
 actors' main threads, outside the graph; each worker serialises them against graph tasks with a
-lock, and the driver never sends one for a stream that has a tick in flight.
+lock, and the driver never sends one for a stream that has a tick in flight. A blended prompt change
+is one control call too: every shard worker gets the target embedding once and steps the blend
+itself on each item marked `new_chunk` (no per-chunk control traffic).
 
 Failure. If an actor dies (or a tick exceeds `tick_timeout_s`), the graph is torn down (teardown
 with a bounded timeout, then kill), dead actors are replaced by new ones with the same placement
@@ -89,6 +91,7 @@ from stages.errors import (
     StreamNotFoundError,
     WeirError,
 )
+from stages.prompts import PromptMix, check_blend_chunks
 
 log = logging.getLogger("weir.graph")
 
@@ -483,7 +486,8 @@ class _Stream:
     stream_id: str
     params: StreamParams
     req: StreamOpen
-    prompt: str
+    prompt: PromptMix
+    """The prompt the stream is conditioned on (or blending to)."""
     num_steps: int
     pending: deque = field(default_factory=deque)
     """(seq, uint8 HxWx3) not yet sent."""
@@ -534,7 +538,7 @@ class ChainExecutor:
             noise_scale=params.noise_scale, seed=params.seed, vae=params.vae or self.plan.vae,
             first_chunk_frames=params.first_chunk_frames, motion_aware_noise=params.motion_aware_noise,
         )
-        s = _Stream(stream_id, params, req, params.prompt, params.num_steps)
+        s = _Stream(stream_id, params, req, PromptMix.of(params.prompt), params.num_steps)
         self._streams[stream_id] = s
         try:
             async with s.lock:
@@ -560,10 +564,11 @@ class ChainExecutor:
             )
             raise errors[0]
 
-    async def _set_prompt_on_actors(self, stream_id: str, prompt: str) -> None:
-        embeds = await self.chain.call(0, "encode_text", prompt)
+    async def _set_prompt_on_actors(self, stream_id: str, prompt: PromptMix, blend_chunks: int = 0) -> None:
+        embeds = await self.chain.call(0, "encode_prompts", prompt)
         shard_actors = self.plan.shard_actors
-        await asyncio.gather(*(self.chain.call(i, "set_text", stream_id, embeds) for i in shard_actors))
+        await asyncio.gather(*(self.chain.call(i, "set_text", stream_id, embeds, blend_chunks, prompt.mode)
+                               for i in shard_actors))
 
     async def close_stream(self, stream_id: str) -> None:
         """Free the stream everywhere. Unknown ids are a no-op (a client may vanish twice)."""
@@ -654,13 +659,15 @@ class ChainExecutor:
 
     # ---- live controls -------------------------------------------------------------------------------
 
-    async def set_prompt(self, stream_id: str, prompt: str) -> None:
-        """Swap the text conditioning; caches are kept, frames in flight finish with the new prompt."""
+    async def set_prompt(self, stream_id: str, prompt: str | PromptMix, *, blend_chunks: int = 0) -> None:
+        """StreamEngine.set_prompt: at once, or blended over the stream's next `blend_chunks` chunks."""
+        mix = PromptMix.of(prompt)
+        check_blend_chunks(blend_chunks)
         s = self._get(stream_id)
         async with s.lock:
             self._check_stream(s)
-            await self._set_prompt_on_actors(stream_id, prompt)
-            s.prompt = prompt
+            await self._set_prompt_on_actors(stream_id, mix, blend_chunks)
+            s.prompt = mix
 
     async def set_steps(self, stream_id: str, num_steps: int) -> list[OutputFrame]:
         """Change the number of denoising steps; frames in flight are finished first (returned)."""
@@ -876,7 +883,7 @@ class ChainExecutor:
         for step in range(s.num_steps):
             item = WorkItem(
                 s.stream_id, "prefill", frames_THWC=frames_THWC if step == 0 else None, step=step,
-                latents_BCFHW=x_BCFHW, decode=step == s.num_steps - 1,
+                latents_BCFHW=x_BCFHW, decode=step == s.num_steps - 1, new_chunk=step == 0,
             )
             out = await self._run(StageMessage(self._next_tick_id(), [item], sink_check=False), [s])
             x_BCFHW = _own(out.items[0].latents_BCFHW)
@@ -894,7 +901,7 @@ class ChainExecutor:
                 emit = s.in_flight.popleft() or None
             emits.append(emit)
             items.append(WorkItem(s.stream_id, "tick", frames_THWC=frames, buffer_BCFHW=s.buffer_BCFHW,
-                                  decode=emit is not None))
+                                  decode=emit is not None, new_chunk=frames is not None))
         out = await self._run(StageMessage(self._next_tick_id(), items), [s for s, _, _ in work])
         result: dict[str, list[OutputFrame]] = {}
         for (s, _, _), item, emit in zip(work, out.items, emits):

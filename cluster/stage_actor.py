@@ -11,7 +11,9 @@ Roles, from cluster.plan.StagePlacement (one worker may hold several, in this or
             bookkeeping (StreamBatchState.begin_tick: shift, place the new chunk, pick the rows);
             assembles the DiTMicroBatch. Also hosts the text encoder.
     shard   (block range) DiTShard.forward over its blocks only: it builds / loads ONLY its blocks'
-            weights and keeps only their KV caches.
+            weights and keeps only their KV caches. Each stream's prompt blend (stages.prompt_blend)
+            advances on every shard worker when an item carries a new chunk (`WorkItem.new_chunk`),
+            before the forward, exactly where the single-process LatentStreamer advances it.
     tail    (the shard that owns the last block) x0 -> StreamBatchState.end_tick: store x0, re-noise
             slots 0..n-2 with the stream's own noise source; in a prefill, re-noise between steps.
     decode  (decode role) x0 of the chunk leaving the stream batch -> VAE decode -> uint8 frames.
@@ -52,6 +54,8 @@ from stages.errors import BadRequestError, StreamExistsError, StreamNotFoundErro
 from stages.flow_match import FlowMatchSchedule, denoising_steps
 from stages.kv_cache import BlockKVCache, upload_long
 from stages.loading import _default_dtype, build_dit_shard, build_vae_models, random_init_
+from stages.prompt_blend import PromptBlend, encode_mix
+from stages.prompts import PromptMix, check_blend_chunks
 from stages.stream_batch import GeneratorNoise, StreamBatchState
 from stages.vae_stage import VAEDecodeStage, VAEEncodeStage, frames_model_to_uint8, frames_uint8_to_model
 
@@ -108,6 +112,9 @@ class WorkItem:
     """prefill step > 0: x_t (CPU) from the driver; tail -> driver: the next step's x_t (CPU)."""
     decode: bool = False
     """Decode this item's x0 at the end of the chain (the driver's emission bookkeeping decides)."""
+    new_chunk: bool = False
+    """Set by the driver: a new chunk enters the DiT with this item (a tick with frames, or prefill
+    step 0), so the stream's prompt blend moves one chunk on before the forward."""
     slots: tuple[int, ...] | None = None
     """Set by the head: the forwarded slots (None: nothing forwarded)."""
     statuses: list | None = None
@@ -296,6 +303,8 @@ class StageWorker:
         self._heads: dict[str, _HeadStream] = {}
         self._tails: dict[str, StreamBatchState] = {}
         self._params: dict[str, StreamOpen] = {}
+        self._prompts: dict[str, PromptBlend] = {}
+        """Shard workers: each stream's conditioning and running blend."""
 
     # ---- roles ----------------------------------------------------------------------------------------
 
@@ -381,6 +390,7 @@ class StageWorker:
             vae = params.vae
             self._heads.pop(stream_id, None)
             self._tails.pop(stream_id, None)
+            self._prompts.pop(stream_id, None)
             for registry in (self.encoders.get(vae), self.decoders.get(vae)):
                 if registry is not None and registry.has_stream(stream_id):
                     registry.close_stream(stream_id)
@@ -400,19 +410,42 @@ class StageWorker:
         with self._lock:
             return list(self._params)
 
-    def encode_text(self, prompt: str) -> torch.Tensor:
-        """Head only: the prompt's text embeddings [1, 512, 4096] in the model dtype, on the CPU."""
+    def encode_prompts(self, prompt: str | PromptMix) -> torch.Tensor:
+        """Head only: the text embeddings [1, 512, 4096] of a prompt or a weighted mix (mixed on this
+        worker's device, as the single-process engine mixes), in the model dtype, on the CPU."""
         if self.text is None:
             raise BadRequestError(f"actor {self.index} has no text encoder (it is not the encode actor)")
         with self._lock:
-            return self.text.encode(prompt).to(self.device, self.dtype).cpu()
+            return encode_mix(self.text, PromptMix.of(prompt), self.device, self.dtype).cpu()
 
-    def set_text(self, stream_id: str, text_embeds_BST: torch.Tensor) -> None:
-        """Set or swap the stream's prompt on this worker's shard (no-op without a shard)."""
+    def set_text(self, stream_id: str, text_embeds_BST: torch.Tensor, blend_chunks: int = 0,
+                 mode: str = "linear") -> None:
+        """Set or swap the stream's prompt on this worker's shard (no-op without a shard): at once, or
+        blended over the stream's next `blend_chunks` chunks (LatentStreamer.set_prompt_context)."""
+        check_blend_chunks(blend_chunks)
         with self._lock:
             self._require(stream_id)
-            if self.shard is not None:
-                self.shard.set_text_context(stream_id, text_embeds_BST.to(self.device, self.dtype))
+            if self.shard is None:
+                return
+            target = text_embeds_BST.to(self.device, self.dtype)
+            now = self._prompts.setdefault(stream_id, PromptBlend()).retarget(target, blend_chunks, mode)
+            if now is not None:
+                self.shard.set_text_context(stream_id, now)
+
+    def prompt_context(self, stream_id: str) -> torch.Tensor | None:
+        """Shard workers: the text embedding the stream is conditioned on now (CPU), else None."""
+        with self._lock:
+            self._require(stream_id)
+            blend = self._prompts.get(stream_id)
+            return None if blend is None or blend.current is None else blend.current.cpu()
+
+    def _advance_prompts(self, msg: StageMessage) -> None:
+        """The items carrying a new chunk move their stream's prompt blend on (LatentStreamer order)."""
+        for item in msg.items:
+            blend = self._prompts.get(item.stream_id) if item.new_chunk else None
+            now = None if blend is None else blend.advance()
+            if now is not None:
+                self.shard.set_text_context(item.stream_id, now)
 
     def set_num_steps(self, stream_id: str, num_steps: int) -> None:
         """Resize the stream to n slots (LatentStreamer.set_num_steps, split by role)."""
@@ -463,6 +496,7 @@ class StageWorker:
                         self._run_head(msg)
                 if self.shard is not None and msg.batch is not None:
                     with self._timed("dit"):
+                        self._advance_prompts(msg)
                         msg.batch = self.shard.forward(msg.batch)
                         steps = msg.prefill_timesteps
                         if steps is not None and msg.items[0].step == len(steps) - 1:

@@ -2,11 +2,14 @@
 
 One application:
 
-    gRPC   Ingress (the ingress deployment) -> Router -> Pipeline-<i>-<model> (one deployment each)
+    gRPC   Ingress (the ingress deployment) -> Router -> Pipeline-<i>-<model> (one deployment per pool)
     HTTP   GET /metrics on the Serve HTTP proxy -> Ingress -> Metrics (the one Prometheus exporter)
+    web    GET /web/ (the browser page), its WebSocket and WebRTC signalling -> WebIngress, a second
+           application (deployments.web) reaching the same Router, pipelines and Metrics by handle
 
-Every pipeline is its own deployment with one replica, so a stream's affinity is the deployment name
-the router chose. Scale out by adding pipelines to the config (one per GPU, or per GPU group).
+Every PipelineSpec is a deployment: a pool of replicas of one GPU class (PipelineSpec.replicas, or
+autoscaled up to max_replicas on SLO slack). The Router admits each stream to one replica of one pool;
+deployments.affinity routes every later call for the stream to that replica.
 
 `build_app` is also the `import_path` target of a Serve config YAML (`deployments.app:build_app`, with
 the ServiceConfig fields as `args`).
@@ -17,6 +20,7 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.config import gRPCOptions
 
+from deployments.autoscaling import pool_size_options
 from deployments.config import ServiceConfig
 from deployments.ingress import Ingress
 from deployments.metrics import Metrics
@@ -47,7 +51,7 @@ def build_application(service: ServiceConfig, executor_factory=None):
             if spec.gpu_type not in ("", "cpu"):
                 actor_options["accelerator_type"] = spec.gpu_type
         pipelines[name] = Pipeline.options(
-            name=name, num_replicas=1, ray_actor_options=actor_options,
+            name=name, **pool_size_options(spec), ray_actor_options=actor_options,
             max_ongoing_requests=max(64, 8 * spec.max_streams), **placement,
         ).bind(name, spec, service, metrics, executor_factory)
     router = Router.options(ray_actor_options={"num_cpus": 0}).bind(service, pipelines, metrics)
@@ -60,11 +64,19 @@ def build_app(args: dict | None = None):
     return build_application(service)
 
 
-def start(service: ServiceConfig, *, executor_factory=None, blocking: bool = False) -> None:
-    """Start Serve (gRPC proxy on service.grpc_port, HTTP on http_port) and run the app (Ray must be up)."""
+def start(service: ServiceConfig, *, executor_factory=None, blocking: bool = False, web=None) -> None:
+    """Start Serve (gRPC proxy on service.grpc_port, HTTP on http_port) and run the app (Ray must be up).
+
+    `web` (a deployments.web.WebConfig) also runs the browser page's application at web.route_prefix.
+    """
     serve.start(
         http_options={"host": "0.0.0.0", "port": service.http_port},
         grpc_options=gRPCOptions(port=service.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
     )
     app = build_application(service, executor_factory)
-    serve.run(app, name=service.app_name, route_prefix="/", blocking=blocking)
+    serve.run(app, name=service.app_name, route_prefix="/", blocking=blocking and web is None)
+    if web is not None:
+        from deployments.web import build_web_application, web_app_name
+
+        serve.run(build_web_application(service, web), name=web_app_name(service), route_prefix=web.route_prefix,
+                  blocking=blocking)

@@ -9,13 +9,19 @@ Three pieces, each a thin shim over `scheduling.autoscale`:
                                `scheduling.autoscale.Autoscaler` with this deployment as its one pool
     pipeline_deployment_options  per GPU class: accelerator_type / the `weir_gpu_<class>` resource,
                                stream slots from the class's capacity table, the autoscaling config
+    pool_size_options          a PipelineSpec's pool size: fixed replicas, or this policy between bounds
 
-Scale-down safety. Serve, not the policy, picks which replica to stop (pending first, then the newest on
-the emptiest node), so the policy (1) never targets fewer replicas than hold live streams, (2) removes
-only as many as there are replicas idle for `idle_before_removal_s`, (3) not within
-`scale_down_cooldown_s` of a scale-up; and the options set `graceful_shutdown_timeout_s` to the longest
-stream a replica is allowed to outlive (MAX_STREAM_S), so a busy replica Serve picks anyway drains
-instead of cutting its streams.
+Scale-down safety. Serve, not the policy, picks which replica a downscale stops (Ray 2.60's
+`DeploymentScheduler._get_replicas_to_stop`: replicas not yet running first, then by node — head node
+last, fewest replicas first — newest first; it never looks at load). So three things hold together:
+  1. the policy never targets fewer replicas than hold live streams, removes only as many as there are
+     replicas idle for `idle_before_removal_s`, and not within `scale_down_cooldown_s` of a scale-up;
+  2. admission fills the oldest replicas first (scheduling.admission), so the newest — Serve's first
+     pick — are the ones that go idle;
+  3. whichever replica Serve stops, no stream is cut or moved: deployments.affinity keeps routing the
+     stopping replica's streams to it while Serve's graceful shutdown waits for them (a live stream is an
+     ongoing request), up to `graceful_shutdown_timeout_s` = MAX_STREAM_S. A stream still running on a
+     stopping replica after MAX_STREAM_S is the one case that is cut.
 
 Hook in the Pipeline deployment (deployments/pipeline.py):
 
@@ -289,6 +295,15 @@ def pipeline_deployment_options(
 def slots_of(gpu: GpuClass, spec: PipelineSpec, shape: tuple[int, int, int] = (480, 832, 2)) -> int:
     """The stream slots a replica of this class gets (PipelineSpec.max_streams for the class)."""
     return gpu.slots_for(spec.model, *shape) or spec.max_streams
+
+
+def pool_size_options(spec: PipelineSpec) -> dict:
+    """`Pipeline.options(**...)` sizing a spec's pool: `num_replicas` for a fixed pool, or the SLO
+    autoscaling config between spec.replicas and spec.max_replicas. Example: replicas 2, max_replicas 0
+    -> {"num_replicas": 2}; replicas 1, max_replicas 4 -> an autoscaling_config with min 1, max 4."""
+    if spec.max_replicas > spec.replicas:
+        return {"autoscaling_config": autoscaling_config(spec.replicas, spec.max_replicas, spec.replicas)}
+    return {"num_replicas": spec.replicas}
 
 
 def autoscaling_config(min_replicas: int, max_replicas: int, initial_replicas: int | None = None) -> dict:

@@ -16,14 +16,19 @@ from deployments.messages import (
     InFrame,
     OpenRequest,
     OutFrame,
+    PromptChange,
     StreamStatsSnapshot,
 )
 from protos import weir_pb2
 from stages.errors import BadFrameError, BadRequestError
+from stages.prompts import MAX_PROMPTS, PromptMix, WeightedPrompt, check_blend_chunks
 
 MAX_SIDE = 2048
 MAX_FPS = 120.0
 MAX_PROMPT_CHARS = 2000
+BLEND_MODES = {weir_pb2.BLEND_MODE_UNSPECIFIED: "linear", weir_pb2.BLEND_LINEAR: "linear",
+               weir_pb2.BLEND_SLERP: "slerp"}
+"""Wire BlendMode -> stages.prompts mode."""
 
 
 class FrameCodec:
@@ -39,10 +44,7 @@ class FrameCodec:
         ttff = msg.slo.ttff_ms or DEFAULT_TTFF_MS
         deadline = msg.slo.frame_deadline_ms or DEFAULT_FRAME_DEADLINE_MS
         quality = msg.jpeg_quality or 85
-        if not msg.prompt.strip():
-            raise BadRequestError("prompt must not be empty", field="prompt")
-        if len(msg.prompt) > MAX_PROMPT_CHARS:
-            raise BadRequestError(f"prompt has {len(msg.prompt)} characters; at most {MAX_PROMPT_CHARS}", field="prompt")
+        mix = self.parse_prompts(msg.prompt, msg.prompts, msg.blend)
         if not 1 <= num_steps <= 4:
             raise BadRequestError(f"num_steps={num_steps} must be 1..4", field="num_steps")
         if not 0.0 < noise <= 1.0:
@@ -61,7 +63,7 @@ class FrameCodec:
         if not 1 <= quality <= 100:
             raise BadRequestError(f"jpeg_quality={quality} must be 1..100", field="jpeg_quality")
         return OpenRequest(
-            prompt=msg.prompt,
+            prompt=msg.prompt or mix.describe(),
             num_steps=num_steps,
             noise_strength=float(noise),
             seed=int(msg.seed),
@@ -77,7 +79,35 @@ class FrameCodec:
             output_jpeg=msg.output_encoding == weir_pb2.JPEG,
             jpeg_quality=int(quality),
             client_label=msg.client_stream_id[:64],
+            mix=mix if msg.prompts else None,
+            record=bool(msg.record),
         )
+
+    def parse_prompts(self, prompt: str, prompts, blend: int) -> PromptMix:
+        """`prompt` or `prompts` (exactly one) and the BlendMode of a StreamOpen or SetPrompt, as a
+        validated PromptMix; BadRequestError naming the field."""
+        mode = BLEND_MODES.get(blend)
+        if mode is None:
+            raise BadRequestError(f"blend={blend} is not a known BlendMode", field="blend")
+        if not prompts:
+            if not prompt.strip():
+                raise BadRequestError("prompt must not be empty", field="prompt")
+            _check_prompt_length(prompt, "prompt")
+            return PromptMix.of(prompt, mode)
+        if prompt.strip():
+            raise BadRequestError("set either prompt or prompts, not both", field="prompts")
+        if len(prompts) > MAX_PROMPTS:
+            raise BadRequestError(f"{len(prompts)} prompts: give 1..{MAX_PROMPTS}", field="prompts")
+        for i, p in enumerate(prompts):
+            if not p.prompt.strip():
+                raise BadRequestError(f"prompts[{i}] is empty", field="prompts", index=i)
+            _check_prompt_length(p.prompt, f"prompts[{i}]")
+        return PromptMix(tuple(WeightedPrompt(p.prompt, float(p.weight)) for p in prompts), mode)
+
+    def parse_set_prompt(self, msg: weir_pb2.SetPrompt) -> PromptChange:
+        """A validated prompt change: the new prompt(s) and how many chunks to blend over."""
+        mix = self.parse_prompts(msg.prompt, msg.prompts, msg.blend)
+        return PromptChange(mix=mix, blend_chunks=check_blend_chunks(int(msg.blend_chunks)))
 
     def decode_frame(self, msg: weir_pb2.InputFrame, height: int, width: int, received_ts_us: int) -> InFrame:
         """Decode one input frame to uint8 [height, width, 3]; raises BadFrameError with the numbers."""
@@ -157,6 +187,11 @@ class FrameCodec:
         if msg.encoding == weir_pb2.JPEG:
             return decode_jpeg(msg.data, seq=msg.seq)
         return np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.width, 3)
+
+
+def _check_prompt_length(text: str, name: str) -> None:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise BadRequestError(f"{name} has {len(text)} characters; at most {MAX_PROMPT_CHARS}", field="prompt")
 
 
 def decode_jpeg(data: bytes, *, seq: int = -1) -> np.ndarray:

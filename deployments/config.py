@@ -42,6 +42,12 @@ class PipelineSpec:
     'graph' on CUDA, 'inprocess' on CPU (busy-polling graph actors starve a small CPU machine)."""
     num_gpus: int = 1
     """GPUs of one pipeline (graph executor): the DiT blocks are split over them (1..16)."""
+    replicas: int = 1
+    """Replicas of this pipeline deployment, a pool of one GPU class (1..64): each stream stays on one
+    of them (deployments.affinity). With max_replicas above it, the pool's minimum and first size."""
+    max_replicas: int = 0
+    """> replicas: the SLO autoscaling policy (deployments.autoscaling) sizes the pool between replicas
+    and this; 0 = a fixed pool of `replicas`."""
 
     @property
     def resolved_executor(self) -> str:
@@ -67,6 +73,11 @@ class PipelineSpec:
             raise ValueError(f"max_streams={self.max_streams} must be in 1..256")
         if self.num_cpus < 0:
             raise ValueError(f"num_cpus={self.num_cpus} must be >= 0")
+        if not 1 <= self.replicas <= 64:
+            raise ValueError(f"replicas={self.replicas} must be in 1..64")
+        if self.max_replicas and not self.replicas <= self.max_replicas <= 64:
+            raise ValueError(f"max_replicas={self.max_replicas} must be 0 (a fixed pool) or in "
+                             f"replicas={self.replicas}..64")
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,7 @@ class ServiceConfig:
     """Everything `build_app` needs. Defaults: one tiny CPU pipeline, open access."""
 
     pipelines: tuple[PipelineSpec, ...] = (PipelineSpec(),)
-    """One entry per pipeline deployment (each with one replica that owns one engine)."""
+    """One entry per pipeline deployment: a pool of `replicas` replicas of one GPU class, each owning one engine."""
     app_name: str = "weir"
     """Serve application name; clients send it as the `application` gRPC metadata."""
     grpc_port: int = 9000
@@ -94,6 +105,19 @@ class ServiceConfig:
     """Output frames held for a slow client before the oldest are dropped."""
     scheduler_ttff_margin: float = 1.0
     """Multiplier on predicted TTFF at admission (>1 = conservative)."""
+    recordings_dir: str | None = None
+    """Folder the ingress writes stream recordings to (<id>.mp4 and <id>.json each; deployments.recording);
+    None = recording off (a start is answered RECORDING_FAILED). With ingress replicas on several nodes,
+    point it at storage they share, or a fetch may land on a replica that cannot see the file."""
+    max_recordings: int = 4
+    """Recordings being written at once per ingress replica (1..64); one more is refused in-band."""
+    max_recording_bytes: int = 512 * 2**20
+    """Size at which a recording stops (finished, marked as cut short): 1 MiB..64 GiB."""
+    recording_queue_frames: int = 64
+    """Output frames held for a recording's encoder (8..4096); beyond it frames are dropped from the
+    recording (counted), never delayed on their way to the client."""
+    max_kept_recordings: int = 100
+    """Finished recordings kept in recordings_dir (1..100000); the oldest beyond it are deleted."""
 
     def __post_init__(self) -> None:
         if not self.pipelines:
@@ -112,6 +136,14 @@ class ServiceConfig:
             raise ValueError(f"output_queue_frames={self.output_queue_frames} must be >= 8")
         if self.scheduler_ttff_margin <= 0:
             raise ValueError(f"scheduler_ttff_margin={self.scheduler_ttff_margin} must be > 0")
+        if self.recordings_dir is not None and not str(self.recordings_dir).strip():
+            raise ValueError("recordings_dir must be a folder path, or None to turn recording off")
+        bounds = {"max_recordings": (1, 64), "max_recording_bytes": (2**20, 64 * 2**30),
+                  "recording_queue_frames": (8, 4096), "max_kept_recordings": (1, 100_000)}
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name}={value!r} must be an integer in [{low}, {high}]")
 
     @property
     def pipeline_names(self) -> list[str]:

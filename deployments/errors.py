@@ -38,6 +38,7 @@ ERROR_TABLE: dict[str, ErrorMapping] = {
     E.StreamNotFoundError.code: ErrorMapping(grpc.StatusCode.NOT_FOUND, weir_pb2.STREAM_NOT_FOUND),
     E.StreamExistsError.code: ErrorMapping(grpc.StatusCode.ALREADY_EXISTS, weir_pb2.BAD_REQUEST),
     E.PipelineFailedError.code: ErrorMapping(grpc.StatusCode.UNAVAILABLE, weir_pb2.PIPELINE_FAILED),
+    E.RecordingNotFoundError.code: ErrorMapping(grpc.StatusCode.NOT_FOUND, weir_pb2.RECORDING_NOT_FOUND),
     E.CheckpointError.code: ErrorMapping(grpc.StatusCode.INTERNAL, weir_pb2.INTERNAL),
     E.WeirError.code: ErrorMapping(grpc.StatusCode.INTERNAL, weir_pb2.INTERNAL),
 }
@@ -78,7 +79,8 @@ def error_from_status(code: grpc.StatusCode, details: str, trailing: dict[str, s
     classes = {cls.code: cls for cls in _weir_error_classes()}
     cls = classes.get(name or "")
     if cls is None:
-        by_grpc = {m.grpc_code: c for c, m in ERROR_TABLE.items() if c != E.StreamExistsError.code}
+        by_grpc = {m.grpc_code: c for c, m in ERROR_TABLE.items()
+                   if c not in (E.StreamExistsError.code, E.RecordingNotFoundError.code)}
         cls = classes.get(by_grpc.get(code, E.WeirError.code), E.WeirError)
     if cls is E.AdmissionRefusedError:
         retry_ms = float(trailing.get(RETRY_AFTER_KEY, "1000"))

@@ -14,6 +14,13 @@ the call ends with the mapped status code and trailing metadata (e.g. "retry-aft
 Per stream: the reader task decodes frames (codec) and pushes them to the owning pipeline in order;
 the writer relays the pipeline's output events. A client that goes away cancels both, and the
 pipeline closes the stream (no other stream loses a frame).
+
+Recordings (deployments.recording) live here, where every output frame passes: the writer hands each
+frame to the stream's running recording (a non-blocking put; encoding is on the recording's thread),
+Control.start_recording / stop_recording (or StreamOpen.record) start and stop one, each start and
+each end is told to the client as a RecordingStatus, StreamEnded lists them all, and FetchRecording
+streams a finished file back. Other transports (a web page) get all of it through `stream` and
+`fetch_recording` unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from deployments.config import ServiceConfig
 from deployments.errors import status_of, unwrap
 from deployments.messages import AdmissionGrant, OpenRequest, StreamEvent
 from deployments.pipeline import now_us
+from deployments.recording import FAILED, FINISHED, RECORDING, RecordingInfo, RecordingStore, StreamRecordings
 from deployments.tenants import TenantGate
 from protos import weir_pb2, weir_pb2_grpc
 from stages.errors import (
@@ -53,6 +61,12 @@ _OUTCOME = {
 }
 
 
+RECORDING_FINISH_TIMEOUT_S = 30.0
+"""At a clean end, how long StreamEnded waits for the stream's recordings to be finished."""
+_RECORDING_STATES = {RECORDING: weir_pb2.RECORDING_STARTED, FINISHED: weir_pb2.RECORDING_FINISHED,
+                     FAILED: weir_pb2.RECORDING_FAILED}
+
+
 class _End:
     """Sentinel: the output side finished cleanly."""
 
@@ -61,13 +75,14 @@ class IngressCore:
     """The stream protocol over injected router / pipeline / metrics clients (Serve deployment handles)."""
 
     def __init__(self, service: ServiceConfig, router, pipelines: dict, metrics=None,
-                 codec: FrameCodec | None = None) -> None:
+                 codec: FrameCodec | None = None, recordings: RecordingStore | None = None) -> None:
         self.service = service
         self.router = router
         self.pipelines = pipelines
         self.metrics = metrics
         self.codec = codec or FrameCodec()
         self.tenants = TenantGate(service.tenants)
+        self.recordings = recordings or RecordingStore.from_service(service)
 
     # ---- the bidi stream -------------------------------------------------------------------------------
 
@@ -83,8 +98,14 @@ class IngressCore:
             predicted_ttff_ms=grant.predicted_ttff_ms,
         ))
         out: asyncio.Queue = asyncio.Queue()
-        reader = asyncio.create_task(self._read(requests, pipeline, stream_id, req, out))
-        writer = asyncio.create_task(self._write(pipeline, stream_id, req, out))
+        recordings = StreamRecordings(
+            self.recordings, tenant=req.tenant, stream_id=stream_id, fps=req.input_fps, height=req.height,
+            width=req.width, notify=lambda info: out.put_nowait(_recording_message(info)),
+        )
+        if req.record:
+            out.put_nowait(_recording_message(recordings.start()))
+        reader = asyncio.create_task(self._read(requests, pipeline, stream_id, req, out, recordings))
+        writer = asyncio.create_task(self._write(pipeline, stream_id, req, out, recordings))
         clean = False
         try:
             while True:
@@ -98,10 +119,10 @@ class IngressCore:
         finally:
             reader.cancel()
             writer.cancel()
+            recordings.abandon()  # a running recording is finished and published on its own thread
             if not clean:
                 await self._quietly(pipeline.close.remote(stream_id))
-            await self._quietly(self.router.release.remote(stream_id))
-            self.tenants.release(req.tenant)
+            await self._quietly(self.router.release.remote(stream_id))  # also the tenant's stream quota
 
     async def _open(self, requests, opened_us: int) -> tuple[OpenRequest, AdmissionGrant]:
         tier = "standard"
@@ -116,17 +137,15 @@ class IngressCore:
             tenant = await asyncio.to_thread(self.tenants.authenticate, first.open.api_key)
             tier = tenant.tier
             req = self.codec.parse_open(first.open, tenant=tenant.name, tier=tier)
-            self.tenants.acquire(tenant, height=req.height, width=req.width, num_steps=req.num_steps)
+            self.tenants.check(tenant, height=req.height, width=req.width, num_steps=req.num_steps)
+            stream_id = uuid.uuid4().hex[:16]
+            # the router counts the tenant's concurrent streams (across ingress replicas) and picks the replica
+            grant = await _call(self.router.admit.remote(stream_id, req))
             try:
-                stream_id = uuid.uuid4().hex[:16]
-                grant = await _call(self.router.admit.remote(stream_id, req))
-                try:
-                    await _call(self.pipelines[grant.pipeline].open.remote(stream_id, req, opened_us))
-                except BaseException:
-                    await self._quietly(self.router.release.remote(stream_id))
-                    raise
+                await _call(self.pipelines[grant.pipeline].open.remote(stream_id, req, opened_us,
+                                                                       replica=grant.replica))
             except BaseException:
-                self.tenants.release(tenant.name)
+                await self._quietly(self.router.release.remote(stream_id))
                 raise
         except BaseException as exc:
             outcome = next((o for t, o in _OUTCOME.items() if isinstance(exc, t)), "error")
@@ -137,7 +156,8 @@ class IngressCore:
         self._record_open(tier, "admitted")
         return req, grant
 
-    async def _read(self, requests, pipeline, stream_id: str, req: OpenRequest, out: asyncio.Queue) -> None:
+    async def _read(self, requests, pipeline, stream_id: str, req: OpenRequest, out: asyncio.Queue,
+                    recordings: StreamRecordings) -> None:
         """Client -> pipeline, in order. Any error ends the stream through `out`."""
         paused, paused_frames = False, 0
         try:
@@ -152,9 +172,14 @@ class IngressCore:
                 elif kind == "control":
                     op = msg.control.WhichOneof("kind")
                     if op == "set_prompt":
-                        if not msg.control.set_prompt.prompt.strip():
-                            raise BadRequestError("set_prompt needs a non-empty prompt", field="prompt")
-                        await _call(pipeline.control.remote(stream_id, "prompt", msg.control.set_prompt.prompt))
+                        change = self.codec.parse_set_prompt(msg.control.set_prompt)
+                        await _call(pipeline.control.remote(stream_id, "prompt", change))
+                    elif op == "start_recording":
+                        out.put_nowait(_recording_message(recordings.start()))
+                    elif op == "stop_recording":
+                        reply = recordings.stop()
+                        if reply is not None:
+                            out.put_nowait(_recording_message(reply))
                     elif op == "set_steps":
                         n = msg.control.set_steps.num_steps
                         if not 1 <= n <= 4:
@@ -182,13 +207,16 @@ class IngressCore:
         except BaseException as exc:  # noqa: BLE001 - handed to the stream to map
             out.put_nowait(unwrap(exc))
 
-    async def _write(self, pipeline, stream_id: str, req: OpenRequest, out: asyncio.Queue) -> None:
-        """Pipeline -> client: frames (encoded as the client asked), stats, the end."""
+    async def _write(self, pipeline, stream_id: str, req: OpenRequest, out: asyncio.Queue,
+                     recordings: StreamRecordings) -> None:
+        """Pipeline -> client: frames (encoded as the client asked; the running recording gets each
+        one too), stats, the end (after the stream's recordings are finished)."""
         try:
             gen = pipeline.options(stream=True).events.remote(stream_id)
             async for ev in gen:
                 ev: StreamEvent
                 for f in ev.frames:
+                    recordings.add(f.frame)
                     out.put_nowait(weir_pb2.ServerMessage(
                         frame=self.codec.encode_frame(f, jpeg=req.output_jpeg, quality=req.jpeg_quality)))
                 if ev.error is not None:
@@ -196,7 +224,9 @@ class IngressCore:
                     return
                 if ev.ended:
                     stats = self.codec.encode_stats(ev.stats) if ev.stats else weir_pb2.StreamStats()
-                    out.put_nowait(weir_pb2.ServerMessage(ended=weir_pb2.StreamEnded(stats=stats)))
+                    infos = await recordings.finish(RECORDING_FINISH_TIMEOUT_S)
+                    out.put_nowait(weir_pb2.ServerMessage(ended=weir_pb2.StreamEnded(
+                        stats=stats, recordings=[_recording_status(i) for i in infos])))
                     out.put_nowait(_End())
                     return
                 if ev.stats is not None:
@@ -231,6 +261,13 @@ class IngressCore:
             raise StreamNotFoundError(f"stream {stream_id!r} is not open", stream_id=stream_id)
         return self.codec.encode_stats(await _call(self.pipelines[name].stream_stats.remote(stream_id)))
 
+    async def fetch_recording(self, recording_id: str, api_key: str = "") -> AsyncIterator[weir_pb2.RecordingChunk]:
+        """A finished recording of the caller's tenant as RecordingChunk messages (1 MiB each), in order.
+        Raises UnauthenticatedError, BadRequestError (malformed id), RecordingNotFoundError."""
+        tenant = await asyncio.to_thread(self.tenants.authenticate, api_key)
+        async for offset, total, data in self.recordings.read(recording_id, tenant.name):
+            yield weir_pb2.RecordingChunk(recording_id=recording_id, offset=offset, total_bytes=total, data=data)
+
     # ---- helpers -----------------------------------------------------------------------------------------
 
     def _record_open(self, tier: str, outcome: str) -> None:
@@ -246,6 +283,17 @@ class IngressCore:
             await asyncio.wait_for(_call(awaitable), timeout)
         except BaseException:  # noqa: BLE001 - best-effort cleanup
             pass
+
+
+def _recording_status(info: RecordingInfo) -> weir_pb2.RecordingStatus:
+    return weir_pb2.RecordingStatus(
+        recording_id=info.recording_id, state=_RECORDING_STATES[info.state], frames=info.frames,
+        bytes=info.bytes, frames_dropped=info.frames_dropped, message=info.message,
+    )
+
+
+def _recording_message(info: RecordingInfo) -> weir_pb2.ServerMessage:
+    return weir_pb2.ServerMessage(recording=_recording_status(info))
 
 
 async def _call(awaitable):
@@ -287,11 +335,8 @@ class Ingress:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - every error ends the call with its mapped status
-            status = status_of(unwrap(exc))
+            status = _set_status(grpc_context, exc)
             _log_status(status, exc)
-            grpc_context.set_code(status.code)
-            grpc_context.set_details(status.details)
-            grpc_context.set_trailing_metadata(list(status.trailing_metadata))
             yield weir_pb2.ServerMessage(error=status.error)
 
     async def Health(self, request: weir_pb2.HealthRequest, grpc_context) -> weir_pb2.HealthResponse:  # noqa: N802
@@ -303,16 +348,34 @@ class Ingress:
     async def GetStreamStats(self, request, grpc_context) -> weir_pb2.StreamStats:  # noqa: N802
         return await self._unary(self.core.stream_stats(request.stream_id), weir_pb2.StreamStats, grpc_context)
 
+    async def FetchRecording(self, request: weir_pb2.FetchRecordingRequest, grpc_context):  # noqa: N802
+        try:
+            async for chunk in self.core.fetch_recording(request.recording_id, request.api_key):
+                yield chunk
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the call ends with the mapped status
+            _set_status(grpc_context, exc)
+            # the proxy applies a status only with a message: one empty chunk carries it (as Stream's
+            # StreamError does); clients ignore chunks without data
+            yield weir_pb2.RecordingChunk(recording_id=request.recording_id)
+
     @staticmethod
     async def _unary(coro, empty_type, grpc_context):
         try:
             return await coro
         except BaseException as exc:  # noqa: BLE001
-            status = status_of(unwrap(exc))
-            grpc_context.set_code(status.code)
-            grpc_context.set_details(status.details)
-            grpc_context.set_trailing_metadata(list(status.trailing_metadata))
+            _set_status(grpc_context, exc)
             return empty_type()
+
+
+def _set_status(grpc_context, exc: BaseException):
+    """Set the mapped status of `exc` on a call's context (applied with the next message); returns it."""
+    status = status_of(unwrap(exc))
+    grpc_context.set_code(status.code)
+    grpc_context.set_details(status.details)
+    grpc_context.set_trailing_metadata(list(status.trailing_metadata))
+    return status
 
 
 def _log_status(status, exc: BaseException) -> None:
@@ -338,11 +401,8 @@ class PlainIngressServicer(weir_pb2_grpc.WeirServicer):
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001
-            status = status_of(unwrap(exc))
+            status = _set_status(context, exc)
             _log_status(status, exc)
-            context.set_code(status.code)
-            context.set_details(status.details)
-            context.set_trailing_metadata(status.trailing_metadata)
             yield weir_pb2.ServerMessage(error=status.error)
 
     async def Health(self, request, context):  # noqa: N802
@@ -353,6 +413,14 @@ class PlainIngressServicer(weir_pb2_grpc.WeirServicer):
 
     async def GetStreamStats(self, request, context):  # noqa: N802
         return await self._unary(self.core.stream_stats(request.stream_id), context)
+
+    async def FetchRecording(self, request, context):  # noqa: N802
+        try:
+            async for chunk in self.core.fetch_recording(request.recording_id, request.api_key):
+                yield chunk
+        except WeirError as exc:
+            status = status_of(exc)
+            await context.abort(status.code, status.details, status.trailing_metadata)
 
     @staticmethod
     async def _unary(coro, context):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scheduling.profile import ProfileSnapshot
+from stages.prompts import PromptMix
 
 DEFAULT_TTFF_MS = 3000.0
 DEFAULT_FRAME_DEADLINE_MS = 2000.0
@@ -41,6 +42,24 @@ class OpenRequest:
     output_jpeg: bool = False
     jpeg_quality: int = 85
     client_label: str = ""
+    mix: PromptMix | None = None
+    """Several weighted prompts (StreamOpen.prompts); None = `prompt` alone."""
+    record: bool = False
+    """Record the output from the start (StreamOpen.record; the ingress does it)."""
+
+    @property
+    def prompt_mix(self) -> PromptMix:
+        """What the stream is conditioned on at open."""
+        return self.mix if self.mix is not None else PromptMix.of(self.prompt)
+
+
+@dataclass(frozen=True)
+class PromptChange:
+    """A validated SetPrompt (the codec builds it): the new prompt(s), at once or blended."""
+
+    mix: PromptMix
+    blend_chunks: int = 0
+    """0 = at once; N = over the stream's next N chunks (stages.prompt_blend)."""
 
 
 @dataclass
@@ -102,10 +121,12 @@ class AdmissionGrant:
 
     stream_id: str
     pipeline: str
-    """Name of the pipeline deployment that owns the stream (stream affinity)."""
+    """Name of the pipeline deployment (the pool) that owns the stream."""
     predicted_ttff_ms: float
     first_chunk_frames: int = 1
     chunk_frames: int = 4
+    replica: str = ""
+    """Serve replica id of the pool's replica that holds the stream ('' = any; deployments.affinity)."""
 
 
 @dataclass
@@ -148,3 +169,7 @@ class PipelineStats:
     """DiT blocks one forward runs on this pipeline (L)."""
     profile: ProfileSnapshot | None = None
     """The pipeline's measured stage-time models (seeded by scheduling.priors): what the router admits from."""
+    replica_id: str = ""
+    """The reporting Serve replica of the pipeline deployment ('' outside Serve)."""
+    draining: bool = False
+    """True while the replica takes no new stream (Serve no longer routes to it, or not yet)."""

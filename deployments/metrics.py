@@ -63,7 +63,7 @@ class MetricsExporter:
                               registry=r)
         self.free_slots = Gauge("weir_free_stream_slots", "Stream slots free on healthy pipelines.", registry=r)
         self.refused = Counter("weir_streams_refused", "Streams the router refused (admission).", registry=r)
-        self._latest: dict[str, PipelineStats] = {}
+        self._latest: dict[tuple[str, str], PipelineStats] = {}
         self._refused_seen = 0
         for tier in TIERS:  # make the series exist before the first observation
             for outcome in OPEN_OUTCOMES:
@@ -83,13 +83,13 @@ class MetricsExporter:
             self.skipped.labels(*mg, _tier(tier)).inc(n)
         for tier, n in s.misses_by_tier.items():
             self.misses.labels(*mg, _tier(tier)).inc(n)
-        prev = self._latest.get(s.pipeline)
+        prev = self._latest.get((s.pipeline, s.replica_id))  # one series per replica of a pool
         delta = s.frames_out_total - (prev.frames_out_total if prev else 0)
         self.frames_out.labels(*mg).inc(delta if delta >= 0 else s.frames_out_total)  # negative: restarted
         for reason, total in s.skipped_by_reason.items():  # cumulative per pipeline: count the increase
             before = prev.skipped_by_reason.get(reason, 0) if prev else 0
             self.skipped_reason.labels(*mg, reason).inc(total - before if total >= before else total)
-        self._latest[s.pipeline] = s
+        self._latest[(s.pipeline, s.replica_id)] = s
         group = [p for p in self._latest.values() if (p.model, p.gpu_type) == mg]
         self.queue_depth.labels(*mg).set(sum(p.queue_depth for p in group))
         self.active.labels(*mg).set(sum(p.active_streams for p in group))

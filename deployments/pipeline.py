@@ -46,13 +46,15 @@ from typing import Protocol
 
 from ray import serve
 
-from deployments.autoscaling import AutoscalingStatsRecorder
+from deployments.affinity import ROUTING_STATS_PERIOD_S, request_router_config
+from deployments.autoscaling import MAX_STREAM_S, AutoscalingStatsRecorder
 from deployments.config import PipelineSpec, ServiceConfig
 from deployments.messages import (
     InFrame,
     OpenRequest,
     OutFrame,
     PipelineStats,
+    PromptChange,
     StreamEvent,
     StreamStatsSnapshot,
 )
@@ -89,6 +91,10 @@ TICK_EMA = 0.2
 """Smoothing of the measured tick time per batch size (reported, informational)."""
 HEARTBEAT_S = 1.0
 """The loop wakes at least this often (idle streams are reaped on wake-ups)."""
+ROUTER_DEPLOYMENT = "Router"
+"""Name of the Router deployment each pipeline replica reports its load to."""
+DRAIN_AFTER_S = 5 * ROUTING_STATS_PERIOD_S
+"""A replica whose routing stats Serve has not pulled for this long says it is draining (class Pipeline)."""
 
 
 def now_us() -> int:
@@ -107,7 +113,7 @@ class Executor(Protocol):
     def pending_frames(self, stream_id: str) -> int: ...
     async def step(self, stream_ids: list[str]) -> dict[str, list]: ...
     async def set_step_mode(self, stream_id: str, step_by_step: bool) -> list: ...
-    async def set_prompt(self, stream_id: str, prompt: str) -> None: ...
+    async def set_prompt(self, stream_id: str, prompt: object, *, blend_chunks: int = 0) -> None: ...
     async def set_steps(self, stream_id: str, num_steps: int) -> list: ...
     async def flush(self, stream_id: str) -> list: ...
     async def close_stream(self, stream_id: str) -> None: ...
@@ -166,8 +172,8 @@ class InProcessExecutor:
         self._emulated_sbs.discard(stream_id)
         return []
 
-    async def set_prompt(self, stream_id, prompt) -> None:
-        await self._call(self.engine.set_prompt, stream_id, prompt)
+    async def set_prompt(self, stream_id, prompt, *, blend_chunks: int = 0) -> None:
+        await self._call(lambda: self.engine.set_prompt(stream_id, prompt, blend_chunks=blend_chunks))
 
     async def set_steps(self, stream_id, num_steps):
         return await self._call(self.engine.set_steps, stream_id, num_steps)
@@ -266,7 +272,7 @@ def stream_params(req: OpenRequest):
     from stages.engine import StreamParams
 
     return StreamParams(
-        prompt=req.prompt, num_steps=req.num_steps, noise_scale=req.noise_strength, seed=req.seed,
+        prompt=req.prompt_mix, num_steps=req.num_steps, noise_scale=req.noise_strength, seed=req.seed,
         height=req.height, width=req.width, vae=req.vae or None, first_chunk_frames=FIRST_CHUNK_FRAMES,
     )
 
@@ -441,9 +447,11 @@ class PipelineCore:
         self._wake.set()
         return s.queued_frames
 
-    async def set_prompt(self, stream_id: str, prompt: str) -> None:
+    async def set_prompt(self, stream_id: str, prompt, blend_chunks: int = 0) -> None:
+        """A prompt or a stages.prompts.PromptMix, at once or blended over the next `blend_chunks`
+        chunks (StreamEngine.set_prompt). BadRequestError changes nothing."""
         self._slot(stream_id)
-        await self.executor.set_prompt(stream_id, prompt)
+        await self.executor.set_prompt(stream_id, prompt, blend_chunks=blend_chunks)
 
     async def set_steps(self, stream_id: str, num_steps: int) -> None:
         """Change n: the engine finishes the frames in flight with the old n (sent now); the scheduler
@@ -820,12 +828,19 @@ async def _get_within(queue: asyncio.Queue, timeout_s: float):
 # ---- the Serve deployment ------------------------------------------------------------------------------
 
 
-@serve.deployment(max_ongoing_requests=1024, health_check_period_s=5, graceful_shutdown_timeout_s=5)
+@serve.deployment(max_ongoing_requests=1024, health_check_period_s=5, request_router_config=request_router_config(),
+                  graceful_shutdown_timeout_s=MAX_STREAM_S, graceful_shutdown_wait_loop_s=0.5)
 class Pipeline:
-    """Serve shim over PipelineCore. One replica per pipeline deployment (stream affinity by name).
+    """Serve shim over PipelineCore. A pipeline deployment is a pool of such replicas (one GPU class); each
+    stream lives on one replica, and deployments.affinity routes every call for it there.
 
     `executor_factory` builds the executor from the spec (default: an in-process StreamEngine);
     `metrics` is an optional handle of the exporter deployment, fed a PipelineStats every stats interval.
+    Every stats interval the replica also reports its load to the Router deployment (`Router.report`), which
+    admits streams per replica. It says it is draining (takes no new stream) once Serve, having pulled its
+    routing stats, has not pulled them for DRAIN_AFTER_S: Serve pulls them only from replicas it routes
+    to, so a replica it is stopping stops being pulled. (Before the first pull it takes streams: an open
+    addressed to it waits at the handle until Serve advertises it, deployments.affinity.OPEN_WAIT_S.)
     """
 
     async def __init__(self, name: str, spec: PipelineSpec, service: ServiceConfig, metrics=None,
@@ -842,6 +857,10 @@ class Pipeline:
         self._metrics = metrics
         self._reporter: asyncio.Task | None = None
         self._rebalancer: asyncio.Task | None = None
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._routing_pulled_s: float | None = None
+        self._first_pull = asyncio.Event()
+        self._router_reporter = asyncio.get_running_loop().create_task(self._report_to_router())
 
     def _ensure_started(self) -> None:
         self.core.start()
@@ -868,11 +887,19 @@ class Pipeline:
         while True:
             await asyncio.sleep(self.core.service.stats_interval_s)
             try:
-                await self._metrics.record_pipeline.remote(self.core.load(drain_samples=True))
+                stats = self.core.load(drain_samples=True)
+                stats.replica_id = self.replica_id
+                await self._metrics.record_pipeline.remote(stats)
             except Exception:  # noqa: BLE001 - metrics must never take a pipeline down
                 log.warning("metrics report from %s failed", self.core.name, exc_info=True)
 
-    async def open(self, stream_id: str, req: OpenRequest, opened_us: int) -> None:
+    async def open(self, stream_id: str, req: OpenRequest, opened_us: int, replica: str = "") -> None:
+        """Open a stream here. `replica` names the replica admission chose ('' = any): a call that reached
+        another one (its replica stopped, deployments.affinity) is refused, retryable."""
+        if replica and replica != self.replica_id:
+            raise AdmissionRefusedError(
+                f"stream {stream_id!r} was admitted to replica {replica} of {self.core.name}, which no longer "
+                f"takes streams; retry", retry_after_s=self.core.service.retry_after_s, pipeline=self.core.name)
         self._ensure_started()
         await self.core.open(stream_id, req, opened_us)
 
@@ -880,8 +907,11 @@ class Pipeline:
         return await self.core.push(stream_id, frames)
 
     async def control(self, stream_id: str, op: str, value: object = None) -> None:
-        if op == "prompt":
-            await self.core.set_prompt(stream_id, str(value))
+        if op == "prompt":  # a PromptChange (deployments.messages), or a plain prompt
+            if isinstance(value, PromptChange):
+                await self.core.set_prompt(stream_id, value.mix, value.blend_chunks)
+            else:
+                await self.core.set_prompt(stream_id, str(value))
         elif op == "steps":
             await self.core.set_steps(stream_id, int(value))
         elif op == "paused":
@@ -903,7 +933,36 @@ class Pipeline:
 
     async def load(self) -> PipelineStats:
         self._ensure_started()
-        return self.core.load()
+        return self._load()
+
+    def _load(self) -> PipelineStats:
+        stats = self.core.load()
+        stats.replica_id = self.replica_id
+        pulled = self._routing_pulled_s
+        stats.draining = pulled is not None and time.monotonic() - pulled > DRAIN_AFTER_S
+        return stats
+
+    async def record_routing_stats(self) -> dict:
+        """What deployments.affinity routes by: the streams held here and the free stream slots."""
+        self._routing_pulled_s = time.monotonic()
+        self._first_pull.set()
+        return {"streams": sorted(self.core.streams),
+                "free_slots": max(0, self.core.spec.max_streams - len(self.core.streams))}
+
+    async def _report_to_router(self) -> None:
+        """Push this replica's load to the Router every stats interval (and at once on Serve's first pull)."""
+        router = None
+        while True:
+            try:
+                await asyncio.wait_for(self._first_pull.wait(), self.core.service.stats_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._first_pull.clear()
+            try:
+                router = router or serve.get_deployment_handle(ROUTER_DEPLOYMENT, self.core.service.app_name)
+                await router.report.remote(self.core.name, self._load())
+            except Exception:  # noqa: BLE001 - the router may be starting; the next report retries
+                log.debug("load report of %s to the router failed", self.core.name, exc_info=True)
 
     def check_health(self) -> None:
         self.core.check_health()
@@ -913,7 +972,7 @@ class Pipeline:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """SLO-slack signals for deployments.autoscaling.slo_policy (free slots, live streams, misses)."""
-        return self._autoscaling.stats(self.core.load())
+        return self._autoscaling.stats(self._load())
 
     def note_refused(self) -> None:
         """The router refused a stream this pipeline's model could have served (admission wait signal)."""

@@ -16,10 +16,10 @@ scrypt runs per call (an unknown id is checked against a dummy hash, so it costs
 is compared with hmac.compare_digest. A missing, malformed, unknown, wrong or revoked key raises
 UnauthenticatedError whose message never contains the key.
 
-`TenantGate` is the live check one ingress replica runs on every stream open: authenticate, then the
-quotas (max concurrent streams of the tenant on this ingress, max pixels per frame, max denoising
-steps), raising AdmissionRefusedError (RESOURCE_EXHAUSTED) whose message and `quota` detail name the
-quota. Worked example: acme's quota max_pixels 399360 (480x832); a 720x1280 stream (921600 pixels) is
+`TenantGate` is the live check an ingress replica runs on every stream open: authenticate, then the
+per-stream quotas (max pixels per frame, max denoising steps); `StreamQuota` counts the concurrent
+streams of each tenant at the Router deployment, so that quota holds across all ingress replicas. Both
+raise AdmissionRefusedError (RESOURCE_EXHAUSTED) whose message and `quota` detail name the quota. Worked example: acme's quota max_pixels 399360 (480x832); a 720x1280 stream (921600 pixels) is
 refused with "quota max_pixels=399360 ...", whatever its key.
 """
 
@@ -287,15 +287,18 @@ def save_registry(registry: TenantRegistry, path: str | os.PathLike) -> None:
 
 
 class TenantGate:
-    """Authentication and quotas at stream open, for one ingress replica.
+    """Authentication and the per-stream quotas at stream open, for one ingress replica.
 
-    Concurrent streams are counted per tenant in this replica: exact with one ingress replica (the
-    default); with several, each enforces the quota on its own share.
+    `check` is stateless (max pixels per frame, max denoising steps) and is what the ingress runs; the
+    concurrent-streams quota must hold across all ingress replicas, so the Router deployment (one logical
+    owner) counts it with a `StreamQuota`. `acquire` / `release` also count concurrent streams here, for a
+    single process that is its own owner.
     """
 
     def __init__(self, registry: TenantRegistry | None) -> None:
         self.registry = registry
-        self._live: dict[str, int] = {}
+        self._streams = StreamQuota(registry)
+        self._next = 0
 
     @property
     def open_access(self) -> bool:
@@ -307,8 +310,8 @@ class TenantGate:
             return ANONYMOUS
         return self.registry.authenticate(api_key)
 
-    def acquire(self, tenant: Tenant, *, height: int, width: int, num_steps: int) -> None:
-        """Check the quotas for one more stream and count it; AdmissionRefusedError naming the quota."""
+    def check(self, tenant: Tenant, *, height: int, width: int, num_steps: int) -> None:
+        """The quotas one stream's shape must meet; AdmissionRefusedError naming the quota."""
         q = tenant.quota
         if height * width > q.max_pixels:
             raise AdmissionRefusedError(
@@ -319,16 +322,74 @@ class TenantGate:
             raise AdmissionRefusedError(
                 f"quota max_steps={q.max_steps} of tenant tier {tenant.tier}: asked {num_steps} steps",
                 retry_after_s=QUOTA_RETRY_AFTER_S, quota="max_steps", limit=q.max_steps, asked=num_steps)
-        live = self._live.get(tenant.name, 0)
-        if live >= q.max_streams:
-            raise AdmissionRefusedError(
-                f"quota max_streams={q.max_streams} of tenant tier {tenant.tier}: {live} streams already "
-                f"open; close one or retry later", retry_after_s=QUOTA_RETRY_AFTER_S,
-                quota="max_streams", limit=q.max_streams, asked=live + 1)
-        self._live[tenant.name] = live + 1
+
+    def acquire(self, tenant: Tenant, *, height: int, width: int, num_steps: int) -> None:
+        """`check`, then count one more concurrent stream of the tenant in this process."""
+        self.check(tenant, height=height, width=width, num_steps=num_steps)
+        self._next += 1
+        self._streams.acquire(tenant.name, f"local-{self._next}")
 
     def release(self, tenant_name: str) -> None:
         """One stream of the tenant ended (idempotent at zero)."""
+        self._streams.release_one(tenant_name)
+
+    def live_streams(self, tenant_name: str) -> int:
+        return self._streams.live_streams(tenant_name)
+
+
+class StreamQuota:
+    """The concurrent-streams quota (Quota.max_streams), counted by stream id at one logical owner (the
+    Router deployment: every stream open of every ingress replica passes through it).
+
+    Example: tenant "small" with max_streams 1 holds stream "a"; acquire("small", "b") raises
+    AdmissionRefusedError naming "quota max_streams=1"; release("a") frees the slot; releasing an
+    unknown id does nothing.
+    """
+
+    def __init__(self, registry: TenantRegistry | None) -> None:
+        self.registry = registry
+        self._tenant_of: dict[str, str] = {}
+        """stream id -> tenant name of every counted stream."""
+        self._live: dict[str, int] = {}
+
+    def quota_of(self, tenant_name: str) -> tuple[Quota, str]:
+        """(quota, tier) of a tenant; unlimited for open access and for names the registry lacks
+        (the ingress authenticated them against its own copy of the registry)."""
+        if self.registry is None:
+            return UNLIMITED, ANONYMOUS.tier
+        try:
+            tenant = self.registry.tenant(tenant_name)
+        except KeyError:
+            return UNLIMITED, ANONYMOUS.tier
+        return tenant.quota, tenant.tier
+
+    def acquire(self, tenant_name: str, stream_id: str) -> None:
+        """Count `stream_id` for the tenant, or raise AdmissionRefusedError (quota "max_streams")."""
+        if stream_id in self._tenant_of:
+            return
+        quota, tier = self.quota_of(tenant_name)
+        live = self._live.get(tenant_name, 0)
+        if live >= quota.max_streams:
+            raise AdmissionRefusedError(
+                f"quota max_streams={quota.max_streams} of tenant tier {tier}: {live} streams already "
+                f"open; close one or retry later", retry_after_s=QUOTA_RETRY_AFTER_S,
+                quota="max_streams", limit=quota.max_streams, asked=live + 1)
+        self._tenant_of[stream_id] = tenant_name
+        self._live[tenant_name] = live + 1
+
+    def release(self, stream_id: str) -> None:
+        """The stream ended or never opened; unknown ids are ignored."""
+        tenant_name = self._tenant_of.pop(stream_id, None)
+        if tenant_name is not None:
+            self._decrement(tenant_name)
+
+    def release_one(self, tenant_name: str) -> None:
+        """Release any one counted stream of the tenant (callers that count streams, not ids)."""
+        stream_id = next((sid for sid, t in self._tenant_of.items() if t == tenant_name), None)
+        if stream_id is not None:
+            self.release(stream_id)
+
+    def _decrement(self, tenant_name: str) -> None:
         n = self._live.get(tenant_name, 0) - 1
         if n > 0:
             self._live[tenant_name] = n

@@ -13,6 +13,12 @@ class FrameEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RAW_RGB24: _ClassVar[FrameEncoding]
     JPEG: _ClassVar[FrameEncoding]
 
+class BlendMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BLEND_MODE_UNSPECIFIED: _ClassVar[BlendMode]
+    BLEND_LINEAR: _ClassVar[BlendMode]
+    BLEND_SLERP: _ClassVar[BlendMode]
+
 class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ERROR_CODE_UNSPECIFIED: _ClassVar[ErrorCode]
@@ -24,9 +30,20 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STREAM_NOT_FOUND: _ClassVar[ErrorCode]
     PIPELINE_FAILED: _ClassVar[ErrorCode]
     INTERNAL: _ClassVar[ErrorCode]
+    RECORDING_NOT_FOUND: _ClassVar[ErrorCode]
+
+class RecordingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RECORDING_STATE_UNSPECIFIED: _ClassVar[RecordingState]
+    RECORDING_STARTED: _ClassVar[RecordingState]
+    RECORDING_FINISHED: _ClassVar[RecordingState]
+    RECORDING_FAILED: _ClassVar[RecordingState]
 FRAME_ENCODING_UNSPECIFIED: FrameEncoding
 RAW_RGB24: FrameEncoding
 JPEG: FrameEncoding
+BLEND_MODE_UNSPECIFIED: BlendMode
+BLEND_LINEAR: BlendMode
+BLEND_SLERP: BlendMode
 ERROR_CODE_UNSPECIFIED: ErrorCode
 ADMISSION_REFUSED: ErrorCode
 BAD_FRAME: ErrorCode
@@ -36,6 +53,11 @@ UNAUTHENTICATED: ErrorCode
 STREAM_NOT_FOUND: ErrorCode
 PIPELINE_FAILED: ErrorCode
 INTERNAL: ErrorCode
+RECORDING_NOT_FOUND: ErrorCode
+RECORDING_STATE_UNSPECIFIED: RecordingState
+RECORDING_STARTED: RecordingState
+RECORDING_FINISHED: RecordingState
+RECORDING_FAILED: RecordingState
 
 class ClientMessage(_message.Message):
     __slots__ = ("open", "frame", "control")
@@ -56,7 +78,7 @@ class SLO(_message.Message):
     def __init__(self, ttff_ms: _Optional[float] = ..., frame_deadline_ms: _Optional[float] = ...) -> None: ...
 
 class StreamOpen(_message.Message):
-    __slots__ = ("prompt", "num_steps", "noise_strength", "seed", "height", "width", "input_fps", "model", "vae", "slo", "api_key", "output_encoding", "jpeg_quality", "client_stream_id")
+    __slots__ = ("prompt", "num_steps", "noise_strength", "seed", "height", "width", "input_fps", "model", "vae", "slo", "api_key", "output_encoding", "jpeg_quality", "client_stream_id", "prompts", "blend", "record")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     NOISE_STRENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +93,9 @@ class StreamOpen(_message.Message):
     OUTPUT_ENCODING_FIELD_NUMBER: _ClassVar[int]
     JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
     CLIENT_STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    BLEND_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     num_steps: int
     noise_strength: float
@@ -85,7 +110,18 @@ class StreamOpen(_message.Message):
     output_encoding: FrameEncoding
     jpeg_quality: int
     client_stream_id: str
-    def __init__(self, prompt: _Optional[str] = ..., num_steps: _Optional[int] = ..., noise_strength: _Optional[float] = ..., seed: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., input_fps: _Optional[float] = ..., model: _Optional[str] = ..., vae: _Optional[str] = ..., slo: _Optional[_Union[SLO, _Mapping]] = ..., api_key: _Optional[str] = ..., output_encoding: _Optional[_Union[FrameEncoding, str]] = ..., jpeg_quality: _Optional[int] = ..., client_stream_id: _Optional[str] = ...) -> None: ...
+    prompts: _containers.RepeatedCompositeFieldContainer[WeightedPrompt]
+    blend: BlendMode
+    record: bool
+    def __init__(self, prompt: _Optional[str] = ..., num_steps: _Optional[int] = ..., noise_strength: _Optional[float] = ..., seed: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., input_fps: _Optional[float] = ..., model: _Optional[str] = ..., vae: _Optional[str] = ..., slo: _Optional[_Union[SLO, _Mapping]] = ..., api_key: _Optional[str] = ..., output_encoding: _Optional[_Union[FrameEncoding, str]] = ..., jpeg_quality: _Optional[int] = ..., client_stream_id: _Optional[str] = ..., prompts: _Optional[_Iterable[_Union[WeightedPrompt, _Mapping]]] = ..., blend: _Optional[_Union[BlendMode, str]] = ..., record: _Optional[bool] = ...) -> None: ...
+
+class WeightedPrompt(_message.Message):
+    __slots__ = ("prompt", "weight")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    weight: float
+    def __init__(self, prompt: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class InputFrame(_message.Message):
     __slots__ = ("seq", "capture_ts_us", "encoding", "height", "width", "data")
@@ -104,24 +140,42 @@ class InputFrame(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., capture_ts_us: _Optional[int] = ..., encoding: _Optional[_Union[FrameEncoding, str]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Control(_message.Message):
-    __slots__ = ("set_prompt", "set_steps", "pause", "resume", "end")
+    __slots__ = ("set_prompt", "set_steps", "pause", "resume", "end", "start_recording", "stop_recording")
     SET_PROMPT_FIELD_NUMBER: _ClassVar[int]
     SET_STEPS_FIELD_NUMBER: _ClassVar[int]
     PAUSE_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    START_RECORDING_FIELD_NUMBER: _ClassVar[int]
+    STOP_RECORDING_FIELD_NUMBER: _ClassVar[int]
     set_prompt: SetPrompt
     set_steps: SetSteps
     pause: Pause
     resume: Resume
     end: End
-    def __init__(self, set_prompt: _Optional[_Union[SetPrompt, _Mapping]] = ..., set_steps: _Optional[_Union[SetSteps, _Mapping]] = ..., pause: _Optional[_Union[Pause, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ...) -> None: ...
+    start_recording: StartRecording
+    stop_recording: StopRecording
+    def __init__(self, set_prompt: _Optional[_Union[SetPrompt, _Mapping]] = ..., set_steps: _Optional[_Union[SetSteps, _Mapping]] = ..., pause: _Optional[_Union[Pause, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ..., start_recording: _Optional[_Union[StartRecording, _Mapping]] = ..., stop_recording: _Optional[_Union[StopRecording, _Mapping]] = ...) -> None: ...
 
 class SetPrompt(_message.Message):
-    __slots__ = ("prompt",)
+    __slots__ = ("prompt", "prompts", "blend_chunks", "blend")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    BLEND_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    BLEND_FIELD_NUMBER: _ClassVar[int]
     prompt: str
-    def __init__(self, prompt: _Optional[str] = ...) -> None: ...
+    prompts: _containers.RepeatedCompositeFieldContainer[WeightedPrompt]
+    blend_chunks: int
+    blend: BlendMode
+    def __init__(self, prompt: _Optional[str] = ..., prompts: _Optional[_Iterable[_Union[WeightedPrompt, _Mapping]]] = ..., blend_chunks: _Optional[int] = ..., blend: _Optional[_Union[BlendMode, str]] = ...) -> None: ...
+
+class StartRecording(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StopRecording(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class SetSteps(_message.Message):
     __slots__ = ("num_steps",)
@@ -142,18 +196,20 @@ class End(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("opened", "frame", "stats", "error", "ended")
+    __slots__ = ("opened", "frame", "stats", "error", "ended", "recording")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
+    RECORDING_FIELD_NUMBER: _ClassVar[int]
     opened: StreamOpened
     frame: OutputFrame
     stats: StreamStats
     error: StreamError
     ended: StreamEnded
-    def __init__(self, opened: _Optional[_Union[StreamOpened, _Mapping]] = ..., frame: _Optional[_Union[OutputFrame, _Mapping]] = ..., stats: _Optional[_Union[StreamStats, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., ended: _Optional[_Union[StreamEnded, _Mapping]] = ...) -> None: ...
+    recording: RecordingStatus
+    def __init__(self, opened: _Optional[_Union[StreamOpened, _Mapping]] = ..., frame: _Optional[_Union[OutputFrame, _Mapping]] = ..., stats: _Optional[_Union[StreamStats, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., ended: _Optional[_Union[StreamEnded, _Mapping]] = ..., recording: _Optional[_Union[RecordingStatus, _Mapping]] = ...) -> None: ...
 
 class StreamOpened(_message.Message):
     __slots__ = ("stream_id", "model", "first_chunk_frames", "chunk_frames", "predicted_ttff_ms")
@@ -228,10 +284,28 @@ class StreamError(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class StreamEnded(_message.Message):
-    __slots__ = ("stats",)
+    __slots__ = ("stats", "recordings")
     STATS_FIELD_NUMBER: _ClassVar[int]
+    RECORDINGS_FIELD_NUMBER: _ClassVar[int]
     stats: StreamStats
-    def __init__(self, stats: _Optional[_Union[StreamStats, _Mapping]] = ...) -> None: ...
+    recordings: _containers.RepeatedCompositeFieldContainer[RecordingStatus]
+    def __init__(self, stats: _Optional[_Union[StreamStats, _Mapping]] = ..., recordings: _Optional[_Iterable[_Union[RecordingStatus, _Mapping]]] = ...) -> None: ...
+
+class RecordingStatus(_message.Message):
+    __slots__ = ("recording_id", "state", "frames", "bytes", "frames_dropped", "message")
+    RECORDING_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    recording_id: str
+    state: RecordingState
+    frames: int
+    bytes: int
+    frames_dropped: int
+    message: str
+    def __init__(self, recording_id: _Optional[str] = ..., state: _Optional[_Union[RecordingState, str]] = ..., frames: _Optional[int] = ..., bytes: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
@@ -284,3 +358,23 @@ class GetStreamStatsRequest(_message.Message):
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     def __init__(self, stream_id: _Optional[str] = ...) -> None: ...
+
+class FetchRecordingRequest(_message.Message):
+    __slots__ = ("recording_id", "api_key")
+    RECORDING_ID_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    recording_id: str
+    api_key: str
+    def __init__(self, recording_id: _Optional[str] = ..., api_key: _Optional[str] = ...) -> None: ...
+
+class RecordingChunk(_message.Message):
+    __slots__ = ("recording_id", "offset", "total_bytes", "data")
+    RECORDING_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    recording_id: str
+    offset: int
+    total_bytes: int
+    data: bytes
+    def __init__(self, recording_id: _Optional[str] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -54,6 +54,11 @@ class WeirStub:
                 request_serializer=protos_dot_weir__pb2.GetStreamStatsRequest.SerializeToString,
                 response_deserializer=protos_dot_weir__pb2.StreamStats.FromString,
                 _registered_method=True)
+        self.FetchRecording = channel.unary_stream(
+                '/weir.v1.Weir/FetchRecording',
+                request_serializer=protos_dot_weir__pb2.FetchRecordingRequest.SerializeToString,
+                response_deserializer=protos_dot_weir__pb2.RecordingChunk.FromString,
+                _registered_method=True)
 
 
 class WeirServicer:
@@ -87,6 +92,14 @@ class WeirServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchRecording(self, request, context):
+        """A finished recording (by the id RecordingStatus gave) as its MP4 bytes, in order, in chunks.
+        A failed call may send one chunk without data before its status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeirServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_WeirServicer_to_server(servicer, server):
                     servicer.GetStreamStats,
                     request_deserializer=protos_dot_weir__pb2.GetStreamStatsRequest.FromString,
                     response_serializer=protos_dot_weir__pb2.StreamStats.SerializeToString,
+            ),
+            'FetchRecording': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchRecording,
+                    request_deserializer=protos_dot_weir__pb2.FetchRecordingRequest.FromString,
+                    response_serializer=protos_dot_weir__pb2.RecordingChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class Weir:
             '/weir.v1.Weir/GetStreamStats',
             protos_dot_weir__pb2.GetStreamStatsRequest.SerializeToString,
             protos_dot_weir__pb2.StreamStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchRecording(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/weir.v1.Weir/FetchRecording',
+            protos_dot_weir__pb2.FetchRecordingRequest.SerializeToString,
+            protos_dot_weir__pb2.RecordingChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,9 +11,13 @@ and checks, with a safety margin:
     * the new stream's TTFF and per-frame latency fit its SLO;
     * every stream already there still fits ITS deadline (admitted streams are protected).
 
-Among the replicas that pass, it picks the cheapest for this stream: the replica's price times the
-share of its capacity the stream takes, cost_per_hour * Δρ / max_row_load; ties go to the fuller replica
-(packing streams leaves whole replicas idle for scale-down). When none passes it raises
+Among the replicas that pass, it picks the cheapest GPU class for this stream: the replica's price times
+the share of its capacity the stream takes, cost_per_hour * Δρ / max_row_load. Within that class it fills
+the replica registered first: streams pack onto the oldest replicas, so as load falls the newest ones go
+idle, and those are the ones the orchestrator stops first (Serve stops the newest replica of a node
+first), which the autoscaler removes only when idle. (Placing on the replica with the most free slots
+instead spreads streams so that, under churn, no replica ever goes idle and a pool never shrinks: the
+fleet simulation of scheduling.autoscale shows it.) When none passes it raises
 `AdmissionRefusedError` with a retry hint and every replica's numbers; when not even an idle replica of
 any known GPU class could meet the SLO it raises `SLOUnattainableError` with the floors.
 
@@ -209,7 +213,8 @@ class AdmissionController:
 
     Example: with replicas "h100-0" (price 4) and "l40-0" (price 1) both able to meet a stream's SLO,
     admit() returns the one with the smaller price * Δρ; with neither able, it raises
-    AdmissionRefusedError(retry_after_s=...) whose details list both estimates.
+    AdmissionRefusedError(retry_after_s=...) whose details list both estimates. With "h-0" (full), "h-1"
+    (1 of 4 slots used) and "h-2" (idle) of one class, registered in that order, it returns "h-1".
     """
 
     def __init__(self, profiles: ProfileBook, config: AdmissionConfig | None = None) -> None:
@@ -291,7 +296,7 @@ class AdmissionController:
                 retry_after_s=hint,
                 estimates=estimates,
             )
-        best = min(fitting, key=lambda e: (e.cost_per_hour, -e.row_load, e.replica_id))
+        best = min(fitting, key=self._placement_key(fitting))
         self._replicas[best.replica_id].streams[request.stream_id] = request.spec
         self._placement[request.stream_id] = best.replica_id
         self._admitted += 1
@@ -299,6 +304,15 @@ class AdmissionController:
         return AdmissionDecision(
             request.stream_id, best.replica_id, best.mode, best.ttff_s, best.latency_s, estimates
         )
+
+    def _placement_key(self, fitting: Sequence[ReplicaEstimate]):
+        """Sort key of fitting estimates (module docstring): the class's best price, then registration
+        order."""
+        class_cost: dict[str, float] = {}
+        for e in fitting:
+            class_cost[e.gpu_class] = min(class_cost.get(e.gpu_class, e.cost_per_hour), e.cost_per_hour)
+        order = {rid: i for i, rid in enumerate(self._replicas)}
+        return lambda e: (class_cost[e.gpu_class], order[e.replica_id])
 
     def finish_stream(self, stream_id: str) -> None:
         """Release a stream's slot. Raises StreamNotFoundError."""

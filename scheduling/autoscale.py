@@ -18,7 +18,9 @@ one more 3-slot replica (the cheaper slot). 20 free slots, nothing waiting, a 3-
 long enough: 20 - 3 = 17 >= 2, so it may go.
 
 `FleetSimulator` ramps synthetic load over pools of different GPU classes through admission and the
-autoscaler, on a simulated clock, and reports SLO violations and any attempt to drop a live stream.
+autoscaler, on a simulated clock, with the orchestrator (not the autoscaler) choosing which replica a
+scale-down stops, as Serve does; it reports SLO violations, any attempt to drop a live stream, and how
+often a replica had to drain streams because it was stopped while busy.
 """
 
 from __future__ import annotations
@@ -269,10 +271,14 @@ class SimReport:
     """(step, stream) pairs where a live stream's replica no longer met its predicted SLO."""
     dropped_live_streams: int
     """Removals the autoscaler asked for on replicas that carried streams (must be 0)."""
+    drained_busy_replicas: int
+    """Replicas the orchestrator chose to stop while they carried streams: they took no new stream and
+    went when their last stream ended (no stream is ever cut); few when placement leaves the newest
+    replicas idle."""
     peak_replicas: Mapping[str, int]
     final_replicas: Mapping[str, int]
     timeline: tuple[tuple[float, int, Mapping[str, int]], ...]
-    """(time, live streams, replicas per class) after each step."""
+    """(time, live streams, replicas per class) after each step; draining replicas included."""
 
 
 @dataclass
@@ -281,6 +287,7 @@ class _SimReplica:
     ready_at_s: float
     ready: bool = False
     idle_since_s: float | None = None
+    draining: bool = False
 
 
 @dataclass
@@ -294,9 +301,12 @@ class _Waiting:
 @dataclass
 class _SimState:
     replicas: dict[str, _SimReplica] = field(default_factory=dict)
-    live: list[str] = field(default_factory=list)
+    """In start order (the orchestrator stops the newest first)."""
+    live: dict[str, float] = field(default_factory=dict)
+    """Live stream id -> when it was admitted, oldest first."""
     waiting: list[_Waiting] = field(default_factory=list)
     next_id: int = 0
+    drained_busy: int = 0
 
 
 class FleetSimulator:
@@ -304,9 +314,12 @@ class FleetSimulator:
 
     Time is simulated: `run` starts at `start_s` and advances by `step_s`; nothing reads a clock. Each
     step: starting replicas whose start-up elapsed become ready; streams are opened (as requests that
-    retry after refusals, honouring the retry hint) or closed (oldest first) to follow
-    `target_streams(t)`; every `decide_every_s` the autoscaler decides and its decisions are applied;
-    finally every replica's live streams are checked against their SLO.
+    retry after refusals, honouring the retry hint) or closed (oldest first, and any older than
+    `stream_lifetime_s`) to follow `target_streams(t)`; every `decide_every_s` the autoscaler decides and
+    the orchestrator applies the targets the way Serve does: it adds replicas, and it picks the replicas
+    to stop itself (starting ones first, then the newest), whatever the autoscaler would have removed; a
+    picked replica that carries streams drains (no new stream, removed when its last stream ends); finally
+    every replica's live streams are checked against their SLO.
 
     Example: pools H100 (8 slots each, price 4) and L40 (3 slots, price 1), load ramping 1 -> 20 streams
     over 400 s: replicas are added ahead of the ramp (headroom), no live stream's SLO is violated, and
@@ -340,10 +353,13 @@ class FleetSimulator:
         *,
         step_s: float = 1.0,
         start_s: float = 0.0,
+        stream_lifetime_s: float | None = None,
     ) -> SimReport:
         """Simulate `duration_s` seconds of load (class docstring) and report."""
         if step_s <= 0.0 or duration_s <= 0.0:
             raise ValueError(f"step_s={step_s} and duration_s={duration_s} must be > 0")
+        if stream_lifetime_s is not None and stream_lifetime_s <= 0.0:
+            raise ValueError(f"stream_lifetime_s={stream_lifetime_s} must be > 0 (or None)")
         state = _SimState()
         for pool in self.pools.values():
             for _ in range(pool.initial_replicas):
@@ -362,6 +378,9 @@ class FleetSimulator:
                     rep.ready = True
                     rep.idle_since_s = now
                     self.admission.add_replica(rep.info)
+            if stream_lifetime_s is not None:
+                for sid in [s for s, t in state.live.items() if now - t >= stream_lifetime_s]:
+                    self._close(state, sid, now)
             self._follow_load(state, max(0, target_streams(now)), now)
             retry_hint = min(
                 (r.ready_at_s - now for r in state.replicas.values() if not r.ready), default=None
@@ -377,7 +396,7 @@ class FleetSimulator:
                     w.next_try_s = now + max(err.retry_after_s, step_s)
                     continue
                 state.waiting.remove(w)
-                state.live.append(w.request.stream_id)
+                state.live[w.request.stream_id] = now
                 state.replicas[decision.replica_id].idle_since_s = None
                 admitted += 1
                 max_wait = max(max_wait, now - w.since_s)
@@ -403,6 +422,7 @@ class FleetSimulator:
             max_wait_s=max_wait,
             slo_violations=slo_violations,
             dropped_live_streams=dropped,
+            drained_busy_replicas=state.drained_busy,
             peak_replicas=peak,
             final_replicas=timeline[-1][2] if timeline else {},
             timeline=tuple(timeline),
@@ -426,6 +446,17 @@ class FleetSimulator:
             rep.idle_since_s = now
             self.admission.add_replica(info)
 
+    def _close(self, state: _SimState, stream_id: str, now: float) -> None:
+        del state.live[stream_id]
+        replica_id = self.admission.replica_of(stream_id)
+        self.admission.finish_stream(stream_id)
+        if not self.admission.streams_on(replica_id):
+            rep = state.replicas[replica_id]
+            rep.idle_since_s = now
+            if rep.draining:  # its last stream ended: the drain is over
+                self.admission.remove_replica(replica_id)
+                del state.replicas[replica_id]
+
     def _follow_load(self, state: _SimState, target: int, now: float) -> None:
         while len(state.live) + len(state.waiting) < target:
             stream_id = f"s{state.next_id}"
@@ -436,18 +467,14 @@ class FleetSimulator:
             if state.waiting:
                 state.waiting.pop()
                 continue
-            stream_id = state.live.pop(0)
-            replica_id = self.admission.replica_of(stream_id)
-            self.admission.finish_stream(stream_id)
-            if not self.admission.streams_on(replica_id):
-                state.replicas[replica_id].idle_since_s = now
+            self._close(state, next(iter(state.live)), now)
 
     def _autoscale(self, state: _SimState, now: float) -> int:
         pools = []
         for g in self.pools:
             loads = []
             for rep in state.replicas.values():
-                if rep.info.gpu_class != g:
+                if rep.info.gpu_class != g or rep.draining:  # a stopping replica is no longer the pool's
                     continue
                 if rep.ready:
                     live = len(self.admission.streams_on(rep.info.replica_id))
@@ -461,12 +488,24 @@ class FleetSimulator:
         dropped = 0
         for decision in self.autoscaler.decide(signals, now):
             pool = self.pools[decision.gpu_class]
-            for replica_id in decision.remove:
-                if self.admission.streams_on(replica_id):
-                    dropped += 1  # the autoscaler asked to drop a live stream: refuse and count
-                    continue
-                self.admission.remove_replica(replica_id)
-                del state.replicas[replica_id]
-            for _ in range(decision.target - (decision.current - len(decision.remove))):
+            dropped += sum(1 for rid in decision.remove if self.admission.streams_on(rid))
+            for _ in range(decision.current - decision.target):
+                self._stop_one(state, decision.gpu_class)
+            for _ in range(decision.target - decision.current):
                 self._start_replica(state, pool, now)
         return dropped
+
+    def _stop_one(self, state: _SimState, gpu_class: str) -> None:
+        """The orchestrator's pick (Serve's rule on one node): a starting replica, else the newest."""
+        pool = [r for r in state.replicas.values() if r.info.gpu_class == gpu_class and not r.draining]
+        rep = next((r for r in reversed(pool) if not r.ready), None) or pool[-1]
+        rid = rep.info.replica_id
+        if not rep.ready:
+            del state.replicas[rid]
+        elif self.admission.streams_on(rid):
+            state.drained_busy += 1
+            rep.draining = True
+            self.admission.set_draining(rid)
+        else:
+            self.admission.remove_replica(rid)
+            del state.replicas[rid]

@@ -15,7 +15,10 @@ The first chunk is prefilled (all n steps back to back, batch 1) and decoded at 
 `first_chunk_frames=1` the first output is frame 0 itself, one frame interval after the stream opens.
 
 Frames in flight on a prompt change continue with the new prompt (their remaining denoising steps use
-the new text conditioning; the self-attention caches are kept). On a steps change the frames in flight
+the new text conditioning; the self-attention caches are kept). A prompt may be several weighted
+prompts (stages.prompts.PromptMix), and a change may blend over the next N chunks instead of
+switching at once (stages.prompt_blend: the T5 embeddings are interpolated per chunk, linear or slerp,
+and the cross-attention K/V recomputed from them; the Nth chunk gets the new prompt exactly). On a steps change the frames in flight
 are first finished with the old number of steps (drain ticks without new input), then the slots are
 resized from slot 0's caches; nothing is dropped.
 
@@ -38,6 +41,8 @@ from scheduling.noise import NoiseController
 from stages.config import DIT_PRESETS, StreamConfig
 from stages.errors import BadFrameError, BadRequestError, StreamExistsError, StreamNotFoundError
 from stages.motion import motion_distance
+from stages.prompt_blend import encode_mix
+from stages.prompts import PromptMix, check_blend_chunks
 from stages.vae_stage import frames_model_to_uint8, frames_uint8_to_model
 
 MIN_SIDE = 16
@@ -84,7 +89,8 @@ class EngineSpec:
 class StreamParams:
     """What a client asks for when it opens a stream."""
 
-    prompt: str
+    prompt: str | PromptMix
+    """One prompt, or several weighted prompts (PromptMix)."""
     num_steps: int = 2
     noise_scale: float = 0.8
     seed: int = 0
@@ -98,6 +104,7 @@ class StreamParams:
 
     def validate(self) -> None:
         """Raise BadRequestError naming the first field out of range."""
+        PromptMix.of(self.prompt)
         if not 1 <= self.num_steps <= 4:
             raise BadRequestError(f"num_steps={self.num_steps} must be 1..4", field="num_steps")
         if not 0.0 < self.noise_scale <= 1.0:
@@ -190,7 +197,7 @@ class StreamEngine:
             c.encoders[vae].open_stream(stream_id)
             c.decoders[vae].open_stream(stream_id)
             c.dit.open(stream_id, stream_cfg=cfg, height=params.height, width=params.width, seed=params.seed)
-            c.dit.set_prompt_context(stream_id, c.text.encode(params.prompt).to(self.device, self.dtype))
+            c.dit.set_prompt_context(stream_id, self._embed(PromptMix.of(params.prompt)))
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed)
             self._streams[stream_id] = _Stream(
@@ -306,12 +313,19 @@ class StreamEngine:
 
     # ---- live controls ----------------------------------------------------------------------------
 
-    def set_prompt(self, stream_id: str, prompt: str) -> None:
-        """Swap the text conditioning; caches are kept, frames in flight finish with the new prompt."""
+    def set_prompt(self, stream_id: str, prompt: str | PromptMix, *, blend_chunks: int = 0) -> None:
+        """Change the text conditioning; caches are kept.
+
+        blend_chunks 0: at once, frames in flight finish with the new prompt. N (1..64): over the
+        stream's next N chunks the conditioning moves from the current one to the new (in the mix's
+        mode, linear or slerp), reaching it exactly at the Nth. BadRequestError for bad input.
+        """
+        mix = PromptMix.of(prompt)
+        check_blend_chunks(blend_chunks)
         with self._lock:
             self._get(stream_id)
             self.components.dit.set_prompt_context(
-                stream_id, self.components.text.encode(prompt).to(self.device, self.dtype)
+                stream_id, self._embed(mix), blend_chunks=blend_chunks, mode=mix.mode
             )
 
     def set_steps(self, stream_id: str, num_steps: int) -> list[OutputFrame]:
@@ -375,6 +389,9 @@ class StreamEngine:
         )
 
     # ---- internals --------------------------------------------------------------------------------
+
+    def _embed(self, mix: PromptMix) -> torch.Tensor:
+        return encode_mix(self.components.text, mix, self.device, self.dtype)
 
     def _get(self, stream_id: str) -> _Stream:
         s = self._streams.get(stream_id)

@@ -89,3 +89,9 @@ class PipelineFailedError(WeirError):
     """A stage of the pipeline died; the stream cannot continue on this replica."""
 
     code = "PIPELINE_FAILED"
+
+
+class RecordingNotFoundError(WeirError):
+    """A recording id that is unknown, not finished yet, or another tenant's (never told apart)."""
+
+    code = "RECORDING_NOT_FOUND"

@@ -49,6 +49,7 @@ from stages.dit_stage import DiTMicroBatch, DiTShard
 from stages.errors import BadRequestError, StreamExistsError, StreamNotFoundError
 from stages.flow_match import FlowMatchSchedule, denoising_steps
 from stages.kv_cache import upload_long
+from stages.prompt_blend import PromptBlend
 
 NoiseSource = Callable[[tuple[int, ...]], torch.Tensor]
 """Returns standard normal noise of the given (frame-major) shape on the stream's device and dtype."""
@@ -208,7 +209,9 @@ class LatentStreamer:
     """Drives the stream-batch loop of many streams over a chain of DiT shards in one process.
 
     The engine calls: open -> set_prompt_context -> prefill -> step (repeatedly, many streams at
-    once) -> close. `set_num_steps` changes n mid-stream.
+    once) -> close. `set_num_steps` changes n mid-stream; `set_prompt_context` again changes the
+    prompt, at once or blended over the next chunks (stages.prompt_blend: each new chunk, in a prefill,
+    a step or a step-through, advances the stream's blend before its forward).
 
     Args:
         shards: the chain, covering blocks 0..L-1 contiguously (one full shard, or a split).
@@ -233,6 +236,7 @@ class LatentStreamer:
         self.schedule = shards[-1].schedule
         self.forward_warmup_rows = forward_warmup_rows
         self._streams: dict[str, StreamBatchState] = {}
+        self._prompts: dict[str, PromptBlend] = {}
 
     def _state(self, stream_id: str) -> StreamBatchState:
         try:
@@ -278,12 +282,43 @@ class LatentStreamer:
         for shard in self.shards:
             shard.close_stream(stream_id)
         del self._streams[stream_id]
+        self._prompts.pop(stream_id, None)
 
-    def set_prompt_context(self, stream_id: str, text_embeds_BST: torch.Tensor) -> None:
-        """Set or swap the prompt (T5 output [1, <=512, 4096]); self-attention caches are kept."""
+    def set_prompt_context(
+        self, stream_id: str, text_embeds_BST: torch.Tensor, *, blend_chunks: int = 0, mode: str = "linear"
+    ) -> None:
+        """Set or swap the prompt (T5 output [1, <=512, 4096]); self-attention caches are kept.
+
+        blend_chunks 0 (or the stream's first prompt): at once. N > 0: the stream's next N chunks
+        move from the current conditioning to this one (interpolated in `mode`), the Nth exactly here.
+        """
         self._state(stream_id)
+        now = self._prompts.setdefault(stream_id, PromptBlend()).retarget(text_embeds_BST, blend_chunks, mode)
+        if now is not None:
+            self._apply_prompt(stream_id, now)
+
+    def prompt_context(self, stream_id: str) -> torch.Tensor | None:
+        """The text embedding the stream is conditioned on now (None before its first prompt)."""
+        self._state(stream_id)
+        blend = self._prompts.get(stream_id)
+        return None if blend is None else blend.current
+
+    def prompt_blend_remaining(self, stream_id: str) -> int:
+        """Chunks until the stream's prompt blend is complete (0: none running)."""
+        self._state(stream_id)
+        blend = self._prompts.get(stream_id)
+        return 0 if blend is None else blend.remaining
+
+    def _apply_prompt(self, stream_id: str, text_embeds_BST: torch.Tensor) -> None:
         for shard in self.shards:
             shard.set_text_context(stream_id, text_embeds_BST)
+
+    def _advance_prompt(self, stream_id: str) -> None:
+        """A new chunk of the stream enters the DiT: a running blend moves one chunk on."""
+        blend = self._prompts.get(stream_id)
+        now = None if blend is None else blend.advance()
+        if now is not None:
+            self._apply_prompt(stream_id, now)
 
     def set_num_steps(self, stream_id: str, num_steps: int) -> None:
         """Change n mid-stream: every shard replicates slot 0's caches into n slots and the buffer
@@ -333,6 +368,7 @@ class LatentStreamer:
         num_frames = noisy_latents_1CFHW.shape[2]
         if num_frames not in (1, 2):
             raise BadRequestError(f"prefill takes 1 or 2 latent frames, got {num_frames}")
+        self._advance_prompt(stream_id)
         x_1CFHW = noisy_latents_1CFHW.to(self.device, self.dtype)
         starts = torch.zeros(1, dtype=torch.long, device=self.device)
         x0_1CFHW = x_1CFHW
@@ -370,6 +406,7 @@ class LatentStreamer:
             raise BadRequestError(f"stream {stream_id!r}: prefill before stepping")
         if current_step is not None:
             state.current_step = int(current_step)
+        self._advance_prompt(stream_id)
         if state.next_frame >= state.stream_cfg.rope_reset_frame:
             state.next_frame = state.stream_cfg.num_kv_cache_frames - 1
         starts = upload_long([state.next_frame], self.device)
@@ -416,6 +453,8 @@ class LatentStreamer:
         ticks = []
         for stream_id, latent, current_step in requests:
             ticks.append(self._state(stream_id).begin_tick(latent, current_step))
+            if latent is not None:
+                self._advance_prompt(stream_id)
         live = [t for t in ticks if t is not None]
         results: dict[str, torch.Tensor | None] = {}
         if live:

@@ -2,6 +2,11 @@
 # Installs Weir with its test extras into .venv and runs the whole test suite (CPU only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the browser page's tests (tests/browser) drive Debian's Chromium
+if [ ! -x /usr/bin/chromium ]; then
+    sudo=""; if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then sudo=sudo; fi
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip

@@ -26,7 +26,7 @@ SLOTS = 3
 
 
 @pytest.fixture(scope="module")
-def weir():
+def weir(tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
     from ray import serve
@@ -38,6 +38,7 @@ def weir():
     service = ServiceConfig(
         pipelines=(PipelineSpec(model="tiny", device="cpu", max_streams=SLOTS, num_cpus=0),),
         grpc_port=free_port(), http_port=free_port(), stats_interval_s=0.5,
+        recordings_dir=str(tmp_path_factory.mktemp("recordings")),
     )
     init_ray(num_cpus=2)
     try:
@@ -200,3 +201,57 @@ def test_unary_rpcs_and_metrics_endpoint(weir):
     assert 'weir_ttff_seconds_count{gpu_type="cpu",model="tiny",tier="standard"}' in text
     assert 'weir_stream_opens_total{outcome="refused",tier="standard"}' in text
     assert "stream_id" not in text
+
+
+def _decode(path) -> tuple[list[np.ndarray], float]:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [f.to_ndarray(format="rgb24") for f in container.decode(stream)], float(stream.average_rate)
+
+
+def test_recordings_and_a_blended_prompt_change_over_grpc(weir, tmp_path):
+    from cluster.client import (
+        fetch_recording,
+        set_prompt_message,
+        start_recording_message,
+        stop_recording_message,
+        stream_frames,
+    )
+    from protos import weir_pb2
+    from stages.errors import RecordingNotFoundError
+
+    n = 13
+
+    def controls(i: int) -> list:
+        return {1: [start_recording_message()],
+                5: [set_prompt_message([("a red fox", 1.0), ("a snowy forest", 1.0)], blend_chunks=2, blend="slerp")],
+                9: [stop_recording_message()]}.get(i, [])
+
+    async def run():
+        whole = stream_frames(_address(weir), _clip(n), _opts(record=True, seed=1))
+        part = stream_frames(_address(weir), _clip(n, seed=2), _opts(prompt="", prompts=(("a cat", 1.0),)),
+                             extra_messages=controls)
+        return await asyncio.gather(whole, part)
+
+    whole, part = asyncio.run(run())
+    started, finished = weir_pb2.RECORDING_STARTED, weir_pb2.RECORDING_FINISHED
+    for r in (whole, part):
+        assert r.seqs == list(range(n))  # recording and blending cost the stream no frame
+        assert [e.state for e in r.recording_events] == [started, finished], r.recording_events
+        assert list(r.recordings) == [r.recording_events[1]]  # StreamEnded lists it
+    assert whole.recordings[0].frames == n  # recorded from the first output frame to the last
+    assert 0 < part.recordings[0].frames <= n
+    for r in (whole, part):
+        status = r.recordings[0]
+        path = tmp_path / f"{status.recording_id}.mp4"
+        size = asyncio.run(fetch_recording(_address(weir), status.recording_id, str(path)))
+        assert size == status.bytes == path.stat().st_size
+        frames, fps = _decode(path)
+        assert len(frames) == status.frames and fps == pytest.approx(FPS)
+        assert all(f.shape == (H, W, 3) for f in frames)
+    with pytest.raises(RecordingNotFoundError) as missing:
+        asyncio.run(fetch_recording(_address(weir), "0" * 32, str(tmp_path / "none.mp4")))
+    assert missing.value.__cause__.code() == grpc.StatusCode.NOT_FOUND
+    asyncio.run(_wait_idle(weir))

@@ -223,3 +223,150 @@ def test_config_names_the_bad_value():
         AdmissionConfig(retry_after_s=0.0)
     with pytest.raises(ValueError, match="max_streams"):
         ReplicaInfo("r", "H100", SHAPE, BLOCKS, 0)
+
+
+def test_a_pool_fills_its_replicas_in_registration_order():
+    """Streams pack onto the oldest replicas, so the newest go idle first (the ones Serve stops first)."""
+    ctl = controller(("h-0", "H100", 1.0, 4.0, 2), ("h-1", "H100", 1.0, 4.0, 2), ("h-2", "H100", 1.0, 4.0, 2))
+    placed = [ctl.admit(request(f"s{i}"), 0.0).replica_id for i in range(5)]
+    assert placed == ["h-0", "h-0", "h-1", "h-1", "h-2"]
+    ctl.finish_stream("s0")
+    assert ctl.admit(request("s5"), 0.0).replica_id == "h-0"  # a freed slot of an older replica first
+    ctl.finish_stream("s4")
+    assert ctl.streams_on("h-2") == ()  # the newest emptied and stays empty while older ones have room
+
+
+# ---- the router's view: pools of replicas that report ------------------------------------------------------
+
+
+def _router(replicas: int = 1, max_streams: int = 2, tenants=None):
+    from deployments.config import PipelineSpec, ServiceConfig
+    from deployments.router import RouterAdmission
+
+    clock = [100.0]
+    service = ServiceConfig(pipelines=(PipelineSpec(max_streams=max_streams, replicas=replicas),), tenants=tenants)
+    return RouterAdmission(service, clock=lambda: clock[0]), clock
+
+
+def _report(replica_id: str, active: tuple[str, ...] = (), *, draining: bool = False, max_streams: int = 2):
+    from deployments.messages import PipelineStats
+
+    return PipelineStats(pipeline="Pipeline-0-tiny", model="tiny", gpu_type="cpu", max_streams=max_streams,
+                         active_streams=len(active), active_stream_ids=list(active), replica_id=replica_id,
+                         draining=draining)
+
+
+def _open(tenant: str = "default"):
+    from deployments.messages import OpenRequest
+
+    return OpenRequest(prompt="p", height=32, width=32, input_fps=4.0, ttff_ms=60000, frame_deadline_ms=60000,
+                       tenant=tenant)
+
+
+def test_router_admits_per_replica_of_a_pool_as_they_report():
+    ctl, clock = _router(replicas=2)
+    ctl.update("Pipeline-0-tiny", _report("r1"))
+    ctl.update("Pipeline-0-tiny", _report("r2"))
+    assert {r["replica"] for r in ctl.replicas()} == {"r1", "r2"}  # the pool's stand-in went
+    grants = [ctl.admit(f"s{i}", _open()) for i in range(4)]
+    assert [(g.pipeline, g.replica) for g in grants] == [("Pipeline-0-tiny", "r1")] * 2 + [("Pipeline-0-tiny", "r2")] * 2
+    with pytest.raises(AdmissionRefusedError):  # admitted to the pool only if some replica can hold it
+        ctl.admit("s4", _open())
+    assert ctl.owner["s3"] == "Pipeline-0-tiny" and ctl.placement()["s3"] == "r2"
+    ctl.release("s0")
+    ctl.update("Pipeline-0-tiny", _report("r1", ("s1",), draining=True))  # Serve stopped routing to r1
+    with pytest.raises(AdmissionRefusedError, match="draining"):
+        ctl.admit("s5", _open())
+    assert ctl.placement()["s1"] == "r1"  # a draining replica keeps its streams
+    ctl.update("Pipeline-0-tiny", _report("r3"))  # a replica the autoscaler added
+    assert ctl.admit("s5", _open()).replica == "r3"
+    assert ctl.capacity()["healthy_pipelines"] == 2 and ctl.capacity()["pipelines"] == 3
+
+
+def test_router_forgets_replicas_that_stop_reporting_once_empty():
+    from deployments.router import FORGET_AFTER_S, STALE_AFTER_S
+
+    ctl, clock = _router(replicas=2)
+    ctl.update("Pipeline-0-tiny", _report("r1"))
+    ctl.update("Pipeline-0-tiny", _report("r2"))
+    ctl.admit("s0", _open())
+    ctl.update("Pipeline-0-tiny", _report("r1", ("s0",)))
+    clock[0] += STALE_AFTER_S + 1
+    ctl.update("Pipeline-0-tiny", _report("r2"))
+    assert ctl.admit("s1", _open()).replica == "r2"  # r1 went silent: no new stream there
+    assert ctl.unreported_pools() == []
+    clock[0] += FORGET_AFTER_S
+    ctl.expire()
+    assert {r["replica"] for r in ctl.replicas()} == {"r1", "r2"}  # r1 still holds s0
+    ctl.release("s0")
+    ctl.expire()
+    assert {r["replica"] for r in ctl.replicas()} == {"r2"}
+    assert ctl.unreported_pools() == ["Pipeline-0-tiny"]  # r2 is silent too by now: the router pulls
+
+
+def test_tenant_stream_quota_is_counted_once_at_the_router():
+    from deployments.tenants import Quota, TenantRegistry
+
+    registry, _ = TenantRegistry().add_key("small", tier="free", quota=Quota(max_streams=1))
+    ctl, clock = _router(max_streams=4, tenants=registry)
+    ctl.admit("a", _open("small"))
+    with pytest.raises(AdmissionRefusedError, match="quota max_streams=1") as err:
+        ctl.admit("b", _open("small"))  # whichever ingress replica asks
+    assert err.value.details["quota"] == "max_streams"
+    ctl.admit("c", _open("other"))  # names the registry lacks are not limited
+    ctl.release("a")
+    ctl.admit("b", _open("small"))
+    clock[0] += 60  # b's client vanished before opening: its reservation, and its quota, expire
+    ctl.update("Pipeline-0-tiny", _report("", ("c",)))
+    ctl.admit("d", _open("small"))
+    ctl.release("d")
+    ctl.release("d")  # idempotent
+    assert ctl.quota.live_streams("small") == 0
+
+
+def test_a_refused_stream_does_not_keep_its_quota():
+    from deployments.tenants import Quota, TenantRegistry
+
+    registry, _ = TenantRegistry().add_key("t", quota=Quota(max_streams=2))
+    ctl, _ = _router(max_streams=1, tenants=registry)
+    ctl.admit("a", _open("t"))
+    with pytest.raises(AdmissionRefusedError, match="stream slots"):
+        ctl.admit("b", _open("t"))
+    assert ctl.quota.live_streams("t") == 1
+
+
+# ---- affinity inside a pool ------------------------------------------------------------------------------
+
+
+def test_affinity_table_learns_lists_retains_and_forgets():
+    from scheduling.affinity import AffinityTable
+
+    t = [0.0]
+    table = AffinityTable(lambda: t[0], unlisted_grace_s=30.0)
+    table.learn("a", "r1")
+    table.learn("b", "r1")
+    table.learn("c", "r2")
+    assert table.owner("c") == "r2" and table.owner("x") is None
+    table.update_listings({"r1": ["a", "b"], "r2": ["c"], "r3": ["z"]})
+    assert table.owner("z") == "r3"  # opened by another caller: known from the listing
+    table.update_listings({"r1": ["a", "b"]})  # r2 is no longer advertised: it is stopping
+    assert table.owner("c") == "r2" and table.retained({"r1"}) == {"r2"}
+    assert table.place({"r1": 1}) == "r1"  # new streams only on advertised replicas
+    assert table.forget("c") == "r2" and table.retained({"r1"}) == set()
+    table.update_listings({"r1": ["a"]})  # b was listed and no longer is: it ended
+    assert table.owner("b") is None and table.owner("a") == "r1"
+    table.learn("d", "r1")  # an open that failed: r1 never lists d
+    t[0] = 31.0
+    table.update_listings({"r1": ["a"]})
+    assert table.owner("d") is None
+    table.drop_replica("r1")
+    assert table.owner("a") is None and len(table) == 0
+
+
+def test_affinity_places_unnamed_streams_on_the_most_free_slots():
+    from scheduling.affinity import AffinityTable
+
+    assert AffinityTable.place({"r1": 1, "r2": 3, "r3": 3}) == "r2"
+    assert AffinityTable.place({}) is None
+    with pytest.raises(ValueError, match="unlisted_grace_s"):
+        AffinityTable(lambda: 0.0, unlisted_grace_s=-1)

@@ -153,3 +153,23 @@ def test_config_names_the_bad_value():
         PoolSpec("H100", max_replicas=0, slots_per_replica=1)
     with pytest.raises(ValueError, match="unique"):
         Autoscaler([PoolSpec("H100", 1, 1), PoolSpec("H100", 1, 1)])
+
+
+def test_under_churn_the_pool_shrinks_without_stopping_a_busy_replica():
+    """Streams of 90 s come and go: the load climbs to 40 and settles at 10. Serve picks which replica a
+    scale-down stops (the newest); admission fills the oldest replicas, so the newest are the idle ones."""
+    h100 = make_profile("H100", 1.0)
+    slots = replica_capacity(h100, BLOCKS, 16, TEMPLATE)
+    pools = [SimPool(PoolSpec("H100", 8, slots, cost_per_hour=4.0, startup_s=30.0), h100, BLOCKS, 16, 1)]
+    config = AutoscaleConfig(headroom_slots=2, idle_before_removal_s=30.0, scale_down_cooldown_s=60.0)
+    sim = FleetSimulator(pools, SHAPE, TEMPLATE, autoscale=config)
+
+    def load(t: float) -> int:
+        return int(40 * t / 300) if t < 300 else max(10, 40 - int(30 * (t - 300) / 300))
+
+    report = sim.run(load, duration_s=1500.0, stream_lifetime_s=90.0)
+    assert report.slo_violations == 0 and report.dropped_live_streams == 0
+    assert report.drained_busy_replicas == 0
+    assert report.peak_replicas["H100"] >= 5 and report.final_replicas["H100"] <= 2  # 10 streams of `slots`
+    with pytest.raises(ValueError, match="stream_lifetime_s"):
+        sim.run(load, duration_s=10.0, stream_lifetime_s=0.0)

@@ -148,3 +148,15 @@ def test_every_gpu_class_prefers_cheaper_slots_in_the_table_order():
 def test_gpu_class_lookup_by_name_or_accelerator_type():
     assert A.gpu_class_of("H100") is A.GPU_CLASSES["h100"] and A.gpu_class_of("l40s") is A.GPU_CLASSES["l40s"]
     assert A.gpu_class_of("cpu") is None
+
+
+def test_pool_size_from_the_pipeline_spec():
+    assert A.pool_size_options(PipelineSpec(replicas=2)) == {"num_replicas": 2}
+    cfg = A.pool_size_options(PipelineSpec(replicas=1, max_replicas=4))["autoscaling_config"]
+    assert (cfg["min_replicas"], cfg["initial_replicas"], cfg["max_replicas"]) == (1, 1, 4)
+    assert cfg["policy"]["policy_function"] == A.POLICY_IMPORT_PATH
+    AutoscalingConfig(**cfg)  # Serve accepts it
+    with pytest.raises(ValueError, match="max_replicas"):
+        PipelineSpec(replicas=3, max_replicas=2)
+    with pytest.raises(ValueError, match="replicas"):
+        PipelineSpec(replicas=0)

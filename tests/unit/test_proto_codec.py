@@ -204,3 +204,58 @@ def test_unwrap_finds_the_replica_exception():
 
     assert unwrap(Wrapper(Wrapper(inner))) is inner
     assert unwrap(inner) is inner
+
+
+# ---- the stubs, prompts and blends -----------------------------------------------------------------------
+
+
+def test_committed_stubs_are_exactly_what_protos_generate_writes(tmp_path):
+    from protos.generate import ROOT, STUBS, generate
+
+    assert generate(tmp_path) == 0
+    for name in STUBS:
+        fresh = (tmp_path / "protos" / name).read_bytes()
+        assert fresh == (ROOT / "protos" / name).read_bytes(), f"protos/{name} is stale: run python -m protos.generate"
+
+
+def _wp(prompt: str, weight: float) -> weir_pb2.WeightedPrompt:
+    return weir_pb2.WeightedPrompt(prompt=prompt, weight=weight)
+
+
+def test_weighted_prompts_blends_and_the_record_flag_parse():
+    codec = FrameCodec()
+    req = codec.parse_open(_open(prompt="", prompts=[_wp("a cat", 3), _wp("a dog", 1)],
+                                 blend=weir_pb2.BLEND_SLERP, record=True))
+    assert req.prompt_mix.active == (("a cat", 0.75), ("a dog", 0.25)) and req.prompt_mix.mode == "slerp"
+    assert req.record and req.prompt  # a readable label for logs
+    single = codec.parse_open(_open())
+    assert single.mix is None and not single.record
+    assert single.prompt_mix.active == (("a watercolor street", 1.0),)
+    change = codec.parse_set_prompt(weir_pb2.SetPrompt(prompt="a dog", blend_chunks=8))
+    assert (change.blend_chunks, change.mix.mode, change.mix.active) == (8, "linear", (("a dog", 1.0),))
+    mixed = codec.parse_set_prompt(weir_pb2.SetPrompt(prompts=[_wp("a", 1), _wp("b", 0)], blend=weir_pb2.BLEND_LINEAR))
+    assert mixed.mix.active == (("a", 1.0),) and mixed.blend_chunks == 0
+
+
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        ({}, "prompt"),
+        ({"prompt": "a", "prompts": [_wp("b", 1)]}, "prompts"),
+        ({"prompts": [_wp(f"p{i}", 1) for i in range(9)]}, "prompts"),
+        ({"prompts": [_wp("a", 0), _wp("b", 0)]}, "prompts"),
+        ({"prompts": [_wp("a", -1)]}, "prompts"),
+        ({"prompts": [_wp("a", float("nan"))]}, "prompts"),
+        ({"prompts": [_wp(" ", 1)]}, "prompts"),
+        ({"prompts": [_wp("a", 1), _wp("b", 1), _wp("c", 1)], "blend": weir_pb2.BLEND_SLERP}, "blend"),
+        ({"prompt": "a", "blend": 7}, "blend"),
+        ({"prompt": "a", "blend_chunks": 65}, "blend_chunks"),
+        ({"prompt": "a" * 2001}, "prompt"),
+    ],
+    ids=["empty", "both", "nine", "all-zero", "negative", "nan", "blank", "slerp-three", "unknown-mode",
+         "too-long-blend", "too-long-prompt"],
+)
+def test_bad_prompt_changes_are_bad_requests(kw, field):
+    with pytest.raises(E.BadRequestError) as err:
+        FrameCodec().parse_set_prompt(weir_pb2.SetPrompt(**kw))
+    assert err.value.details["field"] == field
