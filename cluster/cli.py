@@ -59,6 +59,21 @@ def _has_cuda() -> bool:
         return False
 
 
+def detected_gpu_type() -> str:
+    """The accelerator type Ray reports for this cluster's GPUs ('H100', 'H200', ...), so pipeline
+    bundles pinned to it can be placed; without one (Ray not started, or a GPU Ray does not name), a
+    label from GPU 0's device name that is used for profiles only."""
+    import ray
+
+    if ray.is_initialized():
+        types = sorted(k.split(":", 1)[1] for k in ray.cluster_resources() if k.startswith("accelerator_type:"))
+        if types:
+            return types[0]
+    import torch
+
+    return "unlabelled-" + torch.cuda.get_device_name(0).replace(" ", "-")
+
+
 def service_from_args(args: argparse.Namespace):
     from deployments.config import PipelineSpec, ServiceConfig
 
@@ -66,7 +81,8 @@ def service_from_args(args: argparse.Namespace):
     model = args.model or ("wan-1.3b" if device == "cuda" else "tiny")
     spec = PipelineSpec(
         model=model, vae=args.vae, device=device, dtype="bfloat16" if device == "cuda" else "float32",
-        checkpoint_dir=args.checkpoint_dir, gpu_type=args.gpu_type or ("cpu" if device == "cpu" else ""),
+        checkpoint_dir=args.checkpoint_dir,
+        gpu_type=args.gpu_type or ("cpu" if device == "cpu" else detected_gpu_type()),
         max_streams=args.max_streams, num_cpus=args.pipeline_cpus, executor=args.executor,
         num_gpus=args.gpus_per_pipeline,
     )
@@ -327,12 +343,16 @@ def bench_serve_main(args: argparse.Namespace) -> int:
         _pick_ports(args)
         init_ray(None, num_cpus=args.num_cpus)
         service = service_from_args(args)
+        t_start = time.monotonic()
+        print("starting the Serve app (builds and warms up the pipelines)...", flush=True)
         weir_app.start(service)
+        print(f"app ready in {time.monotonic() - t_start:.1f} s", flush=True)
         address = f"localhost:{service.grpc_port}"
     else:
         address = args.address
     frames = list(generated_clip(args.num_frames, args.height, args.width))
     opts = _options_from_args(args, args.fps)
+    print(f"streaming {args.streams} streams of {args.num_frames} frames at {args.fps} fps...", flush=True)
 
     async def one(i: int):
         await asyncio.sleep(i * args.stagger_s)
@@ -348,6 +368,12 @@ def bench_serve_main(args: argparse.Namespace) -> int:
 
     try:
         results, wall_s = asyncio.run(run_all())
+        if started_here and args.metrics_out:
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://localhost:{service.http_port}/metrics", timeout=10) as resp:
+                Path(args.metrics_out).write_bytes(resp.read())
+            print(f"wrote {args.metrics_out}")
     finally:
         if started_here:
             from ray import serve
@@ -449,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stagger-s", type=float, default=0.1, help="delay between stream starts")
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--json", default="bench_serve.json")
+    p.add_argument("--metrics-out", default=None, help="also save the server's Prometheus metrics here at the end")
     _add_service_args(p, grpc_port=None, http_port=None)
     _add_stream_args(p, prompt_required=False, fps=8.0)
     p.set_defaults(fn=bench_serve_main, pipeline_cpus=0.0)

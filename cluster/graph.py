@@ -19,8 +19,31 @@ by role (see cluster.stage_actor): same seeds -> bit-identical frames in fp32.
 The cycle. A stream-batch tick ends on the last shard with the re-noised buffer, which the stream's
 NEXT tick needs on the first actor. A DAG has no cycles, so the tail returns the buffer (CPU,
 [n, 16, 1, h, w], 200 KiB per slot at 480x832 bf16) to the driver, which sends it back with the
-stream's next tick. One stream's consecutive ticks are therefore dependent (at most one in flight);
-ticks of DIFFERENT streams are independent and are pipelined through the chain.
+stream's next tick. With one chain (StreamParams.chains = 1) one stream's consecutive ticks are
+therefore dependent (at most one in flight); ticks of DIFFERENT streams are independent and are
+pipelined through the chain.
+
+Ring (one stream over W GPUs; stages.stream_batch, "Ring"). With chains = W a stream's tick k reads
+the buffer of tick k - W only, so up to W ticks of ONE stream are in the graph at once: the driver
+keeps one buffer per chain and submits tick k as soon as tick k - W is back. Everything else a tick
+touches is updated in tick order without any wait, because the driver submits a stream's ticks in
+order (under the stream's lock, each one once it is written to the graph's input) and every actor
+runs the graph's executions in submission order over FIFO channels: the head's motion controller and
+noise draws, the shards' KV caches (slot i of tick k holds the chunk of tick k - i*W), the tail's
+re-noise draws and the decoder's conv caches. So the frames are the single-process engine's with the
+same chains, bit for bit; at n = 1 no tick reads another's buffer at all (the chain limit is then
+the only wait). A chunk leaves (n-1)*W ticks after it entered; in time, n ticks of W stages each, the
+reference's n*W micro-steps. Each tick returns its frames after the stream's earlier ticks, so
+frames come back in input order. Worked example, 2 GPUs (W = 2), one stream, n = 2, ticks t0, t1, ...:
+
+    time          0-1     1-2     2-3     3-4     4-5
+    GPU 0 (head)  t0      t1      t2      t3      t4        t2 needs t0's buffer: back at time 2
+    GPU 1 (tail)  -       t0      t1      t2      t3        t2 emits t0's chunk, t3 t1's, ...
+
+With one chain the same stream would run t0 on GPU 0, t0 on GPU 1, t1 on GPU 0, ...: half the rate.
+The default comes from the executor's `ring` option (on for GPU plans of several shards, W = the
+number of DiT shard actors); a stream's StreamParams.chains overrides it. The ring only pays when
+the caller keeps W `step` calls of the stream in flight (the pipeline bench's single-stream rows do).
 
 Schedule. `step(ids)` is a coroutine: concurrent `step` calls on disjoint stream groups each submit
 one execution; up to `max_inflight` executions are in the graph at once (a semaphore, below Ray's
@@ -34,11 +57,14 @@ in-flight cap), so every GPU works on a different group's tick. Worked example, 
 G1's tick 2 can start at time 2 because G1's tick 1 left GPU 1 at time 2 (its buffer came back to
 the driver); with one group only, GPU 0 would idle every other unit. A prefill (the first chunk of
 a stream: n steps back to back, batch 1) is n dependent executions of its own, overlapped the same
-way with other streams' ticks. In-order delivery per stream follows from the per-stream dependency.
+way with other streams' ticks. In-order delivery per stream follows from the per-stream dependency
+(one chain) or from each tick waiting for the stream's earlier ticks before it returns (ring).
 
 Control operations (open / close / prompt / steps / block moves) are normal actor calls on the
 actors' main threads, outside the graph; each worker serialises them against graph tasks with a
-lock, and the driver never sends one for a stream that has a tick in flight. A blended prompt change
+lock, and the driver never sends one for a stream that has a tick in flight: a control takes the
+stream's lock and first waits for every tick of the stream in flight (a steps change then drains
+the stream batch, its drain ticks back to back, W in flight). A blended prompt change
 is one control call too: every shard worker gets the target embedding once and steps the blend
 itself on each item marked `new_chunk` (no per-chunk control traffic).
 
@@ -82,7 +108,7 @@ from cluster.stage_actor import (
     stage_actor_class,
 )
 from scheduling.block_scheduler import BlockMove, BlockPlan, BlockRebalancer, StageTiming
-from stages.engine import CHUNK_FRAMES, OutputFrame, StreamParams
+from stages.engine import CHUNK_FRAMES, OutputFrame, StreamParams, exit_lag
 from stages.errors import (
     BadFrameError,
     BadRequestError,
@@ -137,15 +163,19 @@ class LocalChain:
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
-    async def run(self, msg: StageMessage) -> StageMessage:
-        """Run the message through every worker, in order, on the chain's thread."""
+    async def run(self, msg: StageMessage, submitted: asyncio.Event | None = None) -> StageMessage:
+        """Run the message through every worker, in order, on the chain's thread (messages queue up
+        in submission order). `submitted` is set once the message is queued."""
         def chain() -> StageMessage:
             out = msg
             for worker in self.workers:
                 out = worker.run(out)
             return out
 
-        return await self._in_thread(chain)
+        fut = asyncio.get_running_loop().run_in_executor(self._thread, chain)
+        if submitted is not None:
+            submitted.set()
+        return await fut
 
     async def call(self, actor: int, method: str, *args):
         """Call `method` on one worker (on the chain's thread, ordered with `run`)."""
@@ -342,8 +372,11 @@ class CompiledGraphChain:
 
     # ---- the hot path ------------------------------------------------------------------------------
 
-    async def run(self, msg: StageMessage) -> StageMessage:
-        """Run one message through the graph. Raises ChainBrokenError if the chain broke meanwhile."""
+    async def run(self, msg: StageMessage, submitted: asyncio.Event | None = None) -> StageMessage:
+        """Run one message through the graph. Raises ChainBrokenError if the chain broke meanwhile.
+        `submitted` is set once the message is written to the graph's input: messages submitted one
+        after the other run in that order on every actor (each actor executes the graph's tasks in
+        execution order, and the channels are FIFO)."""
         await self._open.wait()
         if self.broken is not None:
             raise PipelineFailedError(f"the pipeline could not be rebuilt: {self.broken}")
@@ -356,6 +389,8 @@ class CompiledGraphChain:
             try:
                 try:
                     fut = await asyncio.wait_for(self._graph.execute_async(msg), self.tick_timeout_s)
+                    if submitted is not None:
+                        submitted.set()
                     return await self._result(fut, generation)
                 except asyncio.TimeoutError as exc:
                     raise ChainBrokenError(
@@ -489,32 +524,66 @@ class _Stream:
     prompt: PromptMix
     """The prompt the stream is conditioned on (or blending to)."""
     num_steps: int
+    chains: int = 1
+    """W interleaved stream-batch chains (stages.stream_batch, "Ring")."""
     pending: deque = field(default_factory=deque)
     """(seq, uint8 HxWx3) not yet sent."""
     in_flight: deque = field(default_factory=deque)
-    """Seq lists of the chunks inside the stream batch, oldest first ([] for a drain tick)."""
+    """Seq lists of the chunks inside the stream batch, one per submitted tick, oldest first ([] for a
+    drain tick)."""
     started: bool = False
-    buffer_BCFHW: torch.Tensor | None = None
-    """The stream-batch buffer after the last tick (CPU); None = the head's own (zeros after a reset)."""
+    ticks: int = 0
+    """Ticks submitted since the last reset (prefill, steps change): tick k runs on chain k mod W."""
+    buffers: list = field(default_factory=list)
+    """Per chain, its stream-batch buffer after its last tick (CPU); None = the head's own (zeros
+    after a reset)."""
+    chain_free: list = field(default_factory=list)
+    """Per chain, an asyncio.Event set while no tick of the chain is in flight (its buffer is back)."""
+    last_tick: asyncio.Future | None = None
+    """The newest tick's job; each tick returns its frames only after the stream's earlier ticks."""
+    ticks_in_flight: int = 0
     failed: PipelineFailedError | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while taking chunks and submitting ticks, and by the controls (which wait for the ticks in
+    flight): a stream's ticks enter the chain in order, and no control overtakes one."""
     frames_in: int = 0
     frames_out: int = 0
+
+    def __post_init__(self) -> None:
+        self.chain_free = [asyncio.Event() for _ in range(self.chains)]
+        for free in self.chain_free:
+            free.set()
+        self.reset_ring()
+
+    def reset_ring(self) -> None:
+        """Every chain restarts from the head's zeros; the next tick is chain 0's (nothing in flight)."""
+        self.ticks = 0
+        self.buffers = [None] * self.chains
 
 
 class ChainExecutor:
     """The Executor protocol (deployments.pipeline.Executor) over a chain of stage workers.
 
-    Same API and the same frames as an InProcessExecutor(StreamEngine) for the same call sequence.
-    Every coroutine must run on the event loop the chain was built on.
+    Same API and the same frames as an InProcessExecutor(StreamEngine) for the same call sequence
+    (and the same StreamParams.chains). Every coroutine must run on the event loop the chain was built on.
+
+    Args:
+        ring: the default of streams that leave StreamParams.chains unset: True = W chains, W = the
+            number of DiT shard actors; False = one chain. None: on for GPU plans of several shards.
+            A stream's own chains setting always wins.
     """
 
-    def __init__(self, plan: PipelinePlan, chain, *, failure_policy: str = "fail") -> None:
+    def __init__(self, plan: PipelinePlan, chain, *, failure_policy: str = "fail", ring: bool | None = None) -> None:
         if failure_policy not in FAILURE_POLICIES:
             raise ValueError(f"failure_policy={failure_policy!r}: choose one of {FAILURE_POLICIES}")
         self.plan = plan
         self.chain = chain
         self.failure_policy = failure_policy
+        num_shards = len(plan.shard_actors)
+        self.ring = (plan.on_gpu and num_shards > 1) if ring is None else ring
+        self.default_chains = num_shards if self.ring else 1
+        """Chains of a stream whose StreamParams.chains is None."""
+        self._peak_ticks_in_flight = 0
         self._streams: dict[str, _Stream] = {}
         self._tick_id = 0
         self._failure_lock = asyncio.Lock()
@@ -533,12 +602,14 @@ class ChainExecutor:
         params.validate()
         if stream_id in self._streams:
             raise StreamExistsError(f"stream {stream_id!r} is already open", stream_id=stream_id)
+        chains = params.chains or self.default_chains
         req = StreamOpen(
             stream_id=stream_id, height=params.height, width=params.width, num_steps=params.num_steps,
             noise_scale=params.noise_scale, seed=params.seed, vae=params.vae or self.plan.vae,
             first_chunk_frames=params.first_chunk_frames, motion_aware_noise=params.motion_aware_noise,
+            chains=chains,
         )
-        s = _Stream(stream_id, params, req, PromptMix.of(params.prompt), params.num_steps)
+        s = _Stream(stream_id, params, req, PromptMix.of(params.prompt), params.num_steps, chains=chains)
         self._streams[stream_id] = s
         try:
             async with s.lock:
@@ -576,6 +647,7 @@ class ChainExecutor:
         if s is None:
             return
         async with s.lock:
+            await self._quiesce(s)
             await asyncio.gather(
                 *(self.chain.call(i, "close_stream", stream_id) for i in range(self.plan.num_actors)),
                 return_exceptions=True,
@@ -599,12 +671,16 @@ class ChainExecutor:
             s.frames_in += 1
 
     async def ready_streams(self) -> list[str]:
-        """Streams with a chunk ready and no tick in flight."""
-        return [sid for sid, s in self._streams.items() if self._chunk_ready(s) and not s.lock.locked()]
+        """Streams with a chunk ready whose next tick can enter the chain now (its chain's previous
+        tick is back: with one chain, no tick of the stream in flight)."""
+        return [sid for sid, s in self._streams.items()
+                if self._chunk_ready(s) and not s.lock.locked() and s.chain_free[s.ticks % s.chains].is_set()]
 
     async def step(self, stream_ids: list[str]) -> dict[str, list[OutputFrame]]:
         """One tick for the listed streams (one shared DiT forward; first chunks are prefilled on their
-        own). Concurrent calls on disjoint streams are pipelined; a stream's calls are serialised."""
+        own). Concurrent calls on disjoint streams are pipelined. Concurrent calls on one stream enter
+        the chain in call order, each as soon as its chain is free (with W chains, W at once: module
+        docstring, "Ring"), and return in that order."""
         self._maybe_refresh_stats()
         if len(set(stream_ids)) != len(stream_ids):
             raise BadRequestError(f"a stream may appear once per step, got {stream_ids}")
@@ -612,10 +688,15 @@ class ChainExecutor:
         async with contextlib.AsyncExitStack() as stack:
             for s in sorted(streams, key=lambda s: s.stream_id):
                 await stack.enter_async_context(s.lock)
-            return await self._step_locked(streams)
+            jobs = await self._submit(streams)
+        return await self._collect(streams, jobs)
 
-    async def _step_locked(self, streams: list[_Stream]) -> dict[str, list[OutputFrame]]:
-        out: dict[str, list[OutputFrame]] = {s.stream_id: [] for s in streams}
+    async def _submit(self, streams: list[_Stream]) -> list[asyncio.Future]:
+        """Under the streams' locks: take each ready stream's next chunk, run the first chunks' prefills
+        to their end, and submit one shared tick for the others. Returns the jobs ({sid: frames} each)."""
+        for s in streams:  # first wait for the chains (a tick in flight may fail meanwhile), then check
+            if s.started and self._chunk_ready(s):
+                await s.chain_free[s.ticks % s.chains].wait()
         for s in streams:
             self._check_stream(s)
         prefills, ticks = [], []
@@ -626,36 +707,49 @@ class ChainExecutor:
                 prefills.append((s, *self._take(s, s.params.first_chunk_frames)))
             else:
                 ticks.append((s, *self._take(s, CHUNK_FRAMES)))
-        jobs = [self._prefill(s, seqs, frames) for s, seqs, frames in prefills]
-        if ticks:
-            jobs.append(self._tick([(s, seqs, frames) for s, seqs, frames in ticks]))
+        jobs = [asyncio.ensure_future(self._prefill(s, seqs, frames)) for s, seqs, frames in prefills]
+        if ticks:  # no wait: every chain is free and no stream failed since the check
+            jobs.append(await self._submit_tick(ticks))
+        if prefills:  # the prefilled streams' next ticks may not start before their prefill ends
+            await asyncio.wait(jobs[: len(prefills)])
+        return jobs
+
+    @staticmethod
+    async def _collect(streams: list[_Stream], jobs: list[asyncio.Future]) -> dict[str, list[OutputFrame]]:
+        """Await every job (all of them, even after a failure); the first error is raised."""
+        out: dict[str, list[OutputFrame]] = {s.stream_id: [] for s in streams}
         results = await asyncio.gather(*jobs, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         for result in results:
             if isinstance(result, dict):
                 for sid, frames in result.items():
-                    out[sid].extend(frames)
+                    out.setdefault(sid, []).extend(frames)
         if errors:
             raise errors[0]
         return out
 
     async def flush(self, stream_id: str) -> list[OutputFrame]:
-        """StreamEngine.flush: pad a partial chunk with its last frame, step, drain; padding not returned."""
+        """StreamEngine.flush: pad a partial chunk with its last frame, step, drain; padding not returned.
+        The ticks are submitted back to back (W in flight with W chains) and collected at the end."""
         s = self._get(stream_id)
         async with s.lock:
             self._check_stream(s)
-            out: list[OutputFrame] = []
-            if s.pending and not s.started:
-                while len(s.pending) < s.params.first_chunk_frames:
-                    s.pending.append((-1, s.pending[-1][1]))
-                out.extend((await self._step_locked([s]))[stream_id])
-            if s.pending:
-                while len(s.pending) % CHUNK_FRAMES:
-                    s.pending.append((-1, s.pending[-1][1]))
-                while s.pending:
-                    out.extend((await self._step_locked([s]))[stream_id])
-            out.extend(await self._drain(s))
-            return [f for f in out if f.seq >= 0]
+            await self._quiesce(s)
+            jobs: list[asyncio.Future] = []
+            try:
+                if s.pending and not s.started:
+                    while len(s.pending) < s.params.first_chunk_frames:
+                        s.pending.append((-1, s.pending[-1][1]))
+                    jobs += await self._submit([s])
+                if s.pending:
+                    while len(s.pending) % CHUNK_FRAMES:
+                        s.pending.append((-1, s.pending[-1][1]))
+                    while s.pending:
+                        jobs += await self._submit([s])
+                jobs += await self._submit_drain(s)
+            finally:
+                out = await self._collect([s], jobs)
+            return [f for f in out[stream_id] if f.seq >= 0]
 
     # ---- live controls -------------------------------------------------------------------------------
 
@@ -666,6 +760,7 @@ class ChainExecutor:
         s = self._get(stream_id)
         async with s.lock:
             self._check_stream(s)
+            await self._quiesce(s)
             await self._set_prompt_on_actors(stream_id, mix, blend_chunks)
             s.prompt = mix
 
@@ -676,14 +771,17 @@ class ChainExecutor:
         s = self._get(stream_id)
         async with s.lock:
             self._check_stream(s)
-            out = await self._drain(s) if s.started else []
+            await self._quiesce(s)
+            out = []
+            if s.started:
+                out = (await self._collect([s], await self._submit_drain(s)))[stream_id]
             await asyncio.gather(
                 *(self.chain.call(i, "set_num_steps", stream_id, num_steps) for i in range(self.plan.num_actors))
             )
             s.num_steps = num_steps
             s.req = dataclasses.replace(s.req, num_steps=num_steps)
             s.in_flight.clear()
-            s.buffer_BCFHW = None
+            s.reset_ring()
             return out
 
     # ---- health, stats, teardown ---------------------------------------------------------------------
@@ -698,6 +796,14 @@ class ChainExecutor:
     def memory_bytes(self) -> int:
         """Device memory allocated by the stage actors (summed; refreshed every few seconds)."""
         return self._memory_bytes
+
+    def peak_ticks_in_flight(self, reset: bool = False) -> int:
+        """The most ticks of ONE stream that were in the chain at once (counted once a tick is
+        submitted, until its result is back): 1 without the ring, up to W with W chains."""
+        peak = self._peak_ticks_in_flight
+        if reset:
+            self._peak_ticks_in_flight = 0
+        return peak
 
     async def stats(self, reset: bool = False, reset_peak: bool = False) -> list[dict]:
         """Every worker's stats (cluster.stage_actor.StageWorker.stats)."""
@@ -818,13 +924,14 @@ class ChainExecutor:
         self._tick_id += 1
         return self._tick_id
 
-    async def _run(self, msg: StageMessage, streams: list[_Stream]) -> StageMessage:
+    async def _run(self, msg: StageMessage, streams: list[_Stream], submitted: asyncio.Event | None = None
+                   ) -> StageMessage:
         """Run a message; map transport failures to a rebuild + the failure policy, stage errors to
         the streams of the message. Raises PipelineFailedError (or the stage's WeirError)."""
         generation = self.chain.generation
         t0 = time.perf_counter()
         try:
-            out = await self.chain.run(msg)
+            out = await self.chain.run(msg, submitted)
         except ChainBrokenError as exc:
             await self._on_chain_broken(generation, exc)
             raise PipelineFailedError(
@@ -869,7 +976,8 @@ class ChainExecutor:
                     s.failed = err
                     continue
                 # restart: fresh state everywhere, the next chunk is a first chunk (prefill)
-                s.started, s.buffer_BCFHW = False, None
+                s.started = False
+                s.reset_ring()
                 s.in_flight.clear()
                 try:
                     await self._open_on_actors(s)
@@ -888,32 +996,82 @@ class ChainExecutor:
             out = await self._run(StageMessage(self._next_tick_id(), [item], sink_check=False), [s])
             x_BCFHW = _own(out.items[0].latents_BCFHW)
         s.started = True
-        s.buffer_BCFHW = None
+        s.reset_ring()
         return {s.stream_id: self._frames(s, out.items[0], seqs)}
 
-    async def _tick(self, work: list[tuple[_Stream, list[int] | None, torch.Tensor | None]]) -> dict:
-        """One shared micro-step (frames None = a drain tick); the emission rule of StreamEngine._emit."""
-        items, emits = [], []
+    async def _submit_tick(self, work: list[tuple[_Stream, list[int] | None, torch.Tensor | None]]) -> asyncio.Future:
+        """Submit one shared micro-step (frames None = a drain tick) once every stream's chain is free;
+        returns, once it is in the chain, the job that finishes it. The emission rule is
+        StreamEngine._emit's, decided here at submission: tick k emits the chunk of tick k - (n-1)*W."""
+        for s, _, _ in work:  # the chain's buffer is the result of its previous tick, W ticks ago
+            await s.chain_free[s.ticks % s.chains].wait()
+            self._check_stream(s)
+        items, emits, chains = [], [], []
         for s, seqs, frames in work:
+            chain = s.ticks % s.chains
+            s.ticks += 1
             s.in_flight.append(seqs if seqs is not None else [])
             emit = None
-            if len(s.in_flight) >= s.num_steps:
+            if len(s.in_flight) > exit_lag(s.num_steps, s.chains):
                 emit = s.in_flight.popleft() or None
             emits.append(emit)
-            items.append(WorkItem(s.stream_id, "tick", frames_THWC=frames, buffer_BCFHW=s.buffer_BCFHW,
-                                  decode=emit is not None, new_chunk=frames is not None))
-        out = await self._run(StageMessage(self._next_tick_id(), items), [s for s, _, _ in work])
-        result: dict[str, list[OutputFrame]] = {}
-        for (s, _, _), item, emit in zip(work, out.items, emits):
-            s.buffer_BCFHW = _own(item.buffer_BCFHW)
-            result[s.stream_id] = self._frames(s, item, emit) if emit is not None else []
+            chains.append(chain)
+            s.chain_free[chain].clear()
+            s.ticks_in_flight += 1
+            items.append(WorkItem(s.stream_id, "tick", frames_THWC=frames, buffer_BCFHW=s.buffers[chain],
+                                  chain=chain, decode=emit is not None, new_chunk=frames is not None))
+        earlier = {s.last_tick for s, _, _ in work if s.last_tick is not None}
+        submitted = asyncio.Event()
+        msg = StageMessage(self._next_tick_id(), items)
+        job = asyncio.ensure_future(self._finish_tick(msg, work, chains, emits, submitted, earlier))
+        for s, _, _ in work:
+            s.last_tick = job
+        await submitted.wait()
+        for s, _, _ in work:
+            self._peak_ticks_in_flight = max(self._peak_ticks_in_flight, s.ticks_in_flight)
+        return job
+
+    async def _finish_tick(self, msg: StageMessage, work, chains: list[int], emits: list, submitted: asyncio.Event,
+                           earlier: set[asyncio.Future]) -> dict[str, list[OutputFrame]]:
+        """Run a submitted tick; keep each chain's returned buffer; return the frames after the streams'
+        earlier ticks have returned theirs."""
+        streams = [s for s, _, _ in work]
+        try:
+            out = await self._run(msg, streams, submitted=submitted)
+            result: dict[str, list[OutputFrame]] = {}
+            for s, chain, item, emit in zip(streams, chains, out.items, emits):
+                s.buffers[chain] = _own(item.buffer_BCFHW)
+                result[s.stream_id] = self._frames(s, item, emit) if emit is not None else []
+        except asyncio.CancelledError:
+            for s in streams:  # the actors may have advanced past the buffer kept here
+                s.failed = s.failed or PipelineFailedError(
+                    f"a tick of stream {s.stream_id!r} was cancelled; its state is unknown: reconnect")
+            raise
+        finally:
+            submitted.set()
+            for s, chain in zip(streams, chains):
+                s.ticks_in_flight -= 1
+                s.chain_free[chain].set()
+        if earlier:
+            await asyncio.wait(earlier)
         return result
 
-    async def _drain(self, s: _Stream) -> list[OutputFrame]:
-        out: list[OutputFrame] = []
+    async def _submit_drain(self, s: _Stream) -> list[asyncio.Future]:
+        """Submit drain ticks until every chunk in flight is on its way out (exit_lag ticks after the
+        last one); returns their jobs."""
+        jobs = []
         while any(s.in_flight):
-            out.extend((await self._tick([(s, None, None)]))[s.stream_id])
-        return out
+            jobs.append(await self._submit_tick([(s, None, None)]))
+        return jobs
+
+    @staticmethod
+    async def _quiesce(s: _Stream) -> None:
+        """Wait until no tick of the stream is in flight and every one has returned its frames (under
+        the stream's lock, so none starts meanwhile): controls never overtake a tick."""
+        for free in s.chain_free:
+            await free.wait()
+        if s.last_tick is not None:
+            await asyncio.wait({s.last_tick})
 
     def _frames(self, s: _Stream, item: WorkItem, seqs: list[int]) -> list[OutputFrame]:
         frames = item.frames_out_THWC
@@ -948,15 +1106,16 @@ class CompiledGraphExecutor(ChainExecutor):
         bundle_offset: int = 0,
         options: WorkerOptions | None = None,
         failure_policy: str = "fail",
+        ring: bool | None = None,
         **chain_kwargs,
     ) -> CompiledGraphExecutor:
         """Create the actors (in `placement_group` from bundle `bundle_offset` when given), wait for
-        their models, compile the graph. `chain_kwargs` go to CompiledGraphChain."""
+        their models, compile the graph. `ring`: see ChainExecutor; `chain_kwargs` go to CompiledGraphChain."""
         chain = CompiledGraphChain(
             plan, placement_group=placement_group, bundle_offset=bundle_offset, options=options, **chain_kwargs
         )
         await chain.start()
-        return cls(plan, chain, failure_policy=failure_policy)
+        return cls(plan, chain, failure_policy=failure_policy, ring=ring)
 
     @property
     def actors(self) -> list:
@@ -964,6 +1123,7 @@ class CompiledGraphExecutor(ChainExecutor):
         return self.chain.actors
 
 
-async def create_local_executor(plan: PipelinePlan, options: WorkerOptions | None = None) -> ChainExecutor:
+async def create_local_executor(plan: PipelinePlan, options: WorkerOptions | None = None, *,
+                                ring: bool | None = None) -> ChainExecutor:
     """The same plan's workers chained in this process (the bench's --no-ray mode)."""
-    return ChainExecutor(plan, LocalChain.build(plan, options))
+    return ChainExecutor(plan, LocalChain.build(plan, options), ring=ring)

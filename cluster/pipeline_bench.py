@@ -2,12 +2,20 @@
 
     weir bench pipeline --gpus N [--plan colocated|separate|SPEC] [--model wan-1.3b] [--steps 1,2]
                         [--streams S] [--groups G] [--resolution 480x832] [--chunks 40] [--no-ray]
-                        [--json out.json]
+                        [--ring | --no-ring] [--device cuda|cpu] [--json out.json]
 
-For each --steps value, S streams are opened on ONE graph (built once) and fed chunks of 4 frames as
-fast as the pipeline takes them. The streams are split into G groups (default: one per actor, at
-most S); each group runs its own loop `add 4 frames per stream -> step(group)`, and the loops run
-concurrently, so up to G ticks of different groups are in the graph at once (see cluster.graph).
+For each --steps value, on ONE graph (built once), fed chunks of 4 frames as fast as the pipeline
+takes them, three loads (column `load`):
+  streams  S streams split into G groups (default: one per actor, at most S); each group runs its own
+           loop `add 4 frames per stream -> step(group)`, and the loops run concurrently, so up to G
+           ticks of different groups are in the graph at once (see cluster.graph). One chain each.
+  single   one stream, one chain, one loop: at most one tick in the graph (the no-ring figure).
+  ring     one stream of W chains (W = the DiT shard actors) driven by W concurrent loops, so up to W
+           of its ticks are in the graph at once (cluster.graph, "Ring"). Measured with --ring, the
+           default when the plan has more than one shard; `peak_in_flight` shows the ticks seen at once.
+The 2-GPU / 1-GPU single-stream ratio is the `ring` fps of a --gpus 2 run over the `single` fps of a
+--gpus 1 run (the summary prints both single-stream figures of the run). --device cpu --model tiny
+--resolution 32x48 runs the same code on the CPU (with --no-ray: in one process).
 
 Reported per configuration:
   fps            frames out / wall time over the measured chunks, all streams; fps_stream per stream
@@ -67,6 +75,12 @@ class PipelineRow:
     """'a<actor>.<role>' -> median ms per execution."""
     peak_gib: dict = field(default_factory=dict)
     """'gpu<i>' (or 'cpu') -> peak GiB."""
+    load: str = "streams"
+    """'streams' (S streams in G groups), 'single' (one stream, one chain) or 'ring' (one stream, W chains)."""
+    chains: int = 1
+    """Stream-batch chains of each stream."""
+    peak_in_flight: int = 0
+    """Most ticks of one stream in the graph at once during the measured chunks."""
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -87,6 +101,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=40, help="measured chunks of 4 frames per stream")
     p.add_argument("--warmup-chunks", type=int, default=4)
     p.add_argument("--no-ray", action="store_true", help="chain the same plan's workers in this process")
+    p.add_argument("--ring", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure one stream over W interleaved chains (default: when the plan has >1 shard)")
     p.add_argument("--transport", default="nccl", choices=("nccl", "auto"))
     p.add_argument("--max-inflight", type=int, default=None)
     p.add_argument("--cuda-graphs", action="store_true", help="DiT shards replay steady steps from CUDA graphs")
@@ -169,13 +185,24 @@ async def _build_executor(args: argparse.Namespace, plan, pg):
     )
 
 
-async def _run_config(ex, plan, args: argparse.Namespace, steps: int) -> PipelineRow:
+def _loads(args: argparse.Namespace, plan) -> list[tuple[str, int, int]]:
+    """(load, streams, chains) of each measured configuration (module docstring)."""
+    num_shards = len(plan.shard_actors)
+    ring = num_shards > 1 if args.ring is None else args.ring
+    loads = [("streams", args.streams, 1), ("single", 1, 1)]
+    if ring and num_shards > 1:
+        loads.append(("ring", 1, num_shards))
+    return loads
+
+
+async def _run_config(ex, plan, args: argparse.Namespace, steps: int, *, load: str = "streams",
+                      num_streams: int | None = None, chains: int = 1) -> PipelineRow:
     from cluster.video import generated_clip
     from stages.engine import StreamParams
 
     height, width = (int(x) for x in args.resolution.lower().split("x"))
     clip = list(generated_clip(16, height, width, seed=steps))
-    ids = [f"s{steps}-{k}" for k in range(args.streams)]
+    ids = [f"s{steps}{load}-{k}" for k in range(args.streams if num_streams is None else num_streams)]
     cursor = {sid: 0 for sid in ids}
 
     def frames(sid: str, count: int) -> list[tuple[int, np.ndarray]]:
@@ -187,15 +214,19 @@ async def _run_config(ex, plan, args: argparse.Namespace, steps: int) -> Pipelin
     for sid in ids:  # open + first frame + prefill, one stream at a time
         t0 = time.perf_counter()
         await ex.open_stream(sid, StreamParams(prompt="a watercolor painting of a city", num_steps=steps,
-                                               height=height, width=width, seed=cursor[sid], vae=args.vae))
+                                               height=height, width=width, seed=cursor[sid], vae=args.vae,
+                                               chains=chains))
         await ex.add_frames(sid, frames(sid, 1))
         out = await ex.step([sid])
         if not out[sid]:
             raise RuntimeError(f"stream {sid}: no first frame after the prefill")
         ttff.append((time.perf_counter() - t0) * 1000)
 
-    num_groups = max(1, min(args.groups or plan.num_actors, len(ids)))
-    groups = [ids[g::num_groups] for g in range(num_groups)]
+    if load == "ring":  # W loops on the one stream: each step call waits only for its own chain
+        num_groups, groups = chains, [ids] * chains
+    else:
+        num_groups = max(1, min(args.groups or plan.num_actors, len(ids)))
+        groups = [ids[g::num_groups] for g in range(num_groups)]
     out_counts = {sid: 0 for sid in ids}
     ticks: list[float] = []
 
@@ -212,9 +243,11 @@ async def _run_config(ex, plan, args: argparse.Namespace, steps: int) -> Pipelin
 
     await asyncio.gather(*(loop(g, args.warmup_chunks, False) for g in groups))
     await ex.stats(reset=True)
+    ex.peak_ticks_in_flight(reset=True)
     t0 = time.perf_counter()
     await asyncio.gather(*(loop(g, args.chunks, True) for g in groups))
     wall = time.perf_counter() - t0
+    peak_in_flight = ex.peak_ticks_in_flight()
     stats = await ex.stats()
     for sid in ids:
         await ex.flush(sid)
@@ -237,20 +270,31 @@ async def _run_config(ex, plan, args: argparse.Namespace, steps: int) -> Pipelin
         fps_stream_median=round(statistics.median(per_stream), 2), ttff_ms=round(statistics.median(ttff), 1),
         tick_p50_ms=round(_pct(ticks, 50) * 1000, 1), tick_p99_ms=round(_pct(ticks, 99) * 1000, 1),
         frames_out=total, wall_s=round(wall, 2), stage_ms=stage_ms, peak_gib=peak,
+        load=load, chains=chains, peak_in_flight=peak_in_flight,
     )
 
 
 def _print_rows(rows: list[PipelineRow]) -> None:
-    head = ("mode", "plan", "steps", "streams", "groups", "fps", "fps/str(min)", "ttff_ms", "tick_p50", "tick_p99")
-    print(" ".join(f"{h:>14}" for h in head))
+    head = ("mode", "plan", "load", "steps", "streams", "chains", "groups", "fps", "fps/str(min)", "ttff_ms",
+            "tick_p50", "tick_p99", "in_flight")
+    print(" ".join(f"{h:>12}" for h in head))
     for r in rows:
-        vals = (r.mode, r.plan, r.steps, r.streams, r.groups, r.fps, r.fps_stream_min, r.ttff_ms,
-                r.tick_p50_ms, r.tick_p99_ms)
-        print(" ".join(f"{v!s:>14}" for v in vals))
+        vals = (r.mode, r.plan, r.load, r.steps, r.streams, r.chains, r.groups, r.fps, r.fps_stream_min,
+                r.ttff_ms, r.tick_p50_ms, r.tick_p99_ms, r.peak_in_flight)
+        print(" ".join(f"{v!s:>12}" for v in vals))
     for r in rows:
         stages = "  ".join(f"{k}={v}" for k, v in sorted(r.stage_ms.items()))
         peaks = "  ".join(f"{k}={v}GiB" for k, v in sorted(r.peak_gib.items()))
-        print(f"steps={r.steps}: stage ms  {stages}\n          peak mem  {peaks}")
+        print(f"steps={r.steps} {r.load}: stage ms  {stages}\n          peak mem  {peaks}")
+
+
+def single_stream_fps(rows: list[PipelineRow]) -> dict[int, dict[str, float]]:
+    """steps -> {'single': fps, 'ring': fps} of the run's single-stream rows (what is measured)."""
+    out: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if r.load in ("single", "ring"):
+            out.setdefault(r.steps, {})[r.load] = r.fps
+    return out
 
 
 async def _bench(args: argparse.Namespace, plan, pg, rows: list[PipelineRow]) -> None:
@@ -259,10 +303,11 @@ async def _bench(args: argparse.Namespace, plan, pg, rows: list[PipelineRow]) ->
     print(f"pipeline built in {time.perf_counter() - t0:.1f} s", flush=True)
     try:
         for steps in (int(s) for s in args.steps.split(",")):
-            row = await _run_config(ex, plan, args, steps)
-            rows.append(row)
-            _print_rows([row])
-            sys.stdout.flush()
+            for load, num_streams, chains in _loads(args, plan):
+                row = await _run_config(ex, plan, args, steps, load=load, num_streams=num_streams, chains=chains)
+                rows.append(row)
+                _print_rows([row])
+                sys.stdout.flush()
     finally:
         await ex.close()
 
@@ -309,8 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         print("\nsummary")
         _print_rows(rows)
+        single = single_stream_fps(rows)
+        for steps, fps in sorted(single.items()):
+            ring = f", ring {fps['ring']} fps" if "ring" in fps else ""
+            print(f"single stream, steps={steps}: no ring {fps.get('single')} fps{ring}")
         with open(args.json, "w") as fh:
-            json.dump({"plan": plan.to_json(), "rows": [asdict(r) for r in rows]}, fh, indent=2)
+            json.dump({"plan": plan.to_json(), "rows": [asdict(r) for r in rows],
+                       "single_stream_fps": {str(k): v for k, v in single.items()}}, fh, indent=2)
         print(f"wrote {args.json}")
     return code
 

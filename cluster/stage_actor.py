@@ -21,7 +21,8 @@ Roles, from cluster.plan.StagePlacement (one worker may hold several, in this or
 Every message crossing the chain is a `StageMessage` (picklable dataclasses of tensors and Python
 values; CUDA tensors ride NCCL channels, everything else shared memory). The driver (cluster.graph)
 keeps what must cycle between ticks: the stream-batch buffer [n, C, 1, h, w] that the tail returns
-(CPU) is sent back to the head with the stream's next tick, so the graph stays acyclic.
+(CPU) is sent back to the head with the stream's next tick on the same chain (the next tick with one
+chain, tick k + W with W chains: stages.stream_batch, "Ring"), so the graph stays acyclic.
 
 The computation is the single-process engine's (stages.engine.StreamEngine + LatentStreamer), op for
 op and draw for draw, split across workers: same seeds give bit-identical frames in fp32.
@@ -79,6 +80,9 @@ class StreamOpen:
     vae: str
     first_chunk_frames: int = 1
     motion_aware_noise: bool = True
+    chains: int = 1
+    """W interleaved stream-batch chains (stages.stream_batch, "Ring"): the head keeps W chains' slot
+    positions and statuses; their buffers travel through the driver, one per chain."""
 
     def stream_config(self) -> StreamConfig:
         """The StreamConfig the single-process engine builds for the same params."""
@@ -115,6 +119,9 @@ class WorkItem:
     new_chunk: bool = False
     """Set by the driver: a new chunk enters the DiT with this item (a tick with frames, or prefill
     step 0), so the stream's prompt blend moves one chunk on before the forward."""
+    chain: int = 0
+    """tick: the stream-batch chain it runs on (ticks since the reset mod W), set by the driver with
+    that chain's buffer; the head checks that its own count agrees."""
     slots: tuple[int, ...] | None = None
     """Set by the head: the forwarded slots (None: nothing forwarded)."""
     statuses: list | None = None
@@ -347,7 +354,7 @@ class StageWorker:
                         params=req,
                         noise=NoiseController(req.noise_scale, enabled=req.motion_aware_noise),
                         generator=gen,
-                        batch=self._new_batch_state(req, req.num_steps, _no_noise),
+                        batch=self._new_batch_state(req, req.num_steps, _no_noise, chains=req.chains),
                     )
                     opened.append(lambda: self._heads.pop(sid, None))
                 if self.shard is not None:
@@ -355,7 +362,7 @@ class StageWorker:
                         sid, num_slots=req.num_steps, height=req.height, width=req.width, stream_cfg=cfg
                     )
                     opened.append(lambda: self.shard.close_stream(sid))
-                if self.is_tail:
+                if self.is_tail:  # one chain: each tick's item brings its chain's buffer and statuses
                     noise = GeneratorNoise(req.seed, device=self.device, dtype=self.dtype)
                     self._tails[sid] = self._new_batch_state(req, req.num_steps, noise)
                 if self.placement.decode:
@@ -368,7 +375,7 @@ class StageWorker:
                 raise
             self._params[sid] = req
 
-    def _new_batch_state(self, req: StreamOpen, num_steps: int, noise) -> StreamBatchState:
+    def _new_batch_state(self, req: StreamOpen, num_steps: int, noise, *, chains: int = 1) -> StreamBatchState:
         return StreamBatchState(
             req.stream_id,
             stream_cfg=req.stream_config(),
@@ -379,6 +386,7 @@ class StageWorker:
             device=self.device,
             dtype=self.dtype,
             in_channels=DIT_PRESETS[self.plan.model].in_dim,
+            chains=chains,
         )
 
     def close_stream(self, stream_id: str) -> None:
@@ -456,7 +464,7 @@ class StageWorker:
             head = self._heads.get(stream_id)
             if head is not None:
                 denoising_steps(head.batch.stream_cfg.step_list, num_steps)
-                new = self._new_batch_state(head.params, num_steps, _no_noise)
+                new = self._new_batch_state(head.params, num_steps, _no_noise, chains=head.params.chains)
                 new.reset(next_frame=head.batch.next_frame)
                 head.batch = new
             tail = self._tails.get(stream_id)
@@ -563,12 +571,15 @@ class StageWorker:
         ticks = []
         for item in msg.items:
             st = self._head(item.stream_id)
-            if item.buffer_BCFHW is not None:
-                st.batch.buffer_BCFHW = item.buffer_BCFHW.to(self.device, self.dtype, copy=True)
+            if item.chain != st.batch.next_chain:
+                raise AssertionError(
+                    f"stream {item.stream_id!r}: the driver sent chain {item.chain}'s buffer for a tick of "
+                    f"chain {st.batch.next_chain}"
+                )
             noisy, current_step = None, None
             if item.frames_THWC is not None:
                 noisy, current_step = self._encode_noisy(st, item.frames_THWC, first=False)
-            tick = st.batch.begin_tick(noisy, current_step)
+            tick = st.batch.begin_tick(noisy, current_step, item.buffer_BCFHW)
             item.frames_THWC = None
             item.slots = None if tick is None else tick.slots
             item.statuses = list(st.batch.status)

@@ -40,16 +40,16 @@ def build_application(service: ServiceConfig, executor_factory=None):
         if spec.device == "cuda" and spec.resolved_executor == "graph" and executor_factory is None:
             # the replica sits in a CPU bundle; each stage actor takes one GPU bundle of the same node
             gpu_bundle: dict = {"GPU": 1, "CPU": 1}
-            if spec.gpu_type not in ("", "cpu"):
-                gpu_bundle[f"accelerator_type:{spec.gpu_type}"] = 0.001
+            if spec.accelerator_type:
+                gpu_bundle[f"accelerator_type:{spec.accelerator_type}"] = 0.001
             placement = {
                 "placement_group_bundles": [{"CPU": max(spec.num_cpus, 0.01)}] + [gpu_bundle] * spec.num_gpus,
                 "placement_group_strategy": "STRICT_PACK",
             }
         elif spec.device == "cuda":
             actor_options["num_gpus"] = 1
-            if spec.gpu_type not in ("", "cpu"):
-                actor_options["accelerator_type"] = spec.gpu_type
+            if spec.accelerator_type:
+                actor_options["accelerator_type"] = spec.accelerator_type
         pipelines[name] = Pipeline.options(
             name=name, **pool_size_options(spec), ray_actor_options=actor_options,
             max_ongoing_requests=max(64, 8 * spec.max_streams), **placement,

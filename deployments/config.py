@@ -42,12 +42,25 @@ class PipelineSpec:
     'graph' on CUDA, 'inprocess' on CPU (busy-polling graph actors starve a small CPU machine)."""
     num_gpus: int = 1
     """GPUs of one pipeline (graph executor): the DiT blocks are split over them (1..16)."""
+    ring: bool = False
+    """Graph executor: streams run as W interleaved stream-batch chains, W = the DiT shard actors
+    (cluster.graph, "Ring"), so that W ticks of ONE stream can be in the pipeline at once. Off by
+    default here: the pipeline loop runs one step at a time and its scheduler expects a chunk n-1
+    ticks after it entered, so in serving the ring would only add (n-1)*(W-1) ticks of latency."""
     replicas: int = 1
     """Replicas of this pipeline deployment, a pool of one GPU class (1..64): each stream stays on one
     of them (deployments.affinity). With max_replicas above it, the pool's minimum and first size."""
     max_replicas: int = 0
     """> replicas: the SLO autoscaling policy (deployments.autoscaling) sizes the pool between replicas
     and this; 0 = a fixed pool of `replicas`."""
+
+    @property
+    def accelerator_type(self) -> str | None:
+        """The Ray accelerator type the pipeline's GPUs are pinned to: gpu_type, except 'cpu' and the
+        'unlabelled-...' labels of GPUs Ray does not name (those pin nothing)."""
+        if self.gpu_type == "cpu" or self.gpu_type.startswith("unlabelled-"):
+            return None
+        return self.gpu_type
 
     @property
     def resolved_executor(self) -> str:
@@ -63,6 +76,8 @@ class PipelineSpec:
             raise ValueError(f"num_gpus={self.num_gpus} must be in 1..16")
         if self.num_gpus > 1 and self.resolved_executor != "graph":
             raise ValueError(f"num_gpus={self.num_gpus} needs executor='graph' (one process drives one GPU)")
+        if self.ring and self.resolved_executor != "graph":
+            raise ValueError("ring=True needs executor='graph' (the ring interleaves a stream over pipeline stages)")
         if self.model not in DIT_PRESETS:
             raise ValueError(f"model={self.model!r}: choose one of {sorted(DIT_PRESETS)}")
         if self.vae not in ("wan", "taehv"):
@@ -71,6 +86,8 @@ class PipelineSpec:
             raise ValueError(f"device={self.device!r}: choose 'cpu' or 'cuda'")
         if not 1 <= self.max_streams <= 256:
             raise ValueError(f"max_streams={self.max_streams} must be in 1..256")
+        if not self.gpu_type:
+            raise ValueError("gpu_type must name the GPU class (e.g. 'H100'), or 'cpu'")
         if self.num_cpus < 0:
             raise ValueError(f"num_cpus={self.num_cpus} must be >= 0")
         if not 1 <= self.replicas <= 64:

@@ -71,6 +71,38 @@ class _End:
     """Sentinel: the output side finished cleanly."""
 
 
+class ChunkBatcher:
+    """Groups a stream's input frames into the pipeline's chunks (the first `first` frames, then
+    `chunk` at a time), so the ingress makes one push call per chunk instead of one per frame.
+
+    This adds no latency: the pipeline cannot start a chunk before its last frame has arrived, and
+    the ingress pushes the chunk as soon as that frame is decoded. Controls and the end flush a
+    partial chunk first, so frames and controls keep their order. Each frame keeps its own receive
+    time, so deadlines are unchanged.
+
+    Example: ChunkBatcher(1, 4): frame 0 is pushed alone, then frames 1-4, 5-8, ...
+    """
+
+    def __init__(self, first: int, chunk: int) -> None:
+        if first < 1 or chunk < 1:
+            raise ValueError(f"first={first} and chunk={chunk} must be >= 1")
+        self.first, self.chunk = first, chunk
+        self.count = 0
+        """Frames added so far."""
+        self._pending: list = []
+
+    def add(self, frame) -> bool:
+        """Add one frame; True when it completes a chunk (then `take` it)."""
+        self._pending.append(frame)
+        self.count += 1
+        return self.count == self.first or (self.count > self.first and (self.count - self.first) % self.chunk == 0)
+
+    def take(self) -> list:
+        """The frames added since the last take (possibly a partial chunk)."""
+        frames, self._pending = self._pending, []
+        return frames
+
+
 class IngressCore:
     """The stream protocol over injected router / pipeline / metrics clients (Serve deployment handles)."""
 
@@ -104,7 +136,8 @@ class IngressCore:
         )
         if req.record:
             out.put_nowait(_recording_message(recordings.start()))
-        reader = asyncio.create_task(self._read(requests, pipeline, stream_id, req, out, recordings))
+        batcher = ChunkBatcher(grant.first_chunk_frames, grant.chunk_frames)
+        reader = asyncio.create_task(self._read(requests, pipeline, stream_id, req, out, recordings, batcher))
         writer = asyncio.create_task(self._write(pipeline, stream_id, req, out, recordings))
         clean = False
         try:
@@ -157,9 +190,17 @@ class IngressCore:
         return req, grant
 
     async def _read(self, requests, pipeline, stream_id: str, req: OpenRequest, out: asyncio.Queue,
-                    recordings: StreamRecordings) -> None:
-        """Client -> pipeline, in order. Any error ends the stream through `out`."""
+                    recordings: StreamRecordings, batcher: ChunkBatcher | None = None) -> None:
+        """Client -> pipeline, in order, a chunk's frames per push (ChunkBatcher). Any error ends the
+        stream through `out`."""
+        batcher = batcher or ChunkBatcher(1, 1)
         paused, paused_frames = False, 0
+
+        async def flush() -> None:
+            frames = batcher.take()
+            if frames:
+                await _call(pipeline.push.remote(stream_id, frames))
+
         try:
             async for msg in requests:
                 kind = msg.WhichOneof("kind")
@@ -168,8 +209,11 @@ class IngressCore:
                         paused_frames += 1
                         continue
                     frame = self.codec.decode_frame(msg.frame, req.height, req.width, now_us())
-                    await _call(pipeline.push.remote(stream_id, [frame]))
-                elif kind == "control":
+                    if batcher.add(frame):
+                        await flush()
+                    continue
+                await flush()  # a control applies after every frame sent before it
+                if kind == "control":
                     op = msg.control.WhichOneof("kind")
                     if op == "set_prompt":
                         change = self.codec.parse_set_prompt(msg.control.set_prompt)
@@ -199,6 +243,7 @@ class IngressCore:
             if getattr(requests, "is_cancelled", lambda: False)():
                 out.put_nowait(asyncio.CancelledError())  # the client went away: nothing more to send
                 return
+            await flush()
             if paused_frames:
                 await _call(pipeline.control.remote(stream_id, "paused", paused_frames))
             await _call(pipeline.control.remote(stream_id, "end"))

@@ -39,7 +39,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -205,22 +205,26 @@ async def build_graph_executor(spec: PipelineSpec):
     from cluster.plan import build_plan
     from cluster.stage_actor import WorkerOptions
 
-    plan = build_plan(spec.num_gpus, model=spec.model, device="cuda", dtype=spec.dtype, vae=spec.vae,
+    plan = build_plan(spec.num_gpus, model=spec.model, device=spec.device, dtype=spec.dtype, vae=spec.vae,
                       checkpoint_dir=spec.checkpoint_dir)
-    options = WorkerOptions(cuda_graphs=True, env_vars={"NCCL_NVLS_ENABLE": "0"})
+    options = WorkerOptions(cuda_graphs=spec.device == "cuda", env_vars={"NCCL_NVLS_ENABLE": "0"})
     executor = await CompiledGraphExecutor.create(
-        plan, placement_group=ray.util.get_current_placement_group(), bundle_offset=1, options=options
+        plan, placement_group=ray.util.get_current_placement_group(), bundle_offset=1, options=options,
+        ring=spec.ring,
     )
-    # the first client's TTFF must not pay for kernel loading, cuDNN tuning and CUDA-graph capture
-    await warm_up_executor(executor, 480, 832, steps=(1, 2), vae=spec.vae)
     return executor
 
 
 async def warm_up_executor(executor: Executor, height: int, width: int, *, steps: tuple[int, ...] = (1, 2),
-                           vae: str = "wan", chunks: int = 6) -> float:
+                           vae: str = "wan", chunks: int = 6,
+                           ticks: list[tuple[int, float]] | None = None) -> float:
     """Run a throwaway stream per step count through any executor before clients arrive (the graph
     executor's counterpart of StreamEngine.warm_up). Returns seconds; a failure is logged, not raised:
-    a cold pipeline still serves, only slower at first."""
+    a cold pipeline still serves, only slower at first.
+
+    `ticks`, when given, receives (rows, seconds) of each steady tick (one chunk encoded, one forward
+    over n rows for an n-step stream, one chunk decoded; the first two ticks of each stream, which pay
+    for compilation and capture, are left out): PipelineCore.calibrate turns them into the profile."""
     import numpy as np
 
     from stages.engine import StreamParams
@@ -232,10 +236,15 @@ async def warm_up_executor(executor: Executor, height: int, width: int, *, steps
         try:
             await executor.open_stream(sid, StreamParams(prompt="warm up", num_steps=n, height=height,
                                                          width=width, vae=vae))
+            stepped = 0
             for seq in range(1 + 4 * (chunks + n)):
                 await executor.add_frames(sid, [(seq, frame)])
                 if sid in await executor.ready_streams():
-                    await executor.step([sid])
+                    t = time.monotonic()
+                    out = await executor.step([sid])
+                    stepped += 1
+                    if ticks is not None and stepped > 2 and out.get(sid):  # a frame-emitting steady tick
+                        ticks.append((n, time.monotonic() - t))
             await executor.flush(sid)
         except Exception:  # noqa: BLE001 - see docstring
             log.warning("warm-up of %d-step streams failed", n, exc_info=True)
@@ -293,8 +302,8 @@ def stream_spec(req: OpenRequest) -> StreamSpec:
 def build_scheduler(spec: PipelineSpec, profile: StageProfile | None = None) -> BatchingScheduler:
     """The pipeline's batching scheduler, its profile seeded from scheduling.priors for the spec's model
     and GPU class (corrected online by the pipeline's measurements)."""
-    prior = prior_of(spec.model)
-    profile = profile or seed_profile(spec.model, spec.gpu_type)
+    prior = prior_of(spec.model, spec.vae)
+    profile = profile or seed_profile(spec.model, spec.gpu_type, spec.vae)
     return BatchingScheduler(BatchingConfig(num_blocks=prior.num_blocks), profile)
 
 
@@ -385,6 +394,28 @@ class PipelineCore:
         self._samples = PipelineStats(pipeline=name, model=spec.model, gpu_type=spec.gpu_type)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def calibrate(self, ticks: Sequence[tuple[int, float]]) -> int:
+        """Feed measured single-stream ticks (rows, seconds; warm_up_executor) into the profile: a
+        one-row tick minus the profile's encode and decode of one chunk is one forward over one row.
+        Returns how many were used. Example: (1, 0.040) with encode + decode 0.016 s -> dit_block(1) =
+        0.024 / 30.
+
+        Only one-row ticks count: the n rows of ONE stream's stream batch share their attention calls
+        and cost less per row than rows of different streams (BENCHMARKS.md, "Serving"), which is what
+        the profile prices; a one-size window keeps the prior's per-row shape, scaled to this GPU."""
+        profile = self.scheduler.profile
+        used = 0
+        for rows, seconds in ticks:
+            dit_s = seconds - profile.encode_s(1) - profile.decode_s(1)
+            if rows == 1 and dit_s > 0.0:
+                profile.observe_dit(rows, self.scheduler.config.num_blocks, dit_s)
+                used += 1
+        if used:
+            snap = profile.snapshot()
+            log.info("%s: profile calibrated from %d warm-up ticks: DiT block %.2f ms + %.2f ms per row",
+                     self.name, used, snap.dit_block.fixed_s * 1e3, snap.dit_block.per_item_s * 1e3)
+        return used
 
     def start(self) -> None:
         if self._task is None:
@@ -853,6 +884,13 @@ class Pipeline:
             executor = build_engine_executor(spec)
         self.executor = executor
         self.core = PipelineCore(name, spec, executor, service=service)
+        if spec.device == "cuda" and executor_factory is None:
+            # the first client's TTFF must not pay for kernels, cuDNN tuning and graph capture, and the
+            # router's first admissions should see this GPU's own times, not only the priors
+            ticks: list[tuple[int, float]] = []
+            await warm_up_executor(executor, 480, 832, steps=(1, 2), vae=spec.vae,
+                                   chunks=6 if spec.resolved_executor == "graph" else 4, ticks=ticks)
+            self.core.calibrate(ticks)
         self._autoscaling = AutoscalingStatsRecorder(spec.max_streams)
         self._metrics = metrics
         self._reporter: asyncio.Task | None = None

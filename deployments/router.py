@@ -83,13 +83,13 @@ class RouterAdmission:
         self.reserved: dict[str, tuple[str, float]] = {}
         """stream id -> (replica key, admission time) until its replica reports it active."""
         for name, spec in self.pools.items():
-            if self.book.find(spec.gpu_type, prior_of(spec.model).shape) is None:
-                self.book.put(seed_profile(spec.model, spec.gpu_type))
+            if self.book.find(spec.gpu_type, prior_of(spec.model, spec.vae).shape) is None:
+                self.book.put(seed_profile(spec.model, spec.gpu_type, spec.vae))
             self._add_replica(name, name, spec.max_streams)
 
     def _add_replica(self, pool: str, key: str, max_streams: int) -> None:
         spec = self.pools[pool]
-        prior = prior_of(spec.model)
+        prior = prior_of(spec.model, spec.vae)
         gpu_class = gpu_class_of(spec.gpu_type)
         cost = gpu_class.cost_per_hour if gpu_class is not None else 1.0
         self.admission.add_replica(ReplicaInfo(key, spec.gpu_type, prior.shape, prior.num_blocks,
@@ -180,7 +180,7 @@ class RouterAdmission:
         if stream_id in self.reserved or stream_id in self.placement():
             raise StreamExistsError(f"stream {stream_id!r} is already admitted", stream_id=stream_id)
         self.quota.acquire(req.tenant, stream_id)
-        request = StreamRequest(stream_id, prior_of(model).shape, stream_spec(req))
+        request = StreamRequest(stream_id, self._nominal_shape(model, req.vae), stream_spec(req))
         try:
             decision = self.admission.admit(request, self.clock(), retry_after_s=self.service.retry_after_s)
         except BaseException:
@@ -193,6 +193,14 @@ class RouterAdmission:
             predicted_ttff_ms=decision.predicted_ttff_s * 1000 * self.service.scheduler_ttff_margin,
             first_chunk_frames=FIRST_CHUNK_FRAMES, chunk_frames=CHUNK_FRAMES,
         )
+
+    def _nominal_shape(self, model: str, vae: str = ""):
+        """The profile key a stream of `model` with VAE `vae` ('' = default) is priced by: that of the
+        pools serving the model with that VAE as their default, else of the first pool serving the
+        model (every stream of a pool feeds that pool's one profile, scheduling.priors)."""
+        specs = [s for s in self.pools.values() if s.model == model]
+        spec = next((s for s in specs if s.vae == vae), specs[0])
+        return prior_of(model, spec.vae).shape
 
     def release(self, stream_id: str) -> None:
         """The stream ended (or never opened): free its slot and its tenant's quota. Unknown ids are ignored."""

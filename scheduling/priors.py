@@ -1,27 +1,38 @@
-"""Seed stage-time profiles (priors) per model and GPU class, until measurements replace them. Pure data.
+"""Seed stage-time profiles (priors) per model, VAE kind and GPU class, until measurements replace them.
+Pure data.
 
-A pipeline replica starts its `StageProfile` from these numbers; every forward it runs feeds the
-measured times back (`BatchingScheduler.update_from_output`), and after `ProfileConfig.min_samples`
-measurements of a curve the robust fit replaces the seed. The router admits from the same profile,
-pushed by the replica with its load. So a prior only has to be *conservative* (slower than reality):
-too slow a prior refuses a few streams during the first seconds, too fast a prior over-admits.
+A pipeline replica starts its `StageProfile` from these numbers, then calibrates it from its own start-up
+warm-up ticks (deployments.pipeline), and every forward it runs feeds the measured times back
+(`BatchingScheduler.update_from_output`): after `ProfileConfig.min_samples` measurements of a curve the
+robust fit replaces the seed. The router admits from the same profile, pushed by the replica with its
+load. A prior that is too slow refuses streams until the measurements arrive; one that is too fast
+over-admits. So the priors are measurements with about 10% slack.
 
-The GPU numbers are the H100 measurements of BENCHMARKS.md (1.3B, 480x832, bf16, Wan VAE) with about
-20% slack, used for every GPU class until that class's own measurements replace them:
-    wan-1.3b: DiT 40.0 ms for one row and 64.7 ms for two (1 and 2 steps) -> per block 0.5 ms + 0.82 ms
-              per row -> seeded 0.6 ms + 1.0 ms per row; Wan VAE encode 42 ms, decode 75 ms per 4-frame
-              chunk -> seeded 5 + 45 ms and 5 + 80 ms.
-      worked example: one 1-step stream: encode 0.05 + 30 * (0.0006 + 0.001) + decode 0.085 = 0.183 s per
-      chunk, so one H100 keeps up with about 1.4 such streams at 16 fps (4 chunks/s each).
-    wan-14b: DiT 156 ms per row measured (40 blocks) -> seeded 1.5 ms + 4.5 ms per row per block.
+The GPU numbers are H200 measurements (bf16, 480x832, 1 step; BENCHMARKS.md, "Serving"), rounded up:
+    wan-1.3b: a tick over k one-step streams took 22.9 / 43.6 / 85.1 / 168.3 ms of DiT for k = 1 / 2 /
+              4 / 8: the GPU is already full at one row, so rows of different streams cost the same
+              batched or not -> per block 0.05 ms + 0.7 ms per row (one stream's n stream-batch rows
+              are cheaper, 32.9 ms for 2: the prior is conservative there);
+              Wan VAE encode 26.5 ms, decode 53 ms per stream and chunk -> seeded 1 + 27 and 1 + 54 ms;
+              TAEHV encode 5.6-6.5 ms, decode 8-9 ms (host work included) -> 1 + 6.5 and 1 + 9 ms.
+      worked example: one 1-step TAEHV stream: encode 0.0075 + 30 * (0.00005 + 0.0007) + decode 0.010 =
+      0.040 s per chunk (about 100 FPS); at 16 fps (4 chunks/s) that is 0.16 of the GPU, so the 0.85
+      row-load cap admits 5 such streams.
+    wan-14b: DiT 134 / 229 ms for 1 / 2 rows of one stream (40 blocks) -> per block 1.1 ms + 2.6 ms per
+              row; the VAEs as for 1.3B.
+Other GPU classes scale every time by CLASS_TIME_FACTOR (dense bf16 throughput and memory bandwidth
+relative to the H200; estimates until that class is measured). Unknown classes use 1.0.
+
 The tiny CPU model (tests, demo) was timed on the 2-core development box, one torch thread, 64x64 frames
 (prefill ~0.15 s, a 2-step stream-batch tick ~0.2-0.3 s, encode and decode included), rounded up:
 
     tiny, cpu:  DiT block 5 ms + 10 ms per row (4 blocks), encode 20 ms + 20 ms/chunk,
                 decode 20 ms + 30 ms/chunk; a 2-step tick of one stream: 0.04 + 4 * 0.025 + 0.05 = 0.19 s.
+    (Both VAE kinds get these: on CPU the tiny TAEHV is not much cheaper than the tiny Wan VAE.)
 
-Profiles are keyed by (GPU class, model's nominal shape): streams of other resolutions on the same
-pipeline are scheduled with the nominal profile (measurements of every stream feed it alike).
+Profiles are keyed by (GPU class, pipeline's nominal shape = model, 480x832 (64x64 for tiny), the
+pipeline's default VAE): streams of other resolutions or the other VAE on the same pipeline are
+scheduled with the nominal profile (measurements of every stream feed it alike).
 """
 
 from __future__ import annotations
@@ -33,10 +44,10 @@ from scheduling.profile import AffineTime, ShapeKey, StageProfile
 
 @dataclass(frozen=True)
 class ProfilePrior:
-    """Seed curves of one model (per GPU class they are all the same guess for now)."""
+    """Seed curves of one model with one VAE kind, on the reference GPU class (H200)."""
 
     shape: ShapeKey
-    """The model's nominal shape (the key of its profile)."""
+    """The nominal shape (the key of its profile)."""
     num_blocks: int
     """DiT blocks one forward runs (L)."""
     encode: AffineTime
@@ -44,37 +55,59 @@ class ProfilePrior:
     decode: AffineTime
 
 
-_WAN_13B_BLOCK = AffineTime(0.0006, 0.001)
-
-PRIORS: dict[str, ProfilePrior] = {
-    "tiny": ProfilePrior(
-        ShapeKey("tiny", 64, 64, "wan"), 4,
-        encode=AffineTime(0.02, 0.02), dit_block=AffineTime(0.005, 0.01), decode=AffineTime(0.02, 0.03),
-    ),
-    "wan-1.3b": ProfilePrior(
-        ShapeKey("wan-1.3b", 480, 832, "wan"), 30,
-        encode=AffineTime(0.005, 0.045), dit_block=_WAN_13B_BLOCK, decode=AffineTime(0.005, 0.08),
-    ),
-    "wan-14b": ProfilePrior(
-        ShapeKey("wan-14b", 480, 832, "wan"), 40,
-        encode=AffineTime(0.005, 0.045), dit_block=AffineTime(0.0015, 0.0045), decode=AffineTime(0.005, 0.08),
-    ),
+_TINY = {"encode": AffineTime(0.02, 0.02), "decode": AffineTime(0.02, 0.03)}
+_GPU_VAES = {
+    "wan": {"encode": AffineTime(0.001, 0.027), "decode": AffineTime(0.001, 0.054)},
+    "taehv": {"encode": AffineTime(0.001, 0.0065), "decode": AffineTime(0.001, 0.009)},
 }
-"""model preset -> prior. Every model the DiT presets define has a row (a test checks)."""
+_DIT: dict[str, tuple[int, int, int, AffineTime]] = {
+    # model -> (nominal height, width, blocks, seed time of one block)
+    "tiny": (64, 64, 4, AffineTime(0.005, 0.01)),
+    "wan-1.3b": (480, 832, 30, AffineTime(0.00005, 0.0007)),
+    "wan-14b": (480, 832, 40, AffineTime(0.0011, 0.0026)),
+}
+VAE_KINDS = ("wan", "taehv")
+
+PRIORS: dict[tuple[str, str], ProfilePrior] = {
+    (model, vae): ProfilePrior(
+        ShapeKey(model, height, width, vae), blocks, dit_block=block,
+        **(_TINY if model == "tiny" else _GPU_VAES[vae]),
+    )
+    for model, (height, width, blocks, block) in _DIT.items()
+    for vae in VAE_KINDS
+}
+"""(model preset, VAE kind) -> prior. Every model the DiT presets define has a row per VAE (a test checks)."""
+
+CLASS_TIME_FACTOR: dict[str, float] = {
+    "h200": 1.0, "h100": 1.1, "a100": 2.6, "l40s": 2.8, "rtx": 3.2, "rtx4090": 3.2, "cpu": 1.0,
+}
+"""GPU class (lower-case class name or Ray accelerator type) -> stage-time factor against the H200."""
 
 
-def prior_of(model: str) -> ProfilePrior:
-    """The prior of a model preset. Raises ValueError naming the known presets."""
+def prior_of(model: str, vae: str = "wan") -> ProfilePrior:
+    """The prior of a model preset with a VAE kind. Raises ValueError naming the known presets and kinds."""
     try:
-        return PRIORS[model]
+        return PRIORS[(model, vae)]
     except KeyError:
-        raise ValueError(f"no profile prior for model {model!r}; known: {sorted(PRIORS)}") from None
+        models = sorted({m for m, _ in PRIORS})
+        raise ValueError(f"no profile prior for model {model!r} with VAE {vae!r}; known models {models}, "
+                         f"VAEs {list(VAE_KINDS)}") from None
 
 
-def seed_profile(model: str, gpu_class: str) -> StageProfile:
-    """A fresh StageProfile of `gpu_class` seeded with the model's prior.
+def class_time_factor(gpu_class: str) -> float:
+    """How much slower than an H200 `gpu_class` runs the stages (1.0 when unknown).
+
+    Example: class_time_factor("H100") -> 1.1; class_time_factor("unlabelled-X") -> 1.0.
+    """
+    return CLASS_TIME_FACTOR.get(gpu_class.lower(), 1.0)
+
+
+def seed_profile(model: str, gpu_class: str, vae: str = "wan") -> StageProfile:
+    """A fresh StageProfile of `gpu_class` seeded with the model's prior, scaled to the class.
 
     Example: seed_profile("tiny", "cpu").tick_s(rows=2, admitted=1, emitted=1, num_blocks=4) -> 0.19.
     """
-    p = prior_of(model)
-    return StageProfile(gpu_class, p.shape, encode=p.encode, dit_block=p.dit_block, decode=p.decode)
+    p = prior_of(model, vae)
+    f = class_time_factor(gpu_class)
+    return StageProfile(gpu_class, p.shape, encode=p.encode.scaled(f), dit_block=p.dit_block.scaled(f),
+                        decode=p.decode.scaled(f))

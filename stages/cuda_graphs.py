@@ -70,7 +70,7 @@ class ShardGraphRunner:
         compute: Callable[[Any, list], torch.Tensor],
         device: torch.device,
         *,
-        max_graphs: int = 16,
+        max_graphs: int = 64,
         eager_calls: int = 1,
     ) -> None:
         if max_graphs < 1 or eager_calls < 1:

@@ -307,14 +307,42 @@ class DiTShard:
                 for (_, slots), rows, state in zip(batch.segments, batch.row_slices(), states)
             )
             batch = dataclasses.replace(batch, full_segments=full)
-        out = None
         if self.graphs is not None and batch.capture:
-            out = self.graphs.run(batch, states)
-        if out is None:
+            out = self._replay_per_stream(batch, states)
+        else:
             out = self._compute(batch, states)
         if not self.is_last:
             return dataclasses.replace(batch, hidden_BLD=out, x0_BCFHW=None)
         return dataclasses.replace(batch, hidden_BLD=None, x0_BCFHW=out)
+
+    def _replay_per_stream(self, batch: DiTMicroBatch, states: list[DiTStreamState]) -> torch.Tensor:
+        """A graph-backed step, one stream (segment) at a time, outputs concatenated in row order.
+
+        A graph is keyed by the streams it names, so a graph over a multi-stream batch would be
+        captured anew for every combination of streams that happen to be ready together (a capture
+        each tick under churn). One stream per replay keys graphs by stream alone: each stream is
+        captured once, on its second step. Batching streams buys little here anyway: every segment
+        attends to its own caches separately, and a 1.3B row at 480x832 already fills the GPU's
+        matmuls (BENCHMARKS.md: 8 streams in one forward take 8x one stream's time).
+        """
+        if len(batch.segments) == 1:
+            out = self.graphs.run(batch, states)
+            return self._compute(batch, states) if out is None else out
+        outs = []
+        for i, ((stream_id, slots), rows, state) in enumerate(zip(batch.segments, batch.row_slices(), states)):
+            part = dataclasses.replace(
+                batch,
+                segments=[(stream_id, slots)],
+                noisy_latents_BCFHW=batch.noisy_latents_BCFHW[rows],
+                timesteps_B=batch.timesteps_B[rows],
+                start_frames_B=batch.start_frames_B[rows],
+                hidden_BLD=None if batch.hidden_BLD is None else batch.hidden_BLD[rows],
+                start_frames=None if batch.start_frames is None else batch.start_frames[rows],
+                full_segments=None if batch.full_segments is None else batch.full_segments[i:i + 1],
+            )
+            out = self.graphs.run(part, [state])
+            outs.append(self._compute(part, [state]) if out is None else out)
+        return torch.cat(outs)
 
     def _check(self, batch: DiTMicroBatch) -> list[DiTStreamState]:
         """The batch's stream states, after the host-side checks (no tensor values are read)."""

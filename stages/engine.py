@@ -22,6 +22,15 @@ and the cross-attention K/V recomputed from them; the Nth chunk gets the new pro
 are first finished with the old number of steps (drain ticks without new input), then the slots are
 resized from slot 0's caches; nothing is dropped.
 
+Ring (`StreamParams.chains` = W, default 1): the stream runs W interleaved stream-batch chains
+(stages.stream_batch, "Ring"): tick k continues the buffer tick k - W left, so a chunk comes out
+(n-1)*W ticks after it went in instead of n-1, in input order, after (n-1)*W warm-up ticks that emit
+nothing; a drain takes (n-1)*W ticks. In one process this only adds latency; it is the oracle of the
+multi-GPU pipeline (cluster.graph), where it lets W ticks of one stream be in the pipeline at once.
+Worked example, W = 2, n = 2, prefill on frame 0, then chunks c0 = frames 1-4, c1 = 5-8, ...: ticks
+0 and 1 (c0, c1) emit nothing, tick 2 (c2) emits c0's frames 1-4, tick 3 emits c1's 5-8; a flush
+after c3 runs drain ticks 4 and 5, which emit c2 and c3.
+
 Step-by-step mode (`set_step_mode`, per stream, switchable mid-stream): the reference's "without stream
 batch" - each chunk runs its n steps back to back (batch 1, slot 0) and is emitted in the same tick:
 lower latency per frame, n forwards per chunk. Switching in, the frames in flight are drained first
@@ -43,6 +52,7 @@ from stages.errors import BadFrameError, BadRequestError, StreamExistsError, Str
 from stages.motion import motion_distance
 from stages.prompt_blend import encode_mix
 from stages.prompts import PromptMix, check_blend_chunks
+from stages.stream_batch import MAX_CHAINS
 from stages.vae_stage import frames_model_to_uint8, frames_uint8_to_model
 
 MIN_SIDE = 16
@@ -101,6 +111,9 @@ class StreamParams:
     first_chunk_frames: int = 1
     """1: first output from frame 0 alone (Weir); 5: the reference's 1+4 start."""
     motion_aware_noise: bool = True
+    chains: int | None = None
+    """W interleaved stream-batch chains (module docstring, "Ring"), 1..16; None = the executor's
+    default (1 in one process; the multi-GPU pipeline's ring setting)."""
 
     def validate(self) -> None:
         """Raise BadRequestError naming the first field out of range."""
@@ -120,6 +133,8 @@ class StreamParams:
             raise BadRequestError(
                 f"first_chunk_frames={self.first_chunk_frames} must be 1 or 5", field="first_chunk_frames"
             )
+        if self.chains is not None and not 1 <= self.chains <= MAX_CHAINS:
+            raise BadRequestError(f"chains={self.chains} must be in 1..{MAX_CHAINS}", field="chains")
 
 
 @dataclass
@@ -141,10 +156,11 @@ class _Stream:
     num_steps: int
     noise: NoiseController
     generator: torch.Generator
+    chains: int = 1
     pending: deque = field(default_factory=deque)
     """(seq, frame uint8 HxWx3) not yet encoded."""
     in_flight: deque = field(default_factory=deque)
-    """Seq lists of the chunks inside the stream batch, oldest first (None for a drain tick)."""
+    """Seq lists of the chunks inside the stream batch, one per tick, oldest first ([] for a drain tick)."""
     started: bool = False
     step_by_step: bool = False
     last_frame_BC1HW: torch.Tensor | None = None
@@ -196,7 +212,9 @@ class StreamEngine:
             c = self.components
             c.encoders[vae].open_stream(stream_id)
             c.decoders[vae].open_stream(stream_id)
-            c.dit.open(stream_id, stream_cfg=cfg, height=params.height, width=params.width, seed=params.seed)
+            chains = params.chains or 1
+            c.dit.open(stream_id, stream_cfg=cfg, height=params.height, width=params.width, seed=params.seed,
+                       chains=chains)
             c.dit.set_prompt_context(stream_id, self._embed(PromptMix.of(params.prompt)))
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed)
@@ -207,6 +225,7 @@ class StreamEngine:
                 num_steps=params.num_steps,
                 noise=NoiseController(params.noise_scale, enabled=params.motion_aware_noise),
                 generator=gen,
+                chains=chains,
             )
 
     def close_stream(self, stream_id: str) -> None:
@@ -426,8 +445,8 @@ class StreamEngine:
         return self._decode(s, x0, seqs)
 
     def _emit(self, s: _Stream, x0: torch.Tensor | None) -> list[OutputFrame]:
-        """A tick's result: x0 is the frame that entered n-1 ticks ago (None while warming up)."""
-        if len(s.in_flight) < s.num_steps:
+        """A tick's result: x0 is the chunk that entered exit_lag(n, W) ticks ago (None while warming up)."""
+        if len(s.in_flight) <= exit_lag(s.num_steps, s.chains):
             return []  # warm-up: the last slot held the zero buffer, not a frame
         seqs = s.in_flight.popleft()
         if not seqs:  # a drain tick's empty slot (or warm-up garbage) leaves the stream batch
@@ -438,8 +457,8 @@ class StreamEngine:
 
     def _drain(self, s: _Stream) -> list[OutputFrame]:
         out: list[OutputFrame] = []
-        # in_flight holds the chunks not yet emitted; each drain tick moves every slot one step on and
-        # leaves an empty marker behind, so the next real chunk is emitted exactly n-1 ticks later
+        # in_flight holds the chunks not yet emitted; each drain tick moves one chain's slots one step
+        # on and leaves an empty marker behind, so the next real chunk is emitted exit_lag ticks later
         while any(s.in_flight):
             x0 = self.components.dit.step([(s.stream_id, None, None)])[0]
             s.in_flight.append([])
@@ -454,6 +473,14 @@ class StreamEngine:
         s.frames_out += len(seqs)
         self._frames_out += len(seqs)
         return [OutputFrame(seq=q, frame=f) for q, f in zip(seqs, frames)]
+
+
+def exit_lag(num_steps: int, chains: int = 1) -> int:
+    """Ticks between a chunk's entry and the tick that emits it: (n-1)*W (module docstring, "Ring").
+
+    Example: n = 2, W = 2 -> 2: the chunk of tick 0 comes out of tick 2; ticks 0 and 1 are warm-up.
+    """
+    return (num_steps - 1) * chains
 
 
 def encode_noisy(encoder, stream_id: str, frames_BCTHW: torch.Tensor, noise: NoiseController,

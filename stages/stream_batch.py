@@ -23,6 +23,25 @@ Warm-up: after the prefill the buffer is zeros and every slot sits at the prefil
 like the reference, those zero rows are forwarded (writing K/V into slots 1.. caches) but never
 emitted. `forward_warmup_rows=False` skips them instead (not the reference's behaviour).
 
+Ring of W chains (spec D, "Resulting schedule"; `chains=W`, default 1 = the single chain above).
+The stream keeps W interleaved stream-batch chains, each with its own n-slot buffer, start positions
+and slot statuses, initialised like the single chain after the prefill (zeros, warm-up). Tick k (counted
+from the prefill or the last steps change) runs on chain k mod W: it shifts that chain's buffer, which
+the chain's previous tick, k - W, left. Everything else is the stream's, in tick order: the frame
+positions (tick k's chunk gets the next one), slot 0's current_step, the noise draws, and the slots' KV
+caches (slot i's cache is written by tick k with the chunk that entered at tick k - i*W). So chunk k
+leaves at tick k + (n-1)*W; the first (n-1)*W ticks (each chain's first n-1) are warm-up; a drain needs
+(n-1)*W ticks; and the output keeps input order (the exit tick grows with k). Worked example, W = 2,
+n = 2, steps (700, 500), chunk k = the k-th chunk after the prefill:
+    tick 0, chain 0: [A@700, zeros@500] -> nothing        tick 1, chain 1: [B@700, zeros@500] -> nothing
+    tick 2, chain 0: [C@cur, A@500]     -> x0(A)          tick 3, chain 1: [D@cur, B@500]     -> x0(B)
+    drain:  tick 4, chain 0: [-, C@500] -> x0(C)          tick 5, chain 1: [-, D@500]         -> x0(D)
+Why: a tick's result is needed only W ticks later, so a pipeline of W stages can hold W ticks of ONE
+stream at once (cluster.graph); a chunk then spends n ticks of W stages each, n*W stage times, in the
+chain, as in the reference. At n = 1 no tick reads another's buffer and every W gives the same frames.
+(The reference starts chains 1.. from chain 0's buffer before any result is back and discards that
+"warm-up garbage"; here every chain warms up from zeros, as the single chain does.)
+
 Step by step (the reference's "without stream batch", spec C; `step_through`): batch 1 on slot 0,
 all n steps back to back on one chunk at the stream's next frame position (slot 0's timestep is the
 motion controller's current_step), re-noised between steps, its x0 returned at once. Each step
@@ -77,6 +96,34 @@ class SlotStatus(enum.Enum):
     """A real chunk: emitted when it reaches slot n-1."""
 
 
+MAX_CHAINS = 16
+"""Most interleaved stream-batch chains of one stream (one per pipeline stage at most is useful)."""
+
+
+@dataclass
+class _Chain:
+    """One stream-batch chain: its n-slot buffer, the slots' frame positions and statuses."""
+
+    buffer_BCFHW: torch.Tensor
+    start_frames: list[int]
+    status: list[SlotStatus]
+
+
+class _ChainField:
+    """An attribute of StreamBatchState that reads and writes the current tick's chain's field."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, state, owner: type | None = None):
+        if state is None:
+            return self
+        return getattr(state._chains[state.chain], self.name)
+
+    def __set__(self, state, value) -> None:
+        setattr(state._chains[state.chain], self.name, value)
+
+
 @dataclass
 class StreamTick:
     """What one stream contributes to a shared forward."""
@@ -95,6 +142,8 @@ class StreamBatchState:
         num_steps: n; the timesteps are the first n of `stream_cfg.step_list`.
         latent_hw: latent (H, W) = pixels / 8.
         noise: the stream's noise source.
+        chains: W interleaved chains (module docstring, "Ring"); `buffer_BCFHW`, `start_frames` and
+            `status` are those of the chain of the current tick (chain 0 before the first).
     """
 
     def __init__(
@@ -110,8 +159,12 @@ class StreamBatchState:
         dtype: torch.dtype,
         in_channels: int = 16,
         forward_warmup_rows: bool = True,
+        chains: int = 1,
     ) -> None:
+        if not 1 <= chains <= MAX_CHAINS:
+            raise BadRequestError(f"chains={chains} must be in 1..{MAX_CHAINS}", field="chains")
         self.stream_id = stream_id
+        self.num_chains = chains
         self.stream_cfg = stream_cfg
         self.timesteps = denoising_steps(stream_cfg.step_list, num_steps)
         self.latent_hw = latent_hw
@@ -129,18 +182,35 @@ class StreamBatchState:
         self._timesteps_renoise = upload_long(self.timesteps[1:], device)
         self.reset(next_frame=None)
 
+    buffer_BCFHW = _ChainField()
+    """The current chain's latents [n, C, 1, H, W], slot 0 the newest."""
+    start_frames = _ChainField()
+    """The current chain's latent-frame position of each slot."""
+    status = _ChainField()
+    """The current chain's SlotStatus of each slot."""
+
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 
+    @property
+    def next_chain(self) -> int:
+        """The chain the next tick runs on: ticks since the reset, mod W."""
+        return self.ticks % self.num_chains
+
     def reset(self, next_frame: int | None) -> None:
-        """Zero the buffer and restart the warm-up, all slots at `next_frame` (spec C.2)."""
+        """Zero every chain's buffer and restart the warm-up, all slots at `next_frame` (spec C.2)."""
         n = self.num_steps
         h, w = self.latent_hw
-        self.buffer_BCFHW = torch.zeros(n, self.in_channels, 1, h, w, device=self.device, dtype=self.dtype)
+        warm = SlotStatus.WARMUP if self.forward_warmup_rows else SlotStatus.EMPTY
+        self._chains = [
+            _Chain(torch.zeros(n, self.in_channels, 1, h, w, device=self.device, dtype=self.dtype),
+                   [next_frame or 0] * n, [warm] * n)
+            for _ in range(self.num_chains)
+        ]
+        self.chain = 0  # the chain of the current (last begun) tick
+        self.ticks = 0  # ticks begun since the reset
         self.next_frame = next_frame
-        self.start_frames = [next_frame or 0] * n
-        self.status = [SlotStatus.WARMUP if self.forward_warmup_rows else SlotStatus.EMPTY] * n
         self.processed = 0
 
     def draw_noise_BCFHW(self, num_rows: int, num_frames: int) -> torch.Tensor:
@@ -150,11 +220,21 @@ class StreamBatchState:
         return noise_BFCHW.transpose(1, 2)
 
     def begin_tick(
-        self, noisy_latent_1CFHW: torch.Tensor | None, current_step: int | None
+        self, noisy_latent_1CFHW: torch.Tensor | None, current_step: int | None,
+        buffer_BCFHW: torch.Tensor | None = None,
     ) -> StreamTick | None:
-        """Shift the buffer and place the new chunk (None = drain tick). Returns the rows to forward."""
+        """Move on to the next chain, shift its buffer and place the new chunk (None = drain tick).
+        Returns the rows to forward.
+
+        buffer_BCFHW: that chain's buffer as its previous tick left it, when it was kept elsewhere
+        (the pipeline's head gets it back from the tail through the driver); None = the one held here.
+        """
         if self.next_frame is None:
             raise BadRequestError(f"stream {self.stream_id!r}: prefill before stepping")
+        self.chain = self.next_chain
+        self.ticks += 1
+        if buffer_BCFHW is not None:
+            self.buffer_BCFHW = buffer_BCFHW.to(self.device, self.dtype, copy=True)
         if current_step is not None:
             self.current_step = int(current_step)
         n = self.num_steps
@@ -184,8 +264,8 @@ class StreamBatchState:
         )
 
     def end_tick(self, slots: tuple[int, ...], x0_BCFHW: torch.Tensor) -> torch.Tensor | None:
-        """Store the rows' x0, re-noise slots 0..n-2 to t_{i+1}, and return slot n-1's x0 [1, C, 1, H, W]
-        if it holds a real chunk (else None).
+        """Store the rows' x0 in the current tick's chain, re-noise its slots 0..n-2 to t_{i+1}, and
+        return slot n-1's x0 [1, C, 1, H, W] if it holds a real chunk (else None).
         """
         n = self.num_steps
         x0_BCFHW = x0_BCFHW.to(self.dtype)
@@ -256,12 +336,16 @@ class LatentStreamer:
         stream_cfg: StreamConfig | None = None,
         seed: int = 0,
         noise: NoiseSource | None = None,
+        chains: int = 1,
     ) -> None:
-        """Open a stream of height x width pixels. `noise` overrides the seeded default source."""
+        """Open a stream of height x width pixels. `noise` overrides the seeded default source;
+        `chains` W > 1 runs W interleaved stream-batch chains (module docstring, "Ring")."""
         if stream_id in self._streams:
             raise StreamExistsError(f"stream {stream_id!r} is already open", stream_id=stream_id)
         stream_cfg = stream_cfg or StreamConfig()
         n = stream_cfg.num_steps
+        if not 1 <= chains <= MAX_CHAINS:
+            raise BadRequestError(f"chains={chains} must be in 1..{MAX_CHAINS}", field="chains")
         for shard in self.shards:
             shard.open_stream(stream_id, num_slots=n, height=height, width=width, stream_cfg=stream_cfg)
         self._streams[stream_id] = StreamBatchState(
@@ -275,6 +359,7 @@ class LatentStreamer:
             dtype=self.dtype,
             in_channels=self.shards[0].cfg.in_dim,
             forward_warmup_rows=self.forward_warmup_rows,
+            chains=chains,
         )
 
     def close(self, stream_id: str) -> None:
@@ -321,9 +406,9 @@ class LatentStreamer:
             self._apply_prompt(stream_id, now)
 
     def set_num_steps(self, stream_id: str, num_steps: int) -> None:
-        """Change n mid-stream: every shard replicates slot 0's caches into n slots and the buffer
-        restarts its warm-up at the next frame position. Chunks in flight in slots 1.. are dropped
-        (drain first with None ticks to keep them).
+        """Change n mid-stream: every shard replicates slot 0's caches into n slots and every chain's
+        buffer restarts its warm-up at the next frame position (the next tick is chain 0's). Chunks in
+        flight in slots 1.. are dropped (drain first with None ticks to keep them).
         """
         old = self._state(stream_id)
         denoising_steps(old.stream_cfg.step_list, num_steps)  # validates
@@ -340,6 +425,7 @@ class LatentStreamer:
             dtype=self.dtype,
             in_channels=old.in_channels,
             forward_warmup_rows=old.forward_warmup_rows,
+            chains=old.num_chains,
         )
         new.reset(next_frame=old.next_frame)
         self._streams[stream_id] = new

@@ -82,6 +82,8 @@ def test_cuda_graph_path_equals_eager(model, height, width, num_steps, two_strea
     print(f"{model} {height}x{width} n={num_steps} two_streams={two_streams}: graphs {stats}")
     assert stats["enabled"], stats["disabled_reason"]
     assert stats["replays"] > 0, stats
+    # graphs are keyed by one stream each, even when two streams step together
+    assert all(len(key[0]) == 1 for key in graphed_streamer.shards[0].graphs._graphs)
     rel_l2, rel_max = compare(graphed, eager)
     exact = all(torch.equal(a, b) for a, b in zip(graphed, eager))
     print(f"graph vs eager: rel_l2={rel_l2:.2e} rel_max={rel_max:.2e} bit-identical={exact}")

@@ -98,7 +98,7 @@ def test_nccl_pipeline_equals_single_gpu_engine():
         async def run():
             ex = await CompiledGraphExecutor.create(
                 plan, placement_group=pg, options=WorkerOptions(deterministic=True), transport="nccl",
-                tick_timeout_s=120,
+                tick_timeout_s=120, ring=False,  # one chain per stream, as the engine's default
             )
             try:
                 return await _graph_outputs(ex), ex.plan.spec

@@ -196,10 +196,16 @@ def _load(active: list[str], profile: StageProfile | None = None) -> PipelineSta
                          profile=(profile or seed_profile("tiny", "cpu")).snapshot())
 
 
-def test_every_model_has_a_profile_prior():
-    assert set(PRIORS) == set(DIT_PRESETS)
-    for model, prior in PRIORS.items():
+def test_every_model_has_a_profile_prior_per_vae():
+    assert set(PRIORS) == {(m, v) for m in DIT_PRESETS for v in ("wan", "taehv")}
+    for (model, vae), prior in PRIORS.items():
         assert prior.num_blocks == DIT_PRESETS[model].num_layers
+        assert prior.shape.model == model and prior.shape.vae == vae
+    # TAEHV is priced far below the Wan VAE on GPUs, and slower classes scale every stage
+    wan, taehv = seed_profile("wan-1.3b", "H200"), seed_profile("wan-1.3b", "H200", "taehv")
+    assert taehv.encode_s(1) + taehv.decode_s(1) < 0.25 * (wan.encode_s(1) + wan.decode_s(1))
+    a100 = seed_profile("wan-1.3b", "A100")
+    assert a100.dit_s(1, 30) == pytest.approx(2.6 * wan.dit_s(1, 30))
 
 
 def test_slots_then_refusal_with_retry_hint():
@@ -217,7 +223,7 @@ def test_slots_then_refusal_with_retry_hint():
 
 def test_a_pipeline_whose_measured_profile_is_slow_refuses():
     ctl, _ = _controller()
-    slow = StageProfile("cpu", PRIORS["tiny"].shape, encode=AffineTime(0.02, 0.02),
+    slow = StageProfile("cpu", PRIORS[("tiny", "wan")].shape, encode=AffineTime(0.02, 0.02),
                         dit_block=AffineTime(0.01, 0.03), decode=AffineTime(0.02, 0.03))
     ctl.update("Pipeline-0-tiny", _load([], slow))
     ctl.admit("s1", _req(input_fps=8.0))  # row load 2 chunks/s * (2 rows * 4 blocks * 0.03 + 0.05) = 0.58

@@ -42,6 +42,32 @@ def test_executor_warm_up_runs_through_the_protocol_and_leaves_nothing_open(capl
     torch.set_num_threads(1)
     plan = build_plan(2, model="tiny", device="cpu")
     ex = ChainExecutor(plan, LocalChain.build(plan, WorkerOptions(num_threads=1)))
-    assert asyncio.run(warm_up_executor(ex, 32, 48, steps=(1, 2), chunks=1)) > 0
+    ticks: list[tuple[int, float]] = []
+    assert asyncio.run(warm_up_executor(ex, 32, 48, steps=(1, 2), chunks=3, ticks=ticks)) > 0
     assert asyncio.run(ex.ready_streams()) == []
+    assert {rows for rows, _ in ticks} == {1, 2} and all(t > 0 for _, t in ticks)
     assert not [r for r in caplog.records if "warm-up" in r.getMessage() or "closing" in r.getMessage()]
+
+
+def test_gpu_type_must_name_a_class_and_only_ray_named_types_pin():
+    with pytest.raises(ValueError, match="gpu_type"):
+        PipelineSpec(device="cuda", gpu_type="")
+    assert PipelineSpec(device="cuda", gpu_type="H200").accelerator_type == "H200"
+    assert PipelineSpec(device="cuda", gpu_type="unlabelled-NVIDIA-X").accelerator_type is None
+    assert PipelineSpec().accelerator_type is None
+
+
+def test_warm_up_ticks_calibrate_the_profile_the_router_admits_from():
+    from deployments.pipeline import PipelineCore, build_engine_executor
+
+    spec = PipelineSpec(model="wan-1.3b", device="cpu", gpu_type="H200", vae="taehv")
+    core = PipelineCore("p", spec, build_engine_executor(PipelineSpec()))
+    profile = core.scheduler.profile
+    before = profile.snapshot().dit_block
+    enc_dec = profile.encode_s(1) + profile.decode_s(1)
+    # a GPU whose one-row forward takes half the prior's: the prior's shape, scaled by 0.5
+    ticks = [(1, enc_dec + 0.5 * 30 * before(1))] * 3 + [(2, enc_dec + 0.001)] * 3
+    assert core.calibrate(ticks) == 3  # one-stream 2-row ticks are cheaper per row: not used
+    after = profile.snapshot().dit_block
+    assert after.fixed_s == pytest.approx(before.fixed_s / 2) and after.per_item_s == pytest.approx(before.per_item_s / 2)
+    assert core.calibrate([(1, 0.0)]) == 0  # a tick shorter than encode + decode teaches nothing
