@@ -159,6 +159,9 @@ class PipelineStats:
     latency_ms_samples: list[tuple[str, float]] = field(default_factory=list)
     jitter_ms_samples: list[tuple[str, float]] = field(default_factory=list)
     tick_ms_samples: list[float] = field(default_factory=list)
+    executor_step_ms_samples: list[float] = field(default_factory=list)
+    """Wall time of each executor.step call inside a tick (the engine or the compiled graph, without
+    the tick's frame hand-over and delivery), drained with the other samples."""
     skipped_by_tier: dict[str, int] = field(default_factory=dict)
     misses_by_tier: dict[str, int] = field(default_factory=dict)
     skipped_by_reason: dict[str, int] = field(default_factory=dict)

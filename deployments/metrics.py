@@ -79,6 +79,8 @@ class MetricsExporter:
             self.jitter.labels(*mg, _tier(tier)).observe(ms / 1000)
         for ms in s.tick_ms_samples:
             self.stage.labels(*mg, "step").observe(ms / 1000)
+        for ms in s.executor_step_ms_samples:
+            self.stage.labels(*mg, "executor_step").observe(ms / 1000)
         for tier, n in s.skipped_by_tier.items():
             self.skipped.labels(*mg, _tier(tier)).inc(n)
         for tier, n in s.misses_by_tier.items():

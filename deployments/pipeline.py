@@ -614,6 +614,7 @@ class PipelineCore:
             sm = self._samples
             stats.ttff_ms_samples, stats.latency_ms_samples = sm.ttff_ms_samples, sm.latency_ms_samples
             stats.jitter_ms_samples, stats.tick_ms_samples = sm.jitter_ms_samples, sm.tick_ms_samples
+            stats.executor_step_ms_samples = sm.executor_step_ms_samples
             stats.skipped_by_tier, stats.misses_by_tier = sm.skipped_by_tier, sm.misses_by_tier
             self._samples = PipelineStats(pipeline=self.name, model=self.spec.model, gpu_type=self.spec.gpu_type)
         return stats
@@ -699,7 +700,9 @@ class PipelineCore:
             (step_ids if full else flush_ids).append(s.stream_id)
             shared_forward_only &= full and not work.prefill and not step_by_step
         if step_ids:
+            t_step = self.clock()
             outputs = await self.executor.step(step_ids)
+            self._samples.executor_step_ms_samples.append((self.clock() - t_step) * 1000)
             for sid, frames in outputs.items():
                 if sid in self.streams:
                     self._deliver(self.streams[sid], frames)

@@ -200,6 +200,8 @@ def test_unary_rpcs_and_metrics_endpoint(weir):
         assert name in text, name
     assert 'weir_ttff_seconds_count{gpu_type="cpu",model="tiny",tier="standard"}' in text
     assert 'weir_stream_opens_total{outcome="refused",tier="standard"}' in text
+    for stage in ("step", "executor_step"):  # the whole tick, and the executor's part of it
+        assert f'weir_stage_seconds_count{{gpu_type="cpu",model="tiny",stage="{stage}"}}' in text, stage
     assert "stream_id" not in text
 
 
