@@ -71,6 +71,10 @@ class _End:
     """Sentinel: the output side finished cleanly."""
 
 
+_CLEANUPS: set[asyncio.Task] = set()
+"""Running stream cleanups (strong references, so a shielded cleanup is not collected mid-way)."""
+
+
 class ChunkBatcher:
     """Groups a stream's input frames into the pipeline's chunks (the first `first` frames, then
     `chunk` at a time), so the ingress makes one push call per chunk instead of one per frame.
@@ -153,9 +157,19 @@ class IngressCore:
             reader.cancel()
             writer.cancel()
             recordings.abandon()  # a running recording is finished and published on its own thread
-            if not clean:
-                await self._quietly(pipeline.close.remote(stream_id))
-            await self._quietly(self.router.release.remote(stream_id))  # also the tenant's stream quota
+            # Its own task, shielded: a transport that cancels the task running this stream while it
+            # cleans up (a WebRTC peer closing right after the end) must not cancel the release too,
+            # or the stream's slot and its tenant's quota would stay taken.
+            cleanup = asyncio.ensure_future(self._release(pipeline, stream_id, close=not clean))
+            _CLEANUPS.add(cleanup)
+            cleanup.add_done_callback(_CLEANUPS.discard)
+            await asyncio.shield(cleanup)
+
+    async def _release(self, pipeline, stream_id: str, *, close: bool) -> None:
+        """Close the stream on its pipeline (when it did not end cleanly) and free its router slot."""
+        if close:
+            await self._quietly(pipeline.close.remote(stream_id))
+        await self._quietly(self.router.release.remote(stream_id))  # also the tenant's stream quota
 
     async def _open(self, requests, opened_us: int) -> tuple[OpenRequest, AdmissionGrant]:
         tier = "standard"

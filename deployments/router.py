@@ -141,6 +141,12 @@ class RouterAdmission:
                 del self.reserved[sid]  # confirmed: it now lives until release
             elif now - t > RESERVATION_GRACE_S:
                 self.release(sid)
+        for sid in self.admission.streams_on(key):
+            if sid not in reported and sid not in self.reserved:
+                # confirmed once, gone from its replica now: the stream ended but its release never
+                # came (an ingress that died, a cancelled cleanup). Free the slot and the quota.
+                log.info("stream %s is gone from %s: releasing its slot", sid, key)
+                self.release(sid)
 
     def expire(self) -> None:
         """Replicas that stopped reporting: no new stream after STALE_AFTER_S, forgotten (once they carry

@@ -208,6 +208,19 @@ def test_every_model_has_a_profile_prior_per_vae():
     assert a100.dit_s(1, 30) == pytest.approx(2.6 * wan.dit_s(1, 30))
 
 
+def test_a_confirmed_stream_its_replica_no_longer_has_is_released():
+    ctl, _ = _controller(max_streams=2)
+    ctl.admit("s1", _req())
+    ctl.admit("s2", _req())
+    ctl.update("Pipeline-0-tiny", _load(["s1", "s2"]))  # both confirmed: they live until release
+    assert ctl.capacity()["active_streams"] == 2
+    ctl.update("Pipeline-0-tiny", _load(["s2"]))  # s1 ended on the pipeline, its release was lost
+    assert ctl.capacity()["active_streams"] == 1 and set(ctl.placement()) == {"s2"}
+    ctl.admit("s3", _req())  # the freed slot is usable again
+    ctl.update("Pipeline-0-tiny", _load(["s2"]))  # s3 is still reserved (not yet reported): kept
+    assert set(ctl.placement()) == {"s2", "s3"}
+
+
 def test_slots_then_refusal_with_retry_hint():
     ctl, _ = _controller(max_streams=2)
     grant = ctl.admit("s1", _req())
