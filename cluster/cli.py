@@ -372,7 +372,10 @@ def bench_serve_main(args: argparse.Namespace) -> int:
             import urllib.request
 
             with urllib.request.urlopen(f"http://localhost:{service.http_port}/metrics", timeout=10) as resp:
-                Path(args.metrics_out).write_bytes(resp.read())
+                text = resp.read().decode()
+            Path(args.metrics_out).write_text(text)
+            for stage, (total_s, count) in sorted(stage_means(text).items()):
+                print(f"server stage {stage}: {count} calls, mean {1000 * total_s / count:.1f} ms")
             print(f"wrote {args.metrics_out}")
     finally:
         if started_here:
@@ -405,6 +408,24 @@ def bench_serve_main(args: argparse.Namespace) -> int:
     Path(args.json).write_text(json.dumps({"summary": summary, "streams": rows}, indent=2))
     print(f"wrote {args.json}")
     return 0
+
+
+def stage_means(metrics_text: str) -> dict[str, tuple[float, int]]:
+    """stage -> (total seconds, calls) of `weir_stage_seconds` in a Prometheus text page, summed over
+    pipelines; stages without calls are left out.
+
+    Example: 'weir_stage_seconds_sum{gpu_type="H200",model="m",stage="step"} 2.0' and the matching
+    '_count ... 40.0' -> {"step": (2.0, 40)}.
+    """
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        for suffix, into in (("_sum{", sums), ("_count{", counts)):
+            prefix = "weir_stage_seconds" + suffix
+            if line.startswith(prefix) and 'stage="' in line:
+                stage = line.split('stage="', 1)[1].split('"', 1)[0]
+                into[stage] = into.get(stage, 0.0) + float(line.rsplit(" ", 1)[1])
+    return {k: (sums.get(k, 0.0), int(n)) for k, n in counts.items() if n > 0}
 
 
 # ---- parser --------------------------------------------------------------------------------------------
