@@ -18,6 +18,10 @@ Tables print to stdout; --json writes every row.
                    its Wan VAE stream encode/decode, same model size and resolutions, bf16 on CUDA) and
                    print Weir / reference ratios of dit_ms and end-to-end FPS (the reference's FPS is
                    4000 / (dit + enc + dec), its stages being serial).
+--streams 1,2,4,8  also a capacity table: k streams stepped together, one tick = one chunk of each
+                   (encode each, one shared DiT forward, decode each), with a device sync around each
+                   stage: tick ms, aggregate FPS, and how many streams of --input-fps one device carries
+                   (FPS / input fps). This is what the serving admission's per-row cost comes from.
 --check-precision  run the DiT in fp32 and in the bench dtype on the same random weights over a few
                    chunks (cluster/precision_bench.py) and print the relative error of the outputs
                    (target rel_l2 <= 1e-2).
@@ -154,6 +158,68 @@ def bench_engine_config(engine, *, model: str, height: int, width: int, steps: i
     )
 
 
+@dataclass
+class CapacityRow:
+    model: str
+    resolution: str
+    steps: int
+    vae: str
+    streams: int
+    tick_ms: float
+    fps: float
+    streams_at_input_fps: float
+    enc_ms: float
+    dit_ms: float
+    dec_ms: float
+
+
+def bench_capacity(engine, *, model: str, height: int, width: int, steps: int, vae: str, streams: int,
+                   ticks: int, input_fps: float) -> CapacityRow:
+    """Median tick over `streams` streams that each have a chunk ready every tick (first ticks left out:
+    they prefill and capture each stream's CUDA graphs). Stage times are per tick, summed over streams."""
+    import torch
+
+    from stages.engine import StreamParams
+
+    dev = engine.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    frames = _frames(4, height, width, seed=streams)
+    ids = [f"cap-{streams}-{i}" for i in range(streams)]
+    for sid in ids:
+        engine.open_stream(sid, StreamParams(prompt=f"capacity {sid}", num_steps=steps, height=height,
+                                             width=width, vae=vae))
+        engine.add_frame(sid, 0, frames[0])
+    engine.step(ids)
+    c = engine.components
+    tick_ms, stages = [], []
+    seq = 1
+    try:
+        with _StageTimer(c.dit, "step", sync) as t_dit, _StageTimer(c.encoders[vae], "encode", sync) as t_enc, \
+                _StageTimer(c.decoders[vae], "decode", sync) as t_dec:
+            for _ in range(ticks + steps + 2):
+                for sid in ids:
+                    for i in range(4):
+                        engine.add_frame(sid, seq + i, frames[i])
+                seq += 4
+                marks = (len(t_enc.times), len(t_dit.times), len(t_dec.times))
+                sync()
+                t0 = time.perf_counter()
+                engine.step(ids)
+                sync()
+                tick_ms.append(1000 * (time.perf_counter() - t0))
+                stages.append(tuple(sum(t.times[m:]) for t, m in zip((t_enc, t_dit, t_dec), marks)))
+    finally:
+        for sid in ids:
+            engine.close_stream(sid)
+    steady = slice(steps + 2, None)
+    tick = statistics.median(tick_ms[steady])
+    fps = 4 * streams * 1000 / tick
+    enc, dit, dec = (statistics.median(s[k] for s in stages[steady]) for k in range(3))
+    return CapacityRow(model=model, resolution=f"{height}x{width}", steps=steps, vae=vae, streams=streams,
+                       tick_ms=tick, fps=fps, streams_at_input_fps=fps / input_fps, enc_ms=enc, dit_ms=dit,
+                       dec_ms=dec)
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns}
     print("  ".join(c.rjust(widths[c]) for c in columns))
@@ -181,6 +247,8 @@ def engine_main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--reference", action="store_true", help="time the published pipeline too, print ratios")
     p.add_argument("--check-precision", action="store_true", help="bf16 vs fp32 DiT output error")
+    p.add_argument("--streams", default="", help="capacity table for these stream counts, e.g. 1,2,4,8")
+    p.add_argument("--input-fps", type=float, default=16.0, help="input frame rate of the capacity table")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="measure the first stream without the start-up warm-up")
     args = p.parse_args(argv)
@@ -218,6 +286,20 @@ def engine_main(argv: list[str] | None = None) -> int:
     print_table(table, ["resolution", "vae", "steps", "fps", "dit_ms", "enc_ms", "dec_ms", "chunk_p50_ms",
                         "chunk_p99_ms", "ttff_warm_ms", "ttff_cold_ms", "peak_mem_gib"])
     result: dict = {"rows": table, "argv": argv}
+    if args.streams:
+        capacity = []
+        for (h, w) in resolutions:
+            for vae in vaes:
+                for steps in steps_list:
+                    for k in (int(x) for x in args.streams.split(",")):
+                        row = bench_capacity(engine, model=args.model, height=h, width=w, steps=steps, vae=vae,
+                                             streams=k, ticks=min(args.chunks, 10), input_fps=args.input_fps)
+                        capacity.append(asdict(row))
+                        print(json.dumps(capacity[-1]), file=sys.stderr)
+        print(f"# capacity: k streams per tick, streams carried at {args.input_fps:g} fps input")
+        print_table(capacity, ["resolution", "vae", "steps", "streams", "tick_ms", "fps", "streams_at_input_fps",
+                               "enc_ms", "dit_ms", "dec_ms"])
+        result["capacity"] = capacity
     graphs = getattr(engine.components.dit.shards[-1], "graphs", None)
     result["dit_graphs"] = None if graphs is None else graphs.stats()
     print(f"# DiT CUDA graphs: {result['dit_graphs']}", file=sys.stderr)

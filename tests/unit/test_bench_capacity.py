@@ -1,0 +1,22 @@
+"""`weir bench engine --streams`: ticks over k streams, on the tiny model on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.bench import bench_capacity
+from stages.engine import EngineSpec, StreamEngine
+
+
+def test_capacity_rows_time_one_chunk_of_every_stream_per_tick():
+    torch.set_num_threads(1)
+    engine = StreamEngine(EngineSpec(model="tiny"))
+    rows = [bench_capacity(engine, model="tiny", height=32, width=48, steps=2, vae="wan", streams=k, ticks=3,
+                           input_fps=16.0) for k in (1, 2)]
+    for row in rows:
+        assert row.fps == pytest.approx(4 * row.streams * 1000 / row.tick_ms)
+        assert row.streams_at_input_fps == pytest.approx(row.fps / 16.0)
+        assert 0 < row.enc_ms + row.dit_ms + row.dec_ms <= row.tick_ms * 1.05
+    assert rows[1].enc_ms > rows[0].enc_ms  # two streams' chunks encoded per tick
+    assert engine.stats().active_streams == 0  # the bench's streams are closed
