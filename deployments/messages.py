@@ -144,6 +144,9 @@ class PipelineStats:
     max_streams: int = 0
     active_streams: int = 0
     active_stream_ids: list[str] = field(default_factory=list)
+    active_requests: dict[str, OpenRequest] = field(default_factory=dict)
+    """stream id -> the request it was opened with, for every active stream (a restarted router
+    re-learns its streams, their SLOs and tenants from these)."""
     queue_depth: int = 0
     tick_ms_ema: float = 0.0
     """Smoothed wall time of one tick (engine.step) at the current batch size."""

@@ -605,6 +605,7 @@ class PipelineCore:
             deadline_misses_total=self._misses_total,
             gpu_memory_bytes=self.executor.memory_bytes(),
             active_stream_ids=sorted(self.streams),
+            active_requests={sid: s.req for sid, s in self.streams.items()},
             skipped_by_reason=dict(self._skipped_by_reason),
             streams_by_mode=modes,
             num_blocks=self.scheduler.config.num_blocks,

@@ -82,6 +82,9 @@ class RouterAdmission:
         """replica key -> time of its latest report (replicas known by their Serve id only)."""
         self.reserved: dict[str, tuple[str, float]] = {}
         """stream id -> (replica key, admission time) until its replica reports it active."""
+        self.released_s: dict[str, float] = {}
+        """stream id -> release time, for RESERVATION_GRACE_S: a report sent before the release may
+        still name the stream, which must not be adopted back."""
         for name, spec in self.pools.items():
             if self.book.find(spec.gpu_type, prior_of(spec.model, spec.vae).shape) is None:
                 self.book.put(seed_profile(spec.model, spec.gpu_type, spec.vae))
@@ -141,6 +144,17 @@ class RouterAdmission:
                 del self.reserved[sid]  # confirmed: it now lives until release
             elif now - t > RESERVATION_GRACE_S:
                 self.release(sid)
+        for sid, t in list(self.released_s.items()):
+            if now - t > RESERVATION_GRACE_S:
+                del self.released_s[sid]
+        placed = self.placement()
+        for sid, req in stats.active_requests.items():
+            if sid not in placed and sid not in self.reserved and sid not in self.released_s:
+                # running there but unknown here: this router restarted (or lost a reservation).
+                # Count it, so new streams are admitted against the real load and quota.
+                if self.admission.adopt(key, sid, stream_spec(req)):
+                    self.quota.adopt(req.tenant, sid)
+                    log.info("adopted stream %s running on %s", sid, key)
         for sid in self.admission.streams_on(key):
             if sid not in reported and sid not in self.reserved:
                 # confirmed once, gone from its replica now: the stream ended but its release never
@@ -210,6 +224,7 @@ class RouterAdmission:
 
     def release(self, stream_id: str) -> None:
         """The stream ended (or never opened): free its slot and its tenant's quota. Unknown ids are ignored."""
+        self.released_s[stream_id] = self.clock()
         self.reserved.pop(stream_id, None)
         self.quota.release(stream_id)
         try:

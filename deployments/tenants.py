@@ -377,6 +377,14 @@ class StreamQuota:
         self._tenant_of[stream_id] = tenant_name
         self._live[tenant_name] = live + 1
 
+    def adopt(self, tenant_name: str, stream_id: str) -> None:
+        """Count a stream that is already open (a restarted router re-learning it), even past the
+        tenant's quota: it runs, so it counts; the tenant's next open is refused until it ends."""
+        if stream_id in self._tenant_of:
+            return
+        self._tenant_of[stream_id] = tenant_name
+        self._live[tenant_name] = self._live.get(tenant_name, 0) + 1
+
     def release(self, stream_id: str) -> None:
         """The stream ended or never opened; unknown ids are ignored."""
         tenant_name = self._tenant_of.pop(stream_id, None)

@@ -305,6 +305,18 @@ class AdmissionController:
             request.stream_id, best.replica_id, best.mode, best.ttff_s, best.latency_s, estimates
         )
 
+    def adopt(self, replica_id: str, stream_id: str, spec: StreamSpec) -> bool:
+        """Count a stream that already runs on `replica_id` without admitting it (a restarted router
+        learning its replicas' streams from their reports): no SLO check, the replica's load simply
+        includes it from now on. Returns False, changing nothing, when the id is already placed.
+        Raises ValueError for an unknown replica."""
+        replica = self._replica(replica_id)
+        if stream_id in self._placement:
+            return False
+        replica.streams[stream_id] = spec
+        self._placement[stream_id] = replica_id
+        return True
+
     def _placement_key(self, fitting: Sequence[ReplicaEstimate]):
         """Sort key of fitting estimates (module docstring): the class's best price, then registration
         order."""

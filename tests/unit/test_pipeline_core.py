@@ -190,9 +190,11 @@ def _controller(max_streams: int = 2, retry_after_s: float = 3.0) -> tuple[Route
     return RouterAdmission(service, clock=clock), clock
 
 
-def _load(active: list[str], profile: StageProfile | None = None) -> PipelineStats:
+def _load(active: list[str], profile: StageProfile | None = None,
+          requests: dict[str, OpenRequest] | None = None) -> PipelineStats:
     return PipelineStats(pipeline="Pipeline-0-tiny", model="tiny", gpu_type="cpu", max_streams=2,
                          active_streams=len(active), active_stream_ids=list(active),
+                         active_requests=requests or {},
                          profile=(profile or seed_profile("tiny", "cpu")).snapshot())
 
 
@@ -219,6 +221,23 @@ def test_a_confirmed_stream_its_replica_no_longer_has_is_released():
     ctl.admit("s3", _req())  # the freed slot is usable again
     ctl.update("Pipeline-0-tiny", _load(["s2"]))  # s3 is still reserved (not yet reported): kept
     assert set(ctl.placement()) == {"s2", "s3"}
+
+
+def test_a_restarted_router_adopts_the_streams_its_replicas_run():
+    ctl, _ = _controller(max_streams=2)  # a fresh router: it admitted nothing itself
+    running = {"s1": _req(tenant="acme"), "s2": _req(tenant="acme")}
+    ctl.update("Pipeline-0-tiny", _load(["s1", "s2"], requests=running))
+    assert ctl.capacity()["active_streams"] == 2 and set(ctl.placement()) == {"s1", "s2"}
+    with pytest.raises(AdmissionRefusedError):  # both slots are really taken
+        ctl.admit("s3", _req())
+    assert ctl.quota.live_streams("acme") == 2
+    ctl.update("Pipeline-0-tiny", _load(["s1", "s2"], requests=running))  # adopted once only
+    assert ctl.quota.live_streams("acme") == 2
+    ctl.update("Pipeline-0-tiny", _load(["s2"], requests={"s2": running["s2"]}))  # s1 ended meanwhile
+    assert set(ctl.placement()) == {"s2"} and ctl.quota.live_streams("acme") == 1
+    ctl.release("s2")
+    ctl.update("Pipeline-0-tiny", _load(["s2"], requests={"s2": running["s2"]}))  # a report from before
+    assert ctl.placement() == {}  # the release: not adopted back
 
 
 def test_slots_then_refusal_with_retry_hint():
