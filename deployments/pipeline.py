@@ -272,8 +272,9 @@ def build_engine_executor(spec: PipelineSpec) -> InProcessExecutor:
         EngineSpec(model=spec.model, vae=spec.vae, device=spec.device, dtype=spec.dtype,
                    checkpoint_dir=spec.checkpoint_dir)
     )
-    if spec.device == "cuda":  # the first client's TTFF must not pay for kernel loading and graph capture
-        engine.warm_up(480, 832, steps=(1, 2))
+    others = tuple(v for v in engine.components.encoders if v != spec.vae)
+    if spec.device == "cuda" and others:  # the spec's own VAE is warmed by Pipeline, with calibration
+        engine.warm_up(480, 832, steps=(1, 2), vaes=others)
     return InProcessExecutor(engine)
 
 
@@ -892,8 +893,7 @@ class Pipeline:
             # the first client's TTFF must not pay for kernels, cuDNN tuning and graph capture, and the
             # router's first admissions should see this GPU's own times, not only the priors
             ticks: list[tuple[int, float]] = []
-            await warm_up_executor(executor, 480, 832, steps=(1, 2), vae=spec.vae,
-                                   chunks=6 if spec.resolved_executor == "graph" else 4, ticks=ticks)
+            await warm_up_executor(executor, 480, 832, steps=(1, 2), vae=spec.vae, ticks=ticks)
             self.core.calibrate(ticks)
         self._autoscaling = AutoscalingStatsRecorder(spec.max_streams)
         self._metrics = metrics

@@ -52,7 +52,7 @@ from stages.errors import BadFrameError, BadRequestError, StreamExistsError, Str
 from stages.motion import motion_distance
 from stages.prompt_blend import encode_mix
 from stages.prompts import PromptMix, check_blend_chunks
-from stages.stream_batch import MAX_CHAINS
+from stages.stream_batch import check_chains
 from stages.vae_stage import frames_model_to_uint8, frames_uint8_to_model
 
 MIN_SIDE = 16
@@ -133,8 +133,8 @@ class StreamParams:
             raise BadRequestError(
                 f"first_chunk_frames={self.first_chunk_frames} must be 1 or 5", field="first_chunk_frames"
             )
-        if self.chains is not None and not 1 <= self.chains <= MAX_CHAINS:
-            raise BadRequestError(f"chains={self.chains} must be in 1..{MAX_CHAINS}", field="chains")
+        if self.chains is not None:
+            check_chains(self.chains)
 
 
 @dataclass

@@ -100,6 +100,12 @@ MAX_CHAINS = 16
 """Most interleaved stream-batch chains of one stream (one per pipeline stage at most is useful)."""
 
 
+def check_chains(chains: int) -> None:
+    """BadRequestError unless 1 <= chains <= MAX_CHAINS."""
+    if not 1 <= chains <= MAX_CHAINS:
+        raise BadRequestError(f"chains={chains} must be in 1..{MAX_CHAINS}", field="chains")
+
+
 @dataclass
 class _Chain:
     """One stream-batch chain: its n-slot buffer, the slots' frame positions and statuses."""
@@ -161,8 +167,7 @@ class StreamBatchState:
         forward_warmup_rows: bool = True,
         chains: int = 1,
     ) -> None:
-        if not 1 <= chains <= MAX_CHAINS:
-            raise BadRequestError(f"chains={chains} must be in 1..{MAX_CHAINS}", field="chains")
+        check_chains(chains)
         self.stream_id = stream_id
         self.num_chains = chains
         self.stream_cfg = stream_cfg
@@ -344,8 +349,7 @@ class LatentStreamer:
             raise StreamExistsError(f"stream {stream_id!r} is already open", stream_id=stream_id)
         stream_cfg = stream_cfg or StreamConfig()
         n = stream_cfg.num_steps
-        if not 1 <= chains <= MAX_CHAINS:
-            raise BadRequestError(f"chains={chains} must be in 1..{MAX_CHAINS}", field="chains")
+        check_chains(chains)
         for shard in self.shards:
             shard.open_stream(stream_id, num_slots=n, height=height, width=width, stream_cfg=stream_cfg)
         self._streams[stream_id] = StreamBatchState(
