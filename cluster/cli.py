@@ -405,6 +405,9 @@ def bench_serve_main(args: argparse.Namespace) -> int:
         print(" ".join(f"{r.get(c, '-')!s:>15}" for c in cols))
     print(f"aggregate: {summary['admitted']}/{args.streams} admitted, {summary['aggregate_fps']} fps, "
           f"{summary['wall_s']} s")
+    refusals = [r for r in rows if r["status"] != "ok"]
+    if refusals:  # why the first one was turned away (admission names the limit it hit)
+        print(f"first refusal (stream {refusals[0]['stream']}): {refusals[0]['error']}")
     Path(args.json).write_text(json.dumps({"summary": summary, "streams": rows}, indent=2))
     print(f"wrote {args.json}")
     return 0

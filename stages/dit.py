@@ -170,12 +170,14 @@ class WanBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e0_BF6D).chunk(6, dim=2)
 
         h_BLD = ops.modulate(x_BLD, shift1, scale1, self.norm1.eps)
-        x_BLD = ops.gated_residual(x_BLD, self.self_attn(h_BLD, rope, attn, block_index, ops), gate1)
-
-        x_BLD = x_BLD + self.cross_attn(self.norm3(x_BLD), attn, block_index, ops)
-
-        h_BLD = ops.modulate(x_BLD, shift2, scale2, self.norm2.eps)
-        return ops.gated_residual(x_BLD, self.ffn(h_BLD), gate2)
+        x_BLD, n_BLD = ops.gated_residual_norm(  # x += self-attention * gate1; n = norm3(x)
+            x_BLD, self.self_attn(h_BLD, rope, attn, block_index, ops), gate1,
+            self.norm3.weight, self.norm3.bias, self.norm3.eps,
+        )
+        x_BLD, h_BLD = ops.residual_modulate(  # x += cross-attention(n); h = adaLN2(x)
+            x_BLD, self.cross_attn(n_BLD, attn, block_index, ops), shift2, scale2, self.norm2.eps
+        )
+        return ops.gated_residual(x_BLD, ops.ffn(h_BLD, self.ffn[0], self.ffn[2]), gate2)
 
 
 class WanHead(nn.Module):

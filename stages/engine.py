@@ -53,7 +53,7 @@ from stages.motion import motion_distance
 from stages.prompt_blend import encode_mix
 from stages.prompts import PromptMix, check_blend_chunks
 from stages.stream_batch import check_chains
-from stages.vae_stage import frames_model_to_uint8, frames_uint8_to_model
+from stages.vae_stage import frames_model_to_uint8, frames_uint8_to_model, stack_frames
 
 MIN_SIDE = 16
 MAX_SIDE = 2048
@@ -426,7 +426,7 @@ class StreamEngine:
     def _take(self, s: _Stream, count: int) -> tuple[list[int], torch.Tensor]:
         items = [s.pending.popleft() for _ in range(count)]
         seqs = [seq for seq, _ in items]
-        frames_THWC = torch.from_numpy(np.stack([f for _, f in items]))
+        frames_THWC = stack_frames([f for _, f in items], pinned=self.device.type == "cuda")
         return seqs, frames_uint8_to_model(frames_THWC, device=self.device, dtype=self.dtype)
 
     def _encode_noisy(self, s: _Stream, frames_BCTHW: torch.Tensor, *, first: bool) -> tuple[torch.Tensor, int]:

@@ -54,6 +54,45 @@ def gated_residual(x_BLD: torch.Tensor, y_BLD: torch.Tensor, gate_BF1D: torch.Te
     return x_BLD + (y_BLD.unflatten(1, per_frame) * gate_BF1D).flatten(1, 2)
 
 
+def gated_residual_norm(
+    x_BLD: torch.Tensor,
+    y_BLD: torch.Tensor,
+    gate_BF1D: torch.Tensor,
+    weight_D: torch.Tensor,
+    bias_D: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x + y * gate (the self-attention residual), and its affine LayerNorm (the cross-attention's
+    input) from the same read. Returns (x_BLD, normed_BLD)."""
+    x_BLD = gated_residual(x_BLD, y_BLD, gate_BF1D)
+    return x_BLD, F.layer_norm(x_BLD, (x_BLD.shape[-1],), weight_D, bias_D, eps).type_as(x_BLD)
+
+
+def residual_modulate(
+    x_BLD: torch.Tensor, y_BLD: torch.Tensor, shift_BF1D: torch.Tensor, scale_BF1D: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x + y (the cross-attention residual), and the FFN's adaLN input from it. Returns (x_BLD, h_BLD)."""
+    x_BLD = x_BLD + y_BLD
+    return x_BLD, modulate(x_BLD, shift_BF1D, scale_BF1D, eps)
+
+
+def ffn(h_BLD: torch.Tensor, linear1: torch.nn.Linear, linear2: torch.nn.Linear) -> torch.Tensor:
+    """The block's FFN: Linear, GELU (tanh approximation), Linear."""
+    return linear2(F.gelu(linear1(h_BLD), approximate="tanh"))
+
+
+def ffn_gelu_epilogue(h_BLD: torch.Tensor, linear1: torch.nn.Linear, linear2: torch.nn.Linear) -> torch.Tensor:
+    """`ffn` with the bias and the GELU done by the first matmul's epilogue (cuBLASLt on CUDA: the
+    tanh GELU on the fp32 accumulator, no separate pass over the [B, L, ffn_dim] activation).
+    Elsewhere plain `ffn` (the CPU kernel of the fused op applies the exact, erf GELU)."""
+    if not h_BLD.is_cuda:
+        return ffn(h_BLD, linear1, linear2)
+    b, num_tokens, d = h_BLD.shape
+    hidden = torch._addmm_activation(linear1.bias, h_BLD.reshape(b * num_tokens, d), linear1.weight.t(),
+                                     use_gelu=True)
+    return linear2(hidden.view(b, num_tokens, -1))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight over the last dim, normalised in float32, returned in x's dtype."""
     x32 = x.float()
@@ -89,12 +128,70 @@ def norm_silu(x_BCTHW: torch.Tensor, gamma_C111: torch.Tensor, scale: float) -> 
     return F.silu(F.normalize(x_BCTHW, dim=1) * scale * gamma_C111)
 
 
+def nearest_upsample_2x(x_NCHW: torch.Tensor) -> torch.Tensor:
+    """2x nearest upsampling of every (H, W) plane (each pixel becomes a 2x2 block; 'nearest' and
+    'nearest-exact' agree at scale 2). A channels-last input is expanded in its NHWC memory order, one
+    coalesced copy that keeps the layout (the NHWC interpolate kernel is several times slower on GPUs);
+    any other input goes through F.interpolate in its dtype on CUDA, in fp32 elsewhere (half-precision
+    nearest is not implemented on every CPU build). Same values every way.
+
+    Example: [[1, 2]] -> [[1, 1, 2, 2], [1, 1, 2, 2]].
+    """
+    n, c, h, w = x_NCHW.shape
+    if x_NCHW.is_contiguous(memory_format=torch.channels_last) and not x_NCHW.is_contiguous():
+        x_NHWC = x_NCHW.permute(0, 2, 3, 1)
+        y_NHWC = x_NHWC[:, :, None, :, None, :].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c)
+        return y_NHWC.permute(0, 3, 1, 2)
+    if x_NCHW.is_cuda:
+        return F.interpolate(x_NCHW, scale_factor=(2.0, 2.0), mode="nearest")
+    return F.interpolate(x_NCHW.float(), scale_factor=(2.0, 2.0), mode="nearest").type_as(x_NCHW)
+
+
+def bias_norm_silu(
+    x_BCTHW: torch.Tensor, bias_C: torch.Tensor, gamma_C111: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`norm_silu` of a conv output whose bias was left out of the conv: the bias add rides along."""
+    return norm_silu(x_BCTHW + bias_C[:, None, None, None], gamma_C111, scale)
+
+
+def bias_residual(
+    y_BCTHW: torch.Tensor, bias_C: torch.Tensor, skip_BCTHW: torch.Tensor, skip_bias_C: torch.Tensor | None
+) -> torch.Tensor:
+    """A residual block's output: its last conv's output plus that conv's bias, plus the shortcut
+    (and the shortcut conv's bias when it has one); each bias was left out of its conv."""
+    out_BCTHW = y_BCTHW + bias_C[:, None, None, None] + skip_BCTHW
+    return out_BCTHW if skip_bias_C is None else out_BCTHW + skip_bias_C[:, None, None, None]
+
+
+@dataclass(frozen=True)
+class VAEOps:
+    """The Wan VAE residual block's elementwise pieces (eager or compiled).
+
+    `fold_bias` True: the block's convs run without their bias and `bias_norm_silu` / `bias_residual`
+    add it, so that a conv's output is read once instead of once for cuDNN's separate bias add (a
+    full-resolution pass per conv) and once more for the next norm or residual add.
+    """
+
+    norm_silu: Callable[..., torch.Tensor]
+    bias_norm_silu: Callable[..., torch.Tensor]
+    bias_residual: Callable[..., torch.Tensor]
+    fold_bias: bool = False
+
+
+EAGER_VAE_OPS = VAEOps(norm_silu, bias_norm_silu, bias_residual)
+
+
 @functools.cache
-def compiled_norm_silu() -> Callable[..., torch.Tensor]:
-    """`norm_silu` through torch.compile: one kernel per call instead of five passes over a
-    full-resolution activation (the VAE's biggest tensors)."""
+def compiled_vae_ops() -> VAEOps:
+    """The VAE pieces through torch.compile, biases folded: one kernel per piece instead of five
+    passes (and a bias pass) over a full-resolution activation, the VAE's biggest tensors. The
+    kernels keep their input's memory layout (channels-last-3d on CUDA)."""
     _raise_recompile_limit()
-    return torch.compile(norm_silu, fullgraph=True)
+
+    def c(fn):
+        return torch.compile(fn, fullgraph=True)
+
+    return VAEOps(c(norm_silu), c(bias_norm_silu), c(bias_residual), fold_bias=True)
 
 
 def _raise_recompile_limit() -> None:
@@ -116,6 +213,9 @@ class BlockOps:
     rms_norm: Callable[..., torch.Tensor]
     rms_norm_rotate: Callable[..., torch.Tensor]
     plan_cache_write: Callable[..., tuple[torch.Tensor, ...]]
+    gated_residual_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = gated_residual_norm
+    residual_modulate: Callable[..., tuple[torch.Tensor, torch.Tensor]] = residual_modulate
+    ffn: Callable[..., torch.Tensor] = ffn
     compiled: bool = False
 
 
@@ -137,5 +237,7 @@ def compiled_ops() -> BlockOps:
         return torch.compile(fn, fullgraph=True)
 
     return BlockOps(
-        c(modulate), c(gated_residual), c(rms_norm), c(rms_norm_rotate), c(plan_cache_write), compiled=True
+        c(modulate), c(gated_residual), c(rms_norm), c(rms_norm_rotate), c(plan_cache_write),
+        gated_residual_norm=c(gated_residual_norm), residual_modulate=c(residual_modulate),
+        ffn=ffn_gelu_epilogue, compiled=True,
     )

@@ -57,7 +57,8 @@ def random_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def conv3d_channels_last_(module: torch.nn.Module) -> torch.nn.Module:
-    """Store every Conv3d weight in channels-last-3d layout (cuDNN's fast NDHWC kernels on CUDA).
+    """Store every Conv3d weight in channels-last-3d layout (cuDNN's fast NDHWC kernels on CUDA), and
+    every Conv2d weight (the per-frame resampling and attention convs) channels-last.
 
     Values are unchanged; only the memory layout of the weights moves.
     """
@@ -65,6 +66,8 @@ def conv3d_channels_last_(module: torch.nn.Module) -> torch.nn.Module:
         for m in module.modules():
             if isinstance(m, torch.nn.Conv3d):
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            elif isinstance(m, torch.nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
     return module
 
 
@@ -122,6 +125,8 @@ def build_vae_models(model: str, device: torch.device, dtype: torch.dtype, *, ch
     if torch.device(device).type == "cuda":
         conv3d_channels_last_(out["wan"])
         out["wan"].use_compiled_ops()
+        if "taehv" in out:
+            out["taehv"].use_channels_last()
     return out
 
 

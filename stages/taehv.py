@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from stages.fused import nearest_upsample_2x
+
 FRAMES_PER_LATENT = 4
 """Temporal compression (2 x 2 from the two stride-2 TPools / TGrows)."""
 
@@ -77,6 +79,13 @@ def _conv3x3(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
     return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
 
 
+class Upsample2x(nn.Module):
+    """2x nearest upsampling (nn.Upsample(scale_factor=2)), layout-keeping: stages.fused.nearest_upsample_2x."""
+
+    def forward(self, x_NCHW: torch.Tensor) -> torch.Tensor:
+        return nearest_upsample_2x(x_NCHW)
+
+
 class Clamp(nn.Module):
     """Soft clamp of latents to (-3, 3)."""
 
@@ -108,8 +117,12 @@ class TPool(nn.Module):
         self.conv = nn.Conv2d(n_f * stride, n_f, 1, bias=False)
 
     def forward(self, x_NCHW: torch.Tensor) -> torch.Tensor:
-        _, C, H, W = x_NCHW.shape
-        return self.conv(x_NCHW.reshape(-1, self.stride * C, H, W))
+        N, C, H, W = x_NCHW.shape
+        s = self.stride
+        if s > 1 and _is_channels_last(x_NCHW):  # the same merge in NHWC memory order: stays NHWC
+            x_NHWsC = x_NCHW.permute(0, 2, 3, 1).unflatten(0, (N // s, s)).permute(0, 2, 3, 1, 4)
+            return self.conv(x_NHWsC.reshape(N // s, H, W, s * C).permute(0, 3, 1, 2))
+        return self.conv(x_NCHW.reshape(-1, s * C, H, W))
 
 
 class TGrow(nn.Module):
@@ -121,8 +134,17 @@ class TGrow(nn.Module):
         self.conv = nn.Conv2d(n_f, n_f * stride, 1, bias=False)
 
     def forward(self, x_NCHW: torch.Tensor) -> torch.Tensor:
-        _, C, H, W = x_NCHW.shape
-        return self.conv(x_NCHW).reshape(-1, C, H, W)
+        N, C, H, W = x_NCHW.shape
+        s = self.stride
+        y_NDHW = self.conv(x_NCHW)
+        if s > 1 and _is_channels_last(y_NDHW):  # the same split in NHWC memory order: stays NHWC
+            y_NsHWC = y_NDHW.permute(0, 2, 3, 1).unflatten(-1, (s, C)).permute(0, 3, 1, 2, 4)
+            return y_NsHWC.reshape(N * s, H, W, C).permute(0, 3, 1, 2)
+        return y_NDHW.reshape(-1, C, H, W)
+
+
+def _is_channels_last(x_NCHW: torch.Tensor) -> bool:
+    return x_NCHW.is_contiguous(memory_format=torch.channels_last) and not x_NCHW.is_contiguous()
 
 
 @dataclass
@@ -146,28 +168,39 @@ class TAEHVCache:
 
 
 def run_with_memory(
-    layers: nn.Sequential, x_BTCHW: torch.Tensor, memory: list[torch.Tensor | None] | None
+    layers: nn.Sequential,
+    x_BTCHW: torch.Tensor,
+    memory: list[torch.Tensor | None] | None,
+    *,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Apply a TAEHV stack to a chunk, all frames at once, MemBlocks reading `memory` as frame -1.
 
     memory=None starts from empty memory (zeros) and keeps nothing; otherwise `memory` is updated in
     place with each MemBlock's last input frame, so the next chunk continues the same pass. The
-    chunk's frame count must be divisible by the product of the TPool strides.
+    chunk's frame count must be divisible by the product of the TPool strides. `channels_last` runs
+    every frame in NHWC memory order (cuDNN's native layout on CUDA; same values).
 
     Worked example, encoder, T=4: 4 frames -> TPool(2) -> 2 -> TPool(2) -> 1 -> TPool(1) -> 1 latent.
     """
     B, T = x_BTCHW.shape[:2]
     x_NCHW = x_BTCHW.flatten(0, 1)
+    if channels_last:
+        x_NCHW = x_NCHW.contiguous(memory_format=torch.channels_last)
     for index, layer in enumerate(layers):
         if isinstance(layer, MemBlock):
             x_BTCHW = x_NCHW.unflatten(0, (B, T))
             prev_BCHW = memory[index] if memory is not None else None
+            past_NCHW = torch.empty_like(x_NCHW)  # frame t's past is frame t-1 (in x's own layout)
+            past_BTCHW = past_NCHW.unflatten(0, (B, T))
             if prev_BCHW is None:
-                prev_BCHW = torch.zeros_like(x_BTCHW[:, 0])
-            past_BTCHW = torch.cat([prev_BCHW.unsqueeze(1).to(x_BTCHW), x_BTCHW[:, :-1]], dim=1)
+                past_BTCHW[:, 0].zero_()
+            else:
+                past_BTCHW[:, 0].copy_(prev_BCHW)
+            past_BTCHW[:, 1:].copy_(x_BTCHW[:, :-1])
             if memory is not None:
                 memory[index] = x_BTCHW[:, -1].clone()
-            x_NCHW = layer(x_NCHW, past_BTCHW.flatten(0, 1))
+            x_NCHW = layer(x_NCHW, past_NCHW)
         elif isinstance(layer, TPool):
             if T % layer.stride:
                 raise ValueError(f"TPool at index {index} needs a multiple of {layer.stride} frames, got {T}")
@@ -196,26 +229,36 @@ class TAEHV(nn.Module):
             TPool(e, 1), _conv3x3(e, e, stride=2, bias=False), MemBlock(e, e), MemBlock(e, e), MemBlock(e, e),
             _conv3x3(e, z),
         )  # fmt: skip
+        self.channels_last = False
         d0, d1, d2, d3 = cfg.decoder_widths
         self.decoder = nn.Sequential(
             Clamp(), _conv3x3(z, d0), nn.ReLU(),
-            MemBlock(d0, d0), MemBlock(d0, d0), MemBlock(d0, d0), nn.Upsample(scale_factor=2), TGrow(d0, 1),
+            MemBlock(d0, d0), MemBlock(d0, d0), MemBlock(d0, d0), Upsample2x(), TGrow(d0, 1),
             _conv3x3(d0, d1, bias=False),
-            MemBlock(d1, d1), MemBlock(d1, d1), MemBlock(d1, d1), nn.Upsample(scale_factor=2), TGrow(d1, 2),
+            MemBlock(d1, d1), MemBlock(d1, d1), MemBlock(d1, d1), Upsample2x(), TGrow(d1, 2),
             _conv3x3(d1, d2, bias=False),
-            MemBlock(d2, d2), MemBlock(d2, d2), MemBlock(d2, d2), nn.Upsample(scale_factor=2), TGrow(d2, 2),
+            MemBlock(d2, d2), MemBlock(d2, d2), MemBlock(d2, d2), Upsample2x(), TGrow(d2, 2),
             _conv3x3(d2, d3, bias=False), nn.ReLU(), _conv3x3(d3, 3),
         )  # fmt: skip
+
+    def use_channels_last(self) -> None:
+        """Store the conv weights and run the activations in NHWC memory order (CUDA: no layout
+        conversions around cuDNN's kernels). Values are unchanged."""
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        self.channels_last = True
 
     # ---- one-shot (whole clip) ----
 
     def encode_video(self, frames_BTCHW: torch.Tensor) -> torch.Tensor:
         """Whole clip, pixels [0, 1], T a multiple of 4 -> latents [B, T/4, 16, H/8, W/8]."""
-        return run_with_memory(self.encoder, frames_BTCHW, None)
+        return run_with_memory(self.encoder, frames_BTCHW, None, channels_last=self.channels_last)
 
     def decode_video(self, latents_BTCHW: torch.Tensor) -> torch.Tensor:
         """Whole clip of T latents -> 4T - 3 frames [B, 4T-3, 3, 8h, 8w] in [0, 1]."""
-        return run_with_memory(self.decoder, latents_BTCHW, None)[:, FRAMES_TO_TRIM:].clamp(0, 1)
+        return run_with_memory(self.decoder, latents_BTCHW, None, channels_last=self.channels_last)[:, FRAMES_TO_TRIM:].clamp(0, 1)
 
     # ---- streaming ----
 
@@ -238,7 +281,7 @@ class TAEHV(nn.Module):
             frames_BTCHW = torch.cat([first_BTCHW, frames_BTCHW[:, 1:]], dim=1)
         elif num_frames == 0 or num_frames % FRAMES_PER_LATENT:
             raise ValueError(f"after the first chunk, encode takes a multiple of 4 frames, got {num_frames}")
-        latents_BTCHW = run_with_memory(self.encoder, frames_BTCHW, cache.memory)
+        latents_BTCHW = run_with_memory(self.encoder, frames_BTCHW, cache.memory, channels_last=self.channels_last)
         cache.num_calls += 1
         return latents_BTCHW
 
@@ -264,13 +307,13 @@ class TAEHV(nn.Module):
             raise ValueError("decode needs at least one latent frame")
         first = cache.num_calls == 0
         if context_latents is None:
-            raw_BTCHW = run_with_memory(self.decoder, latents_BTCHW, cache.memory)
+            raw_BTCHW = run_with_memory(self.decoder, latents_BTCHW, cache.memory, channels_last=self.channels_last)
         else:
             window_BTCHW = latents_BTCHW
             if not first and cache.context_BTCHW is not None:
                 window_BTCHW = torch.cat([cache.context_BTCHW.to(latents_BTCHW), latents_BTCHW], dim=1)
             cache.context_BTCHW = window_BTCHW[:, -context_latents:].clone() if context_latents > 0 else None
-            raw_BTCHW = run_with_memory(self.decoder, window_BTCHW, None)
+            raw_BTCHW = run_with_memory(self.decoder, window_BTCHW, None, channels_last=self.channels_last)
         if first:
             num_out = num_latents * FRAMES_PER_LATENT - (
                 FRAMES_TO_TRIM if emit_first_frame else FRAMES_PER_LATENT

@@ -26,6 +26,7 @@ to [-1, 1] and returned in fp32.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from stages.errors import BadFrameError, StreamExistsError, StreamNotFoundError
@@ -47,14 +48,26 @@ def frames_uint8_to_model(
     """uint8 frames [T, H, W, 3] -> [1, 3, T, H, W] in [-1, 1] (x / 127.5 - 1), on (device, dtype)."""
     if frames_THWC_uint8.ndim != 4 or frames_THWC_uint8.shape[-1] != 3:
         raise BadFrameError(f"frames must be [T, H, W, 3], got {tuple(frames_THWC_uint8.shape)}")
-    frames_BCTHW = frames_THWC_uint8.permute(3, 0, 1, 2).unsqueeze(0).to(device=device)
-    return frames_BCTHW.to(dtype) / 127.5 - 1.0
+    # the bytes travel as they are (one contiguous copy, asynchronous from pinned memory); the
+    # channel permute and the conversion run on the device. The result is [B, C, T, H, W] viewed on
+    # THWC memory, i.e. channels-last-3d, the VAEs' layout on CUDA.
+    frames_THWC = frames_THWC_uint8.to(device=device, non_blocking=frames_THWC_uint8.is_pinned())
+    return frames_THWC.permute(3, 0, 1, 2).unsqueeze(0).to(dtype) / 127.5 - 1.0
+
+
+def stack_frames(frames: list[np.ndarray], *, pinned: bool = False) -> torch.Tensor:
+    """uint8 [H, W, 3] frames -> one uint8 [T, H, W, 3] tensor, copied once. `pinned` puts it in
+    page-locked memory, so that `frames_uint8_to_model` copies it to a GPU asynchronously."""
+    out_THWC = torch.empty((len(frames), *frames[0].shape), dtype=torch.uint8, pin_memory=pinned)
+    np.stack(frames, out=out_THWC.numpy())
+    return out_THWC
 
 
 def frames_model_to_uint8(frames_BCTHW: torch.Tensor) -> torch.Tensor:
-    """Frames [B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3] (clamped, rounded), on the same device."""
+    """Frames [B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3] (clamped, rounded), contiguous, on
+    the same device (so that a copy to the host is one plain transfer and gives contiguous frames)."""
     scaled_BCTHW = ((frames_BCTHW.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
-    return scaled_BCTHW.to(torch.uint8).permute(0, 2, 3, 4, 1)
+    return scaled_BCTHW.to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
 
 
 def _check_kind(vae_kind: str, model: torch.nn.Module, latent_scaling: str) -> None:

@@ -37,7 +37,6 @@ The module holds weights only; the caller owns each stream's caches (STYLE.md pr
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.config import VAEConfig
-from stages.fused import compiled_norm_silu, norm_silu
+from stages.fused import EAGER_VAE_OPS, VAEOps, compiled_vae_ops, nearest_upsample_2x
 
 CACHE_T = 2
 """Frames of input each causal conv keeps for the next call (its temporal kernel minus one)."""
@@ -112,17 +111,22 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, pad_h, pad_w))
         self.time_pad = 2 * pad_t
 
-    def forward(self, x_BCTHW: torch.Tensor, past_BCTHW: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x_BCTHW: torch.Tensor, past_BCTHW: torch.Tensor | None = None, *, bias: bool = True
+    ) -> torch.Tensor:
+        """`bias` False leaves the bias out (the caller adds it in a fused kernel: stages.fused.VAEOps)."""
         time_pad = self.time_pad
         if past_BCTHW is not None and time_pad > 0:
             x_BCTHW = torch.cat([past_BCTHW.to(x_BCTHW.device), x_BCTHW], dim=2)
             time_pad -= past_BCTHW.shape[2]
         if time_pad > 0:
             x_BCTHW = F.pad(x_BCTHW, (0, 0, 0, 0, time_pad, 0))
-        return super().forward(x_BCTHW)
+        if bias:
+            return super().forward(x_BCTHW)
+        return F.conv3d(x_BCTHW, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
 
 
-def _cached_conv(conv: CausalConv3d, x_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
+def _cached_conv(conv: CausalConv3d, x_BCTHW: torch.Tensor, cache: WanVAECache, *, bias: bool = True) -> torch.Tensor:
     """Run `conv` with its cache slot as the causal past, then store the last CACHE_T input frames."""
     index = cache.take()
     past = cache.slots[index]
@@ -132,7 +136,7 @@ def _cached_conv(conv: CausalConv3d, x_BCTHW: torch.Tensor, cache: WanVAECache) 
         keep_BCTHW = torch.cat([past_BCTHW[:, :, -1:], keep_BCTHW], dim=2)
     elif keep_BCTHW.shape[2] < CACHE_T and past is FIRST_CHUNK_SEEN:
         keep_BCTHW = torch.cat([torch.zeros_like(keep_BCTHW), keep_BCTHW], dim=2)
-    out_BCTHW = conv(x_BCTHW, past_BCTHW)
+    out_BCTHW = conv(x_BCTHW, past_BCTHW, bias=bias)
     cache.slots[index] = keep_BCTHW.clone()
     return out_BCTHW
 
@@ -150,10 +154,10 @@ class RMSNorm(nn.Module):
 
 
 class _NearestUpsample2x(nn.Module):
-    """Nearest-exact 2x spatial upsampling, computed in fp32 (bf16 nearest is not supported everywhere)."""
+    """Nearest-exact 2x spatial upsampling (stages.fused.nearest_upsample_2x: layout-keeping)."""
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x_BCHW.float(), scale_factor=(2.0, 2.0), mode="nearest-exact").type_as(x_BCHW)
+        return nearest_upsample_2x(x_BCHW)
 
 
 class Resample(nn.Module):
@@ -190,10 +194,7 @@ class Resample(nn.Module):
             cache.take()
             cache.slots[index] = FIRST_CHUNK_SEEN
             return x_BCTHW
-        B, C, T, H, W = x_BCTHW.shape
-        y_BDTHW = _cached_conv(self.time_conv, x_BCTHW, cache)  # D = 2C: (even, odd) frame halves
-        y_B2CTHW = y_BDTHW.reshape(B, 2, C, T, H, W)
-        return torch.stack((y_B2CTHW[:, 0], y_B2CTHW[:, 1]), dim=3).reshape(B, C, T * 2, H, W)
+        return interleave_time_halves(_cached_conv(self.time_conv, x_BCTHW, cache))
 
     def _downsample_time(self, x_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
         index = cache.take()
@@ -203,6 +204,24 @@ class Resample(nn.Module):
             return x_BCTHW
         assert isinstance(past, torch.Tensor)
         return self.time_conv(torch.cat([past.to(x_BCTHW.device), x_BCTHW], dim=2))
+
+
+def interleave_time_halves(y_BDTHW: torch.Tensor) -> torch.Tensor:
+    """[B, 2C, T, H, W] -> [B, C, 2T, H, W]: frame 2t+j, channel c <- frame t, channel j*C + c (the
+    temporal upsample's (even, odd) halves). A channels-last-3d input is interleaved in its own
+    memory order [B, T, H, W, 2C], so that the result stays channels-last (no layout change for the
+    next conv); any other input in the standard order. Same values either way.
+
+    Example: C = 1, T = 1, channels (a, b) -> frames (a, b).
+    """
+    B, D, T, H, W = y_BDTHW.shape
+    C = D // 2
+    if y_BDTHW.is_contiguous(memory_format=torch.channels_last_3d):
+        y_BTHW2C = y_BDTHW.permute(0, 2, 3, 4, 1).unflatten(-1, (2, C))
+        y_B2THWC = y_BTHW2C.permute(0, 1, 4, 2, 3, 5).reshape(B, 2 * T, H, W, C)
+        return y_B2THWC.permute(0, 4, 1, 2, 3)
+    y_B2CTHW = y_BDTHW.reshape(B, 2, C, T, H, W)
+    return torch.stack((y_B2CTHW[:, 0], y_B2CTHW[:, 1]), dim=3).reshape(B, C, T * 2, H, W)
 
 
 class ResidualBlock(nn.Module):
@@ -221,15 +240,26 @@ class ResidualBlock(nn.Module):
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
-    norm_silu: Callable[..., torch.Tensor] = staticmethod(norm_silu)
-    """RMSNorm then SiLU in one call (stages.fused; `WanVAE.use_compiled_ops` swaps in the compiled one)."""
+    ops: VAEOps = EAGER_VAE_OPS
+    """RMSNorm + SiLU and the residual add as single calls (stages.fused; `WanVAE.use_compiled_ops`
+    swaps in the compiled ones, which also take over the convs' bias adds)."""
 
     def forward(self, x_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
-        skip_BCTHW = self.shortcut(x_BCTHW)
+        ops = self.ops
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        x_BCTHW = _cached_conv(conv1, self.norm_silu(x_BCTHW, norm1.gamma, norm1.scale), cache)
-        x_BCTHW = _cached_conv(conv2, self.norm_silu(x_BCTHW, norm2.gamma, norm2.scale), cache)
-        return x_BCTHW + skip_BCTHW
+        if not ops.fold_bias:
+            skip_BCTHW = self.shortcut(x_BCTHW)
+            x_BCTHW = _cached_conv(conv1, ops.norm_silu(x_BCTHW, norm1.gamma, norm1.scale), cache)
+            x_BCTHW = _cached_conv(conv2, ops.norm_silu(x_BCTHW, norm2.gamma, norm2.scale), cache)
+            return x_BCTHW + skip_BCTHW
+        if isinstance(self.shortcut, CausalConv3d):
+            skip_BCTHW, skip_bias_C = self.shortcut(x_BCTHW, bias=False), self.shortcut.bias
+        else:
+            skip_BCTHW, skip_bias_C = x_BCTHW, None
+        y_BCTHW = _cached_conv(conv1, ops.norm_silu(x_BCTHW, norm1.gamma, norm1.scale), cache, bias=False)
+        h_BCTHW = ops.bias_norm_silu(y_BCTHW, conv1.bias, norm2.gamma, norm2.scale)
+        y_BCTHW = _cached_conv(conv2, h_BCTHW, cache, bias=False)
+        return ops.bias_residual(y_BCTHW, conv2.bias, skip_BCTHW, skip_bias_C)
 
 
 class AttentionBlock(nn.Module):
@@ -347,12 +377,15 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg)
 
-    def use_compiled_ops(self) -> None:
-        """Run every residual block's RMSNorm + SiLU as one torch.compile'd kernel (CUDA)."""
-        fused = compiled_norm_silu()
+    def use_ops(self, ops: VAEOps) -> None:
+        """Run every residual block's elementwise pieces through `ops` (stages.fused)."""
         for module in self.modules():
             if isinstance(module, ResidualBlock):
-                module.norm_silu = fused
+                module.ops = ops
+
+    def use_compiled_ops(self) -> None:
+        """Compiled residual-block pieces with the convs' biases folded in (CUDA)."""
+        self.use_ops(compiled_vae_ops())
 
     def new_encode_cache(self) -> WanVAECache:
         """A fresh per-stream encoder cache (one slot per encoder CausalConv3d: 26 for the Wan layout)."""

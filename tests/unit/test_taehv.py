@@ -153,3 +153,25 @@ def test_stage_scaling_and_isolation():
         assert torch.equal(got_a, expected_a[k]) and torch.equal(got_b, expected_b[k])
     dec.close_stream("a")
     assert dec.stream_ids == ["b"] and dec.cache_nbytes("b") > 0
+
+
+@torch.no_grad()
+def test_channels_last_gives_the_plain_results():
+    """The GPU layout (weights and activations NHWC, TPool/TGrow regrouping in that order) computes
+    what the plain layout computes, call after call, encode and decode."""
+    import copy
+
+    plain = _model()
+    fast = copy.deepcopy(plain)
+    fast.use_channels_last()
+    frames = _frames_BTCHW(13, seed=4)
+    caches = [(m.new_encode_cache(), m.new_decode_cache()) for m in (plain, fast)]
+    for chunk in (frames[:, :1], frames[:, 1:5], frames[:, 5:13]):
+        outs = []
+        for model, (enc, dec) in zip((plain, fast), caches):
+            z = model.stream_encode(chunk, enc)
+            outs.append((z, model.stream_decode(z, dec)))
+        (z_plain, y_plain), (z_fast, y_fast) = outs
+        torch.testing.assert_close(z_fast, z_plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
+    assert fast.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)

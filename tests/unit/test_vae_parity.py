@@ -192,3 +192,41 @@ def test_bf16_runs_on_cpu():
     dec.open_stream("s")
     frames = dec.decode("s", enc.encode("s", _video(1)))
     assert frames.shape == (1, 3, 1, H, W) and torch.isfinite(frames).all()
+
+
+@torch.no_grad()
+def test_folded_biases_and_channels_last_give_the_plain_results(models):
+    """The GPU path (stages.fused.VAEOps with the biases folded into the elementwise kernels, weights
+    and activations channels-last-3d) computes what the plain path computes, call after call."""
+    import copy
+
+    from stages.fused import EAGER_VAE_OPS, VAEOps
+    from stages.loading import conv3d_channels_last_
+
+    _, ours = models
+    fast = conv3d_channels_last_(copy.deepcopy(ours))
+    fast.use_ops(VAEOps(EAGER_VAE_OPS.norm_silu, EAGER_VAE_OPS.bias_norm_silu, EAGER_VAE_OPS.bias_residual,
+                        fold_bias=True))
+    video = _video(13, seed=3)
+    chunks = [video[:, :, :1]] + [video[:, :, i : i + 4] for i in range(1, 13, 4)]
+    caches = [(m.new_encode_cache(), m.new_decode_cache()) for m in (ours, fast)]
+    for chunk in chunks:
+        outs = []
+        for model, (enc, dec) in zip((ours, fast), caches):
+            x = chunk if model is ours else chunk.contiguous(memory_format=torch.channels_last_3d)
+            z = model.stream_encode(x, enc)
+            outs.append((z, model.stream_decode(z, dec)))
+        (z_plain, y_plain), (z_fast, y_fast) = outs
+        torch.testing.assert_close(z_fast, z_plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
+
+
+def test_time_interleave_keeps_channels_last_and_values():
+    from stages.wan_vae import interleave_time_halves
+
+    y = torch.randn(1, 6, 3, 4, 5)
+    plain = interleave_time_halves(y)
+    fast = interleave_time_halves(y.contiguous(memory_format=torch.channels_last_3d))
+    assert fast.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(fast, plain)
+    assert torch.equal(plain[:, :, 0::2], y[:, :3]) and torch.equal(plain[:, :, 1::2], y[:, 3:])
