@@ -7,15 +7,26 @@ Shape legend:
     R  rows of the cache tensor (the cache may hold more slots than the query batch uses)
 
 Both functions are non-causal with softmax scale 1/sqrt(D). On CUDA with flash-attn installed and a
-half dtype they call `flash_attn_func` / `flash_attn_with_kvcache`; otherwise they use torch SDPA.
+half dtype they call `flash_attn_func` / `flash_attn_with_kvcache`; otherwise they use torch SDPA,
+except where Weir's Triton kernel (stages.triton_attention) is faster: unmasked attention whose
+(row, head, 128-query tile) programs fill less than two waves of the GPU's SMs, i.e. one row of the
+1.3B model (12 heads x 13 tiles = 156 programs on 132 SMs). There cuDNN runs a second, mostly empty
+wave; the Triton kernel splits the keys instead (1.26x on the self-attention, H200; BENCHMARKS.md).
+With more rows or heads cuDNN is as fast or faster, and SDPA stays. `WEIR_ATTENTION=sdpa` turns the
+Triton path off.
 The KV-cache SDPA path masks keys at positions >= length over the full capacity instead of slicing to
 the longest length, so it needs no host sync.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
+
+from stages import triton_attention
 
 try:  # optional dependency
     from flash_attn import flash_attn_func, flash_attn_with_kvcache
@@ -30,6 +41,23 @@ def _use_flash(x: torch.Tensor) -> bool:
     return flash_attn_func is not None and x.is_cuda and x.dtype in _HALF
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _use_triton(q_BMND: torch.Tensor, k_BSND: torch.Tensor) -> bool:
+    """Module docstring: CUDA, half precision, a supported head dim, and under two waves of programs."""
+    if not (q_BMND.is_cuda and q_BMND.dtype in _HALF and k_BSND.dtype == q_BMND.dtype):
+        return False
+    if os.environ.get("WEIR_ATTENTION", "") == "sdpa" or not triton_attention.available():
+        return False
+    b, m, n, d = q_BMND.shape
+    if d not in triton_attention.HEAD_DIMS:
+        return False
+    return b * n * -(-m // 128) < 2 * _num_sms(q_BMND.device)
+
+
 def attend(q_BMND: torch.Tensor, k_BSND: torch.Tensor, v_BSND: torch.Tensor) -> torch.Tensor:
     """Dense non-causal attention; k/v may have batch 1 (broadcast to B). Returns [B, M, N, D]."""
     if k_BSND.shape[0] != q_BMND.shape[0]:
@@ -37,6 +65,8 @@ def attend(q_BMND: torch.Tensor, k_BSND: torch.Tensor, v_BSND: torch.Tensor) -> 
         v_BSND = v_BSND.expand(q_BMND.shape[0], -1, -1, -1)
     if _use_flash(q_BMND):
         return flash_attn_func(q_BMND, k_BSND.contiguous(), v_BSND.contiguous())
+    if _use_triton(q_BMND, k_BSND):
+        return triton_attention.attention_bsnd(q_BMND, k_BSND, v_BSND)
     out_BNMD = F.scaled_dot_product_attention(
         q_BMND.transpose(1, 2), k_BSND.transpose(1, 2), v_BSND.transpose(1, 2)
     )
@@ -73,6 +103,8 @@ def attend_kv_cache(
             cache_seqlens=None if lengths_B is None else lengths_B.to(torch.int32),
             cache_batch_idx=None if cache_rows_B is None else cache_rows_B.to(torch.int32),
         )
+    if lengths_B is None and cache_rows_B is None and _use_triton(q_BMND, k_cache_RCND):
+        return triton_attention.attention_bsnd(q_BMND, k_cache_RCND, v_cache_RCND)
     if cache_rows_B is not None:
         k_cache_RCND = k_cache_RCND.index_select(0, cache_rows_B)
         v_cache_RCND = v_cache_RCND.index_select(0, cache_rows_B)

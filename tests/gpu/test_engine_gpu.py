@@ -87,7 +87,12 @@ def test_cuda_graph_path_equals_eager(model, height, width, num_steps, two_strea
     rel_l2, rel_max = compare(graphed, eager)
     exact = all(torch.equal(a, b) for a, b in zip(graphed, eager))
     print(f"graph vs eager: rel_l2={rel_l2:.2e} rel_max={rel_max:.2e} bit-identical={exact}")
-    assert rel_l2 <= 1e-3 and rel_max <= 1e-2
+    # One stream: the same kernels on the same shapes, bit-identical in practice. Two streams: the
+    # eager side runs both streams' rows in one forward, the graphs one stream each, so the fused
+    # pieces' kernels see other batch sizes and round differently in bf16 (measured on an H200: rel_l2
+    # 1.7e-3 to 2.4e-3, rel_max <= 3.7e-3 for the tiny 3-step case); a capture or replay bug (a stale
+    # input, another stream's cache) shows as errors of order 1.
+    assert rel_l2 <= (5e-3 if two_streams else 1e-3) and rel_max <= 1e-2
 
 
 @pytest.mark.parametrize("num_steps", [1, 3])
