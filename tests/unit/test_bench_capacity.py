@@ -17,6 +17,23 @@ def test_capacity_rows_time_one_chunk_of_every_stream_per_tick():
     for row in rows:
         assert row.fps == pytest.approx(4 * row.streams * 1000 / row.tick_ms)
         assert row.streams_at_input_fps == pytest.approx(row.fps / 16.0)
-        assert 0 < row.enc_ms + row.dit_ms + row.dec_ms <= row.tick_ms * 1.05
+        # medians of the parts need not add up to the median tick on a busy machine; a stage counted
+        # twice, or another tick's stages, would be far over
+        assert 0 < row.enc_ms + row.dit_ms + row.dec_ms <= row.tick_ms * 1.25
     assert rows[1].enc_ms > rows[0].enc_ms  # two streams' chunks encoded per tick
     assert engine.stats().active_streams == 0  # the bench's streams are closed
+
+
+def test_engine_row_times_a_steady_window_after_the_caches_fill():
+    """One `weir bench engine` configuration: the warm-up fills the stream batch and the KV caches
+    before the timed chunks, and the row's figures are consistent."""
+    from cluster.bench import bench_engine_config
+
+    torch.set_num_threads(1)
+    engine = StreamEngine(EngineSpec(model="tiny", vae="taehv"))
+    row = bench_engine_config(engine, model="tiny", height=32, width=48, steps=1, vae="taehv", chunks=3,
+                              ttff_cold_ms=0.0)
+    assert row.fps > 0 and row.fps_p50 == pytest.approx(4000.0 / row.chunk_p50_ms)
+    assert row.chunk_p50_ms <= row.chunk_p99_ms
+    assert min(row.dit_ms, row.enc_ms, row.dec_ms, row.ttff_warm_ms) > 0
+    assert engine.stats().active_streams == 0
