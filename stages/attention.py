@@ -9,11 +9,13 @@ Shape legend:
 Both functions are non-causal with softmax scale 1/sqrt(D). On CUDA with flash-attn installed and a
 half dtype they call `flash_attn_func` / `flash_attn_with_kvcache`; otherwise they use torch SDPA,
 except where Weir's Triton kernel (stages.triton_attention) is faster: unmasked attention whose
-(row, head, 128-query tile) programs fill less than two waves of the GPU's SMs, i.e. one row of the
-1.3B model (12 heads x 13 tiles = 156 programs on 132 SMs). There cuDNN runs a second, mostly empty
-wave; the Triton kernel splits the keys instead (1.26x on the self-attention, H200; BENCHMARKS.md).
-With more rows or heads cuDNN is as fast or faster, and SDPA stays. `WEIR_ATTENTION=sdpa` turns the
-Triton path off.
+(row, head, 128-query tile) programs fill less than two waves of the GPU's SMs and whose keys the
+kernel would split, i.e. one row of the 1.3B model's self-attention (12 heads x 13 tiles = 156
+programs on 132 SMs, 9360 keys in 5 splits). There cuDNN runs a second, mostly empty wave; the split
+kernel does not (1.26x, H200; BENCHMARKS.md). Unsplit, the Triton kernel is a few percent slower than
+cuDNN per SM, so with more rows or heads, or too few keys to split (the cross-attention), SDPA stays;
+so it does under one wave (512x512: 96 programs), where the cost model's gain is within that deficit.
+`WEIR_ATTENTION=sdpa` turns the Triton path off.
 The KV-cache SDPA path masks keys at positions >= length over the full capacity instead of slicing to
 the longest length, so it needs no host sync.
 """
@@ -47,7 +49,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _use_triton(q_BMND: torch.Tensor, k_BSND: torch.Tensor) -> bool:
-    """Module docstring: CUDA, half precision, a supported head dim, and under two waves of programs."""
+    """Module docstring: CUDA, half precision, a supported head dim, under two waves of programs, and
+    keys the kernel splits."""
     if not (q_BMND.is_cuda and q_BMND.dtype in _HALF and k_BSND.dtype == q_BMND.dtype):
         return False
     if os.environ.get("WEIR_ATTENTION", "") == "sdpa" or not triton_attention.available():
@@ -55,7 +58,21 @@ def _use_triton(q_BMND: torch.Tensor, k_BSND: torch.Tensor) -> bool:
     b, m, n, d = q_BMND.shape
     if d not in triton_attention.HEAD_DIMS:
         return False
-    return b * n * -(-m // 128) < 2 * _num_sms(q_BMND.device)
+    return triton_pays(b, m, n, k_BSND.shape[1], _num_sms(q_BMND.device))
+
+
+def triton_pays(rows: int, queries: int, heads: int, keys: int, num_sms: int) -> bool:
+    """Whether the split Triton kernel beats cuDNN for this shape (module docstring): its
+    (row, head, 128-query) programs leave cuDNN a mostly empty second wave, and it splits the keys.
+
+    Example (132 SMs): 1.3B at 480x832, one row: 1 * 12 * 13 = 156 programs, 9360 keys in 5 splits
+    -> True; two rows (312 programs) -> False; 512x512 (96 programs, under one wave) -> False; the
+    cross-attention (512 keys, no split) -> False.
+    """
+    programs = rows * heads * -(-queries // 128)
+    if not num_sms < programs < 2 * num_sms:
+        return False
+    return triton_attention.num_key_splits(programs, keys, num_sms) > 1
 
 
 def attend(q_BMND: torch.Tensor, k_BSND: torch.Tensor, v_BSND: torch.Tensor) -> torch.Tensor:

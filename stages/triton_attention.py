@@ -34,7 +34,7 @@ GPUs, other strides, the Triton interpreter) `_attention_fwd_ptr` does the same 
 loads and masks, without splits.
 
 Split-KV exists for wave quantisation: a program holds one SM (its K/V pipeline fills the shared
-memory), so 156 programs on 132 SMs take two full waves for 1.18 waves of work. `_num_splits` picks
+memory), so 156 programs on 132 SMs take two full waves for 1.18 waves of work. `num_key_splits` picks
 P from a cost model; see its docstring for the worked numbers.
 
 Worked example (Wan2.1 1.3B self-attention, 480x832): q [1, 1560, 12, 128], k/v [1, 9360, 12, 128].
@@ -247,7 +247,7 @@ if triton is not None:
             )
 
         if SPLIT:
-            has_keys = l_i > 0  # a split past the last key block (never with _num_splits) has none
+            has_keys = l_i > 0  # a split past the last key block (never with num_key_splits) has none
             l_safe = tl.where(has_keys, l_i, 1.0)
             lse = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -368,7 +368,7 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
     return all(_packed_view_strides(t) is not None for t in tensors)
 
 
-def _num_splits(num_tiles: int, num_keys: int, num_sms: int) -> int:
+def num_key_splits(num_tiles: int, num_keys: int, num_sms: int) -> int:
     """Key splits P for `num_tiles` (row, head, 128-query) tiles over `num_keys` keys on `num_sms` SMs.
 
     Cost in units of one tile's full key walk: ceil(T * P / SMs) / P waves (one program per SM), plus
@@ -406,7 +406,7 @@ def attention_bsnd(
         k_BSND, v_BSND: keys and values of q's dtype; batch B, or 1 to share one K/V over all rows.
         scale: softmax scale; default 1/sqrt(D).
         tiles: pin a launch config instead of autotuning (required under the Triton interpreter).
-        num_splits: key splits P (TMA kernel only); default from `_num_splits`.
+        num_splits: key splits P (TMA kernel only); default from `num_key_splits`.
         kernel: "tma" or "ptr" to force one kernel (tests, benchmarks); default: "tma" where usable.
 
     Example: q [2, 1560, 12, 128] bf16 with k, v [1, 512, 12, 128] -> [2, 1560, 12, 128] bf16, both
@@ -420,7 +420,6 @@ def attention_bsnd(
     if triton is None:
         raise RuntimeError("stages.triton_attention needs Triton; check available() first")
     B, M, N, D = q_BMND.shape
-    S = k_BSND.shape[1]
     if k_BSND.shape[0] > 1 and k_BSND.stride(0) == 0 and v_BSND.stride(0) == 0:  # expanded: read row 0
         k_BSND, v_BSND = k_BSND[:1], v_BSND[:1]
     out_BMND = torch.empty((B, M, N, D), dtype=q_BMND.dtype, device=q_BMND.device)
@@ -432,7 +431,7 @@ def attention_bsnd(
             num_splits = 1
         elif num_splits is None:
             num_sms = torch.cuda.get_device_properties(q_BMND.device).multi_processor_count
-            num_splits = _num_splits(triton.cdiv(M, 128) * B * N, S, num_sms)
+            num_splits = num_key_splits(triton.cdiv(M, 128) * B * N, k_BSND.shape[1], num_sms)
         _launch_tma(q_BMND, k_BSND, v_BSND, out_BMND, qk_scale_log2, tiles, num_splits)
     else:
         _launch_ptr(q_BMND, k_BSND, v_BSND, out_BMND, qk_scale_log2, tiles)

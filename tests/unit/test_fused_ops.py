@@ -57,3 +57,13 @@ def test_nearest_upsample_2x_equals_interpolate_in_both_layouts():
     torch.testing.assert_close(fast, want, rtol=0, atol=0)
     torch.testing.assert_close(nearest_upsample_2x(x), want, rtol=0, atol=0)
     torch.testing.assert_close(nearest_upsample_2x(x.bfloat16()), want.bfloat16(), rtol=0, atol=0)
+
+
+def test_triton_attention_is_chosen_only_where_it_measured_faster():
+    from stages.attention import triton_pays
+
+    assert triton_pays(1, 1560, 12, 9360, 132)  # 1.3B self-attention, one row: 1.26x on an H200
+    assert not triton_pays(2, 1560, 12, 9360, 132)  # two rows: even, cuDNN stays
+    assert not triton_pays(1, 1560, 40, 9360, 132)  # 14B: 0.87x
+    assert not triton_pays(1, 1560, 12, 512, 132)  # cross-attention: too few keys to split
+    assert not triton_pays(1, 1024, 12, 6144, 132)  # 512x512: under one wave

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.triton_attention import Tiles, _num_splits, attention_bsnd
+from stages.triton_attention import Tiles, attention_bsnd, num_key_splits
 
 
 @pytest.mark.parametrize(
@@ -57,4 +57,4 @@ def test_bad_kernel_or_split_count_raise_value_error(kw, match):
     ],
 )
 def test_split_count_follows_the_wave_cost_model(num_tiles, num_keys, expected):
-    assert _num_splits(num_tiles, num_keys, num_sms=132) == expected
+    assert num_key_splits(num_tiles, num_keys, num_sms=132) == expected
