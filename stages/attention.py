@@ -15,7 +15,10 @@ programs on 132 SMs, 9360 keys in 5 splits). There cuDNN runs a second, mostly e
 kernel does not (1.26x, H200; BENCHMARKS.md). Unsplit, the Triton kernel is a few percent slower than
 cuDNN per SM, so with more rows or heads, or too few keys to split (the cross-attention), SDPA stays;
 so it does under one wave (512x512: 96 programs), where the cost model's gain is within that deficit.
-`WEIR_ATTENTION=sdpa` turns the Triton path off.
+The kernel runs with pinned tiles (`SPLIT_TILES`, the autotuner's choice for the split shapes on
+an H200), never autotuned at run time: a first stream at a new resolution would otherwise stall the
+GPU, and every stream on it, for seconds of benchmarking. `WEIR_ATTENTION=sdpa` turns the Triton
+path off.
 The KV-cache SDPA path masks keys at positions >= length over the full capacity instead of slicing to
 the longest length, so it needs no host sync.
 """
@@ -37,6 +40,10 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_with_kvcache = None
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+SPLIT_TILES = triton_attention.Tiles(block_m=64, block_n=64, num_warps=4, num_stages=3)
+"""Launch config of the split kernel (stages.triton_attention `_CONFIGS`: its winner on the split shapes)."""
 
 
 def _use_flash(x: torch.Tensor) -> bool:
@@ -83,7 +90,7 @@ def attend(q_BMND: torch.Tensor, k_BSND: torch.Tensor, v_BSND: torch.Tensor) -> 
     if _use_flash(q_BMND):
         return flash_attn_func(q_BMND, k_BSND.contiguous(), v_BSND.contiguous())
     if _use_triton(q_BMND, k_BSND):
-        return triton_attention.attention_bsnd(q_BMND, k_BSND, v_BSND)
+        return triton_attention.attention_bsnd(q_BMND, k_BSND, v_BSND, tiles=SPLIT_TILES)
     out_BNMD = F.scaled_dot_product_attention(
         q_BMND.transpose(1, 2), k_BSND.transpose(1, 2), v_BSND.transpose(1, 2)
     )
@@ -121,7 +128,7 @@ def attend_kv_cache(
             cache_batch_idx=None if cache_rows_B is None else cache_rows_B.to(torch.int32),
         )
     if lengths_B is None and cache_rows_B is None and _use_triton(q_BMND, k_cache_RCND):
-        return triton_attention.attention_bsnd(q_BMND, k_cache_RCND, v_cache_RCND)
+        return triton_attention.attention_bsnd(q_BMND, k_cache_RCND, v_cache_RCND, tiles=SPLIT_TILES)
     if cache_rows_B is not None:
         k_cache_RCND = k_cache_RCND.index_select(0, cache_rows_B)
         v_cache_RCND = v_cache_RCND.index_select(0, cache_rows_B)
