@@ -177,5 +177,9 @@ class PipelineStats:
     """The pipeline's measured stage-time models (seeded by scheduling.priors): what the router admits from."""
     replica_id: str = ""
     """The reporting Serve replica of the pipeline deployment ('' outside Serve)."""
+    report_seq: int = 0
+    """Increasing per replica (0 = unnumbered): the router ignores a report older than one it has
+    already taken. A report it pulled can arrive after a newer one the replica pushed, and its stream
+    list would undo the newer one (release a stream that is live, re-adopt one that ended)."""
     draining: bool = False
     """True while the replica takes no new stream (Serve no longer routes to it, or not yet)."""

@@ -902,6 +902,7 @@ class Pipeline:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._routing_pulled_s: float | None = None
         self._first_pull = asyncio.Event()
+        self._report_seq = 0  # numbers the router reports (PipelineStats.report_seq)
         self._router_reporter = asyncio.get_running_loop().create_task(self._report_to_router())
 
     def _ensure_started(self) -> None:
@@ -980,6 +981,8 @@ class Pipeline:
     def _load(self) -> PipelineStats:
         stats = self.core.load()
         stats.replica_id = self.replica_id
+        self._report_seq += 1
+        stats.report_seq = self._report_seq
         pulled = self._routing_pulled_s
         stats.draining = pulled is not None and time.monotonic() - pulled > DRAIN_AFTER_S
         return stats

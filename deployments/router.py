@@ -85,6 +85,8 @@ class RouterAdmission:
         self.released_s: dict[str, float] = {}
         """stream id -> release time, for RESERVATION_GRACE_S: a report sent before the release may
         still name the stream, which must not be adopted back."""
+        self.report_seq: dict[str, int] = {}
+        """replica key -> the newest PipelineStats.report_seq taken from it (older reports are ignored)."""
         for name, spec in self.pools.items():
             if self.book.find(spec.gpu_type, prior_of(spec.model, spec.vae).shape) is None:
                 self.book.put(seed_profile(spec.model, spec.gpu_type, spec.vae))
@@ -103,6 +105,7 @@ class RouterAdmission:
         self.admission.remove_replica(key)
         del self.pool_of[key]
         self.reported_s.pop(key, None)
+        self.report_seq.pop(key, None)
 
     @property
     def owner(self) -> dict[str, str]:
@@ -128,6 +131,10 @@ class RouterAdmission:
         if key != pool:
             self.reported_s[key] = now
             self._retire_stand_in(pool)
+        if stats is not None and stats.report_seq:
+            if stats.report_seq <= self.report_seq.get(key, 0):
+                return  # older than one already taken (a pull answered after a newer push)
+            self.report_seq[key] = stats.report_seq
         takes_streams = stats is not None and stats.healthy and not stats.draining
         self.admission.set_draining(key, not takes_streams)
         if stats is None:

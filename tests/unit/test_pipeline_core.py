@@ -223,6 +223,24 @@ def test_a_confirmed_stream_its_replica_no_longer_has_is_released():
     assert set(ctl.placement()) == {"s2", "s3"}
 
 
+def test_a_report_older_than_one_taken_changes_nothing():
+    """A pulled report can be answered after a newer pushed one: its stream list is stale."""
+    ctl, _ = _controller(max_streams=2)
+    ctl.admit("s1", _req())
+    ctl.admit("s2", _req())
+    newer, older = _load(["s1", "s2"]), _load(["s1"])  # older: built before s2 opened
+    newer.report_seq, older.report_seq = 7, 6
+    ctl.update("Pipeline-0-tiny", newer)
+    ctl.update("Pipeline-0-tiny", older)  # arrives last: ignored, s2 keeps its slot
+    assert set(ctl.placement()) == {"s1", "s2"}
+    with pytest.raises(AdmissionRefusedError):
+        ctl.admit("s3", _req())
+    gone = _load(["s2"])  # a newer report without s1: s1 really ended
+    gone.report_seq = 8
+    ctl.update("Pipeline-0-tiny", gone)
+    assert set(ctl.placement()) == {"s2"}
+
+
 def test_a_restarted_router_adopts_the_streams_its_replicas_run():
     ctl, _ = _controller(max_streams=2)  # a fresh router: it admitted nothing itself
     running = {"s1": _req(tenant="acme"), "s2": _req(tenant="acme")}
