@@ -118,6 +118,7 @@ from stages.errors import (
     WeirError,
 )
 from stages.prompts import PromptMix, check_blend_chunks
+from stages.vae_stage import stack_frames
 
 log = logging.getLogger("weir.graph")
 
@@ -918,7 +919,7 @@ class ChainExecutor:
     @staticmethod
     def _take(s: _Stream, count: int) -> tuple[list[int], torch.Tensor]:
         items = [s.pending.popleft() for _ in range(count)]
-        return [seq for seq, _ in items], torch.from_numpy(np.stack([f for _, f in items]))
+        return [seq for seq, _ in items], stack_frames([f for _, f in items])
 
     def _next_tick_id(self) -> int:
         self._tick_id += 1

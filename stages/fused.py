@@ -20,6 +20,9 @@ capture after the first eager call replays the compiled kernels). The math is th
 
 Worked example (modulate, one row of F = 2 frames of Fp = 3 tokens): the LayerNorm of each of the
 6 tokens is scaled by (1 + scale[f]) and shifted by shift[f] of its frame f = token // 3.
+
+The VAEs' pieces live here too (`VAEOps`, `nearest_upsample_2x`), with the two channels-last helpers
+both VAEs use on CUDA: `channels_last_weights_` and `is_channels_last`.
 """
 
 from __future__ import annotations
@@ -128,6 +131,25 @@ def norm_silu(x_BCTHW: torch.Tensor, gamma_C111: torch.Tensor, scale: float) -> 
     return F.silu(F.normalize(x_BCTHW, dim=1) * scale * gamma_C111)
 
 
+def channels_last_weights_(module: torch.nn.Module) -> torch.nn.Module:
+    """Store every Conv3d weight channels-last-3d and every Conv2d weight channels-last (cuDNN's fast
+    NHWC kernels on CUDA). Values are unchanged; only the memory layout of the weights moves."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            elif isinstance(m, torch.nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """x (4-D NCHW or 5-D NCTHW) is stored channels-last and not also in the standard order: a tensor
+    whose strides fit both (one frame of one pixel, say) counts as standard."""
+    layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return x.is_contiguous(memory_format=layout) and not x.is_contiguous()
+
+
 def nearest_upsample_2x(x_NCHW: torch.Tensor) -> torch.Tensor:
     """2x nearest upsampling of every (H, W) plane (each pixel becomes a 2x2 block; 'nearest' and
     'nearest-exact' agree at scale 2). A channels-last input is expanded in its NHWC memory order, one
@@ -138,7 +160,7 @@ def nearest_upsample_2x(x_NCHW: torch.Tensor) -> torch.Tensor:
     Example: [[1, 2]] -> [[1, 1, 2, 2], [1, 1, 2, 2]].
     """
     n, c, h, w = x_NCHW.shape
-    if x_NCHW.is_contiguous(memory_format=torch.channels_last) and not x_NCHW.is_contiguous():
+    if is_channels_last(x_NCHW):
         x_NHWC = x_NCHW.permute(0, 2, 3, 1)
         y_NHWC = x_NHWC[:, :, None, :, None, :].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c)
         return y_NHWC.permute(0, 3, 1, 2)

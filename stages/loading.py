@@ -15,6 +15,7 @@ import torch
 from stages.config import VAE_PRESETS, DiTConfig, StreamConfig
 from stages.dit import WanDiT
 from stages.dit_stage import DiTShard
+from stages.fused import channels_last_weights_
 from stages.stream_batch import LatentStreamer
 from stages.taehv import TAEHV, TAEHV_PRESETS
 from stages.vae_stage import VAEDecodeStage, VAEEncodeStage
@@ -53,21 +54,6 @@ def random_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-    return module
-
-
-def conv3d_channels_last_(module: torch.nn.Module) -> torch.nn.Module:
-    """Store every Conv3d weight in channels-last-3d layout (cuDNN's fast NDHWC kernels on CUDA), and
-    every Conv2d weight (the per-frame resampling and attention convs) channels-last.
-
-    Values are unchanged; only the memory layout of the weights moves.
-    """
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.Conv3d):
-                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
-            elif isinstance(m, torch.nn.Conv2d):
-                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
     return module
 
 
@@ -123,7 +109,7 @@ def build_vae_models(model: str, device: torch.device, dtype: torch.dtype, *, ch
             load_taehv(taehv, layout.taehv)
             out["taehv"] = taehv
     if torch.device(device).type == "cuda":
-        conv3d_channels_last_(out["wan"])
+        channels_last_weights_(out["wan"])
         out["wan"].use_compiled_ops()
         if "taehv" in out:
             out["taehv"].use_channels_last()

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from stages.fused import nearest_upsample_2x
+from stages.fused import channels_last_weights_, is_channels_last, nearest_upsample_2x
 
 FRAMES_PER_LATENT = 4
 """Temporal compression (2 x 2 from the two stride-2 TPools / TGrows)."""
@@ -119,7 +119,7 @@ class TPool(nn.Module):
     def forward(self, x_NCHW: torch.Tensor) -> torch.Tensor:
         N, C, H, W = x_NCHW.shape
         s = self.stride
-        if s > 1 and _is_channels_last(x_NCHW):  # the same merge in NHWC memory order: stays NHWC
+        if s > 1 and is_channels_last(x_NCHW):  # the same merge in NHWC memory order: stays NHWC
             x_NHWsC = x_NCHW.permute(0, 2, 3, 1).unflatten(0, (N // s, s)).permute(0, 2, 3, 1, 4)
             return self.conv(x_NHWsC.reshape(N // s, H, W, s * C).permute(0, 3, 1, 2))
         return self.conv(x_NCHW.reshape(-1, s * C, H, W))
@@ -137,14 +137,10 @@ class TGrow(nn.Module):
         N, C, H, W = x_NCHW.shape
         s = self.stride
         y_NDHW = self.conv(x_NCHW)
-        if s > 1 and _is_channels_last(y_NDHW):  # the same split in NHWC memory order: stays NHWC
+        if s > 1 and is_channels_last(y_NDHW):  # the same split in NHWC memory order: stays NHWC
             y_NsHWC = y_NDHW.permute(0, 2, 3, 1).unflatten(-1, (s, C)).permute(0, 3, 1, 2, 4)
             return y_NsHWC.reshape(N * s, H, W, C).permute(0, 3, 1, 2)
         return y_NDHW.reshape(-1, C, H, W)
-
-
-def _is_channels_last(x_NCHW: torch.Tensor) -> bool:
-    return x_NCHW.is_contiguous(memory_format=torch.channels_last) and not x_NCHW.is_contiguous()
 
 
 @dataclass
@@ -244,10 +240,7 @@ class TAEHV(nn.Module):
     def use_channels_last(self) -> None:
         """Store the conv weights and run the activations in NHWC memory order (CUDA: no layout
         conversions around cuDNN's kernels). Values are unchanged."""
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, nn.Conv2d):
-                    m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        channels_last_weights_(self)
         self.channels_last = True
 
     # ---- one-shot (whole clip) ----

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.config import VAEConfig
-from stages.fused import EAGER_VAE_OPS, VAEOps, compiled_vae_ops, nearest_upsample_2x
+from stages.fused import EAGER_VAE_OPS, VAEOps, compiled_vae_ops, is_channels_last, nearest_upsample_2x
 
 CACHE_T = 2
 """Frames of input each causal conv keeps for the next call (its temporal kernel minus one)."""
@@ -216,7 +216,7 @@ def interleave_time_halves(y_BDTHW: torch.Tensor) -> torch.Tensor:
     """
     B, D, T, H, W = y_BDTHW.shape
     C = D // 2
-    if y_BDTHW.is_contiguous(memory_format=torch.channels_last_3d):
+    if is_channels_last(y_BDTHW):
         y_BTHW2C = y_BDTHW.permute(0, 2, 3, 4, 1).unflatten(-1, (2, C))
         y_B2THWC = y_BTHW2C.permute(0, 1, 4, 2, 3, 5).reshape(B, 2 * T, H, W, C)
         return y_B2THWC.permute(0, 4, 1, 2, 3)

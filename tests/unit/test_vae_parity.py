@@ -199,14 +199,13 @@ def test_folded_biases_and_channels_last_give_the_plain_results(models):
     """The GPU path (stages.fused.VAEOps with the biases folded into the elementwise kernels, weights
     and activations channels-last-3d) computes what the plain path computes, call after call."""
     import copy
+    import dataclasses
 
-    from stages.fused import EAGER_VAE_OPS, VAEOps
-    from stages.loading import conv3d_channels_last_
+    from stages.fused import EAGER_VAE_OPS, channels_last_weights_
 
     _, ours = models
-    fast = conv3d_channels_last_(copy.deepcopy(ours))
-    fast.use_ops(VAEOps(EAGER_VAE_OPS.norm_silu, EAGER_VAE_OPS.bias_norm_silu, EAGER_VAE_OPS.bias_residual,
-                        fold_bias=True))
+    fast = channels_last_weights_(copy.deepcopy(ours))
+    fast.use_ops(dataclasses.replace(EAGER_VAE_OPS, fold_bias=True))
     video = _video(13, seed=3)
     chunks = [video[:, :, :1]] + [video[:, :, i : i + 4] for i in range(1, 13, 4)]
     caches = [(m.new_encode_cache(), m.new_decode_cache()) for m in (ours, fast)]
