@@ -593,6 +593,8 @@ class ChainExecutor:
         self._stats_task: asyncio.Task | None = None
         self._stats_at = 0.0
         self.rebuilds = 0
+        self.tick_times = None
+        """Stage times of one step (deployments.pipeline.Executor): not measured across actors."""
         self.tick_latencies_s: deque = deque(maxlen=100_000)
 
     # ---- stream lifecycle ----------------------------------------------------------------------------

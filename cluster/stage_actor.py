@@ -252,7 +252,8 @@ class StageWorker:
             (benchmarks); off in serving.
         deterministic: cuDNN deterministic kernels (exactness tests on GPU); otherwise cuDNN
             benchmark mode, as the single-process engine.
-        cuda_graphs: the DiT shard replays steady-state micro-steps from CUDA graphs (CUDA only).
+        cuda_graphs: the DiT shard replays steady-state micro-steps from CUDA graphs, and so do the
+            TAEHV encode and decode of steady stream calls (CUDA only).
     """
 
     def __init__(
@@ -294,9 +295,11 @@ class StageWorker:
             for kind, model in _build_vaes(plan, self.device, self.dtype).items():
                 kind_dtype = torch.float16 if kind == "taehv" and self.device.type == "cuda" else self.dtype
                 if p.encode:
-                    self.encoders[kind] = VAEEncodeStage(kind, model, self.device, kind_dtype, scaling)
+                    self.encoders[kind] = VAEEncodeStage(kind, model, self.device, kind_dtype, scaling,
+                                                         cuda_graphs=cuda_graphs)
                 if p.decode:
-                    self.decoders[kind] = VAEDecodeStage(kind, model, self.device, kind_dtype, scaling)
+                    self.decoders[kind] = VAEDecodeStage(kind, model, self.device, kind_dtype, scaling,
+                                                         cuda_graphs=cuda_graphs)
         if p.encode:
             from stages.t5 import build_text_encoder
 

@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Protocol
 
 from ray import serve
@@ -70,7 +70,7 @@ from scheduling.batching import (
     StreamSpec,
 )
 from scheduling.priors import prior_of, seed_profile
-from scheduling.profile import StageProfile
+from scheduling.profile import Stage, StageProfile
 from scheduling.slo import MAX_FRAME_DEADLINE_S, MAX_TTFF_S, LatencyWindow, StreamSLO, percentile
 from stages.errors import (
     AdmissionRefusedError,
@@ -119,6 +119,9 @@ class Executor(Protocol):
     async def close_stream(self, stream_id: str) -> None: ...
     def memory_bytes(self) -> int: ...
 
+    tick_times: object
+    """The latest step's stage times (stages.engine.TickTimes) when the executor measures them, else None."""
+
 
 class InProcessExecutor:
     """A StreamEngine in this process, driven from one worker thread (calls run in submission order).
@@ -133,6 +136,7 @@ class InProcessExecutor:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weir-engine")
         self._native_modes = hasattr(engine, "set_step_mode")
         self._emulated_sbs: set[str] = set()
+        self.tick_times = None
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -153,12 +157,20 @@ class InProcessExecutor:
     def pending_frames(self, stream_id) -> int:
         return self.engine.pending_frames(stream_id)
 
+    @property
+    def forwards_per_stream(self) -> bool:
+        """Stepping streams one at a time costs what one step over all of them costs
+        (StreamEngine.forwards_per_stream): PipelineCore then steps them one by one."""
+        return getattr(self.engine, "forwards_per_stream", False)
+
     async def step(self, stream_ids):
         def run() -> dict[str, list]:
             out = self.engine.step(stream_ids)
+            self.tick_times = getattr(self.engine, "tick_times", None)
             for sid in stream_ids:
                 if sid in self._emulated_sbs:
                     out[sid] = list(out.get(sid, [])) + self.engine.flush(sid)
+                    self.tick_times = None  # drain forwards ran after the timed stages
             return out
 
         return await self._call(run)
@@ -215,37 +227,46 @@ async def build_graph_executor(spec: PipelineSpec):
     return executor
 
 
+CALIBRATION_TICKS = 4
+"""Steady warm-up ticks per step count that calibrate the profile (after the KV caches have filled)."""
+
+
 async def warm_up_executor(executor: Executor, height: int, width: int, *, steps: tuple[int, ...] = (1, 2),
-                           vae: str = "wan", chunks: int = 6,
-                           ticks: list[tuple[int, float]] | None = None) -> float:
+                           vae: str = "wan", chunks: int | None = None,
+                           ticks: list[tuple[int, float, object]] | None = None) -> float:
     """Run a throwaway stream per step count through any executor before clients arrive (the graph
     executor's counterpart of StreamEngine.warm_up). Returns seconds; a failure is logged, not raised:
     a cold pipeline still serves, only slower at first.
 
-    `ticks`, when given, receives (rows, seconds) of each steady tick (one chunk encoded, one forward
-    over n rows for an n-step stream, one chunk decoded; the first two ticks of each stream, which pay
-    for compilation and capture, are left out): PipelineCore.calibrate turns them into the profile."""
+    Each stream runs `chunks` chunks after its first frame (default: until its KV caches are full, so
+    the full-cache attention is compiled and captured too, plus CALIBRATION_TICKS steady ones).
+    `ticks`, when given, receives (rows, seconds, stage times or None; Executor.tick_times) of the last
+    CALIBRATION_TICKS frame-emitting ticks of each stream (one chunk encoded, one forward over n rows for
+    an n-step stream, one chunk decoded): PipelineCore.calibrate turns them into the profile."""
     import numpy as np
 
+    from stages.config import StreamConfig
     from stages.engine import StreamParams
 
     t0 = time.monotonic()
     frame = np.full((height, width, 3), 128, np.uint8)
     for n in steps:
         sid = f"__warm_up_{n}"
+        num_chunks = chunks if chunks is not None else n + 2 + StreamConfig().num_kv_cache_frames + CALIBRATION_TICKS
+        steady: list[tuple[int, float, object]] = []
         try:
             await executor.open_stream(sid, StreamParams(prompt="warm up", num_steps=n, height=height,
                                                          width=width, vae=vae))
-            stepped = 0
-            for seq in range(1 + 4 * (chunks + n)):
+            for seq in range(1 + 4 * num_chunks):
                 await executor.add_frames(sid, [(seq, frame)])
                 if sid in await executor.ready_streams():
                     t = time.monotonic()
                     out = await executor.step([sid])
-                    stepped += 1
-                    if ticks is not None and stepped > 2 and out.get(sid):  # a frame-emitting steady tick
-                        ticks.append((n, time.monotonic() - t))
+                    if out.get(sid):  # a frame-emitting tick
+                        steady.append((n, time.monotonic() - t, getattr(executor, "tick_times", None)))
             await executor.flush(sid)
+            if ticks is not None:
+                ticks.extend(steady[-CALIBRATION_TICKS:])
         except Exception:  # noqa: BLE001 - see docstring
             log.warning("warm-up of %d-step streams failed", n, exc_info=True)
         finally:
@@ -276,6 +297,33 @@ def build_engine_executor(spec: PipelineSpec) -> InProcessExecutor:
     if spec.device == "cuda" and others:  # the spec's own VAE is warmed by Pipeline, with calibration
         engine.warm_up(480, 832, steps=(1, 2), vaes=others)
     return InProcessExecutor(engine)
+
+
+def split_tick(profile: StageProfile, tick_s: float, times, *, chunks_in: int, rows: int,
+               chunks_out: int) -> tuple[float, float, float]:
+    """(encode, DiT, decode) seconds of a tick that was one shared forward, as the profile should learn
+    them; 0 means "not measured".
+
+    With the engine's measured stage times (stages.engine.TickTimes, its counts matching the tick's)
+    the tick's wall time is split in their proportions, so the profile prices what a tick really costs,
+    host work around the stages (frame hand-over, the loop) included. Example: stages 3 + 18 + 5 ms in
+    a 32 ms tick -> 3.7, 22.2, 6.2 ms. Without them the DiT is the tick minus the profile's encode and
+    decode predictions, and the VAE curves learn nothing.
+    """
+    if (times is not None and (times.encode_chunks, times.rows, times.decode_chunks) == (chunks_in, rows, chunks_out)):
+        measured = times.encode_s + times.dit_s + times.decode_s
+        if measured > 0.0:
+            scale = max(1.0, tick_s / measured)
+            return times.encode_s * scale, times.dit_s * scale, times.decode_s * scale
+    dit_s = tick_s - profile.encode_s(chunks_in) - profile.decode_s(chunks_out)
+    return 0.0, max(0.0, dit_s), 0.0
+
+
+def total_tick_times(times: list):
+    """Stage times (stages.engine.TickTimes) of several steps added up; None when any is None."""
+    if not times or any(t is None for t in times):
+        return None
+    return replace(times[0], **{f.name: sum(getattr(t, f.name) for t in times) for f in fields(times[0])})
 
 
 def stream_params(req: OpenRequest):
@@ -396,26 +444,33 @@ class PipelineCore:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
-    def calibrate(self, ticks: Sequence[tuple[int, float]]) -> int:
-        """Feed measured single-stream ticks (rows, seconds; warm_up_executor) into the profile: a
-        one-row tick minus the profile's encode and decode of one chunk is one forward over one row.
-        Returns how many were used. Example: (1, 0.040) with encode + decode 0.016 s -> dit_block(1) =
+    def calibrate(self, ticks: Sequence[tuple[int, float, object]]) -> int:
+        """Feed measured single-stream warm-up ticks (rows, seconds, stage times or None;
+        warm_up_executor) into the profile, split into stages by split_tick. Returns how many ticks
+        were used. Example: (1, 0.040, None) with encode + decode priced 0.016 s -> dit_block(1) =
         0.024 / 30.
 
-        Only one-row ticks count: the n rows of ONE stream's stream batch share their attention calls
+        Every tick teaches the VAE curves (one chunk in, one out) when its stages were measured; only
+        one-row ticks teach the DiT: the n rows of ONE stream's stream batch share their attention calls
         and cost less per row than rows of different streams (BENCHMARKS.md, "Serving"), which is what
         the profile prices; a one-size window keeps the prior's per-row shape, scaled to this GPU."""
         profile = self.scheduler.profile
         used = 0
-        for rows, seconds in ticks:
-            dit_s = seconds - profile.encode_s(1) - profile.decode_s(1)
+        for rows, seconds, times in ticks:
+            encode_s, dit_s, decode_s = split_tick(profile, seconds, times, chunks_in=1, rows=rows, chunks_out=1)
+            taught = encode_s > 0.0
+            if taught:
+                profile.observe(Stage.ENCODE, 1, encode_s)
+                profile.observe(Stage.DECODE, 1, decode_s)
             if rows == 1 and dit_s > 0.0:
                 profile.observe_dit(rows, self.scheduler.config.num_blocks, dit_s)
-                used += 1
+                taught = True
+            used += taught
         if used:
             snap = profile.snapshot()
-            log.info("%s: profile calibrated from %d warm-up ticks: DiT block %.2f ms + %.2f ms per row",
-                     self.name, used, snap.dit_block.fixed_s * 1e3, snap.dit_block.per_item_s * 1e3)
+            log.info("%s: profile calibrated from %d warm-up ticks: encode %.1f ms, DiT block %.2f ms + %.2f ms "
+                     "per row, decode %.1f ms per chunk", self.name, used, snap.encode(1) * 1e3,
+                     snap.dit_block.fixed_s * 1e3, snap.dit_block.per_item_s * 1e3, snap.decode(1) * 1e3)
         return used
 
     def start(self) -> None:
@@ -701,13 +756,21 @@ class PipelineCore:
             full = len(frames) == (FIRST_CHUNK_FRAMES if work.prefill else CHUNK_FRAMES)
             (step_ids if full else flush_ids).append(s.stream_id)
             shared_forward_only &= full and not work.prefill and not step_by_step
+        times = None
         if step_ids:
             t_step = self.clock()
-            outputs = await self.executor.step(step_ids)
+            # one step per stream where that costs the same (each stream's frames leave as soon as its
+            # chunk is done, not when the last stream's is), else one shared step
+            one_by_one = getattr(self.executor, "forwards_per_stream", False)
+            measured = []
+            for ids in ([[sid] for sid in step_ids] if one_by_one else [step_ids]):
+                outputs = await self.executor.step(ids)
+                measured.append(getattr(self.executor, "tick_times", None))
+                for sid, frames in outputs.items():
+                    if sid in self.streams:
+                        self._deliver(self.streams[sid], frames)
+            times = total_tick_times(measured)
             self._samples.executor_step_ms_samples.append((self.clock() - t_step) * 1000)
-            for sid, frames in outputs.items():
-                if sid in self.streams:
-                    self._deliver(self.streams[sid], frames)
         for sid in flush_ids:
             if sid in self.streams:
                 self._deliver(self.streams[sid], await self.executor.flush(sid))
@@ -718,14 +781,19 @@ class PipelineCore:
             for seq in work.emitted:
                 if s is not None and seq in s.delivered_s:
                     emitted_s[(work.stream_id, seq)] = s.delivered_s.pop(seq)
-        dit_s = 0.0
+        stages = (0.0, 0.0, 0.0)
         if shared_forward_only and step_ids and not flush_ids:
-            profile = self.scheduler.profile
-            dit_s = (finished - started) - profile.encode_s(plan.num_admitted) - profile.decode_s(plan.num_emitted)
+            stages = self._stage_times(plan, finished - started, times)
         self.scheduler.update_from_output(plan, BatchOutput(
-            plan.plan_id, started, finished, dit_s=max(0.0, dit_s), emitted_s=emitted_s))
+            plan.plan_id, started, finished, *stages, emitted_s=emitted_s))
         if step_ids or flush_ids:
             self._record_tick(plan.num_rows, (finished - started) * 1000)
+
+    def _stage_times(self, plan: BatchPlan, tick_s: float, times) -> tuple[float, float, float]:
+        """(encode, DiT, decode) seconds of a plan that was one shared forward, for the profile
+        (split_tick)."""
+        return split_tick(self.scheduler.profile, tick_s, times, chunks_in=plan.num_admitted,
+                          rows=plan.num_rows, chunks_out=plan.num_emitted)
 
     def _report_skips(self, skipped: tuple[SkippedChunk, ...]) -> None:
         """Drop skipped chunks' frames, count them, and tell each client at once (a stats message)."""
@@ -748,10 +816,12 @@ class PipelineCore:
             async with self._engine_lock:
                 out = await self.executor.flush(s.stream_id)
             self._deliver(s, out)
-            s.events.put_nowait(StreamEvent(ended=True))
             self.streams.pop(s.stream_id, None)
             self.scheduler.finish_stream(s.stream_id)
+            # closed in the engine before the client hears "ended": a client that reopens the same id
+            # at once, or a pipeline stopped right then, finds no half-closed stream
             await self.executor.close_stream(s.stream_id)
+            s.events.put_nowait(StreamEvent(ended=True))
 
     async def _reap_idle(self) -> None:
         now = self.clock()
@@ -834,8 +904,6 @@ class PipelineCore:
 
 
 def _replace_steps(req: OpenRequest, num_steps: int) -> OpenRequest:
-    from dataclasses import replace
-
     return replace(req, num_steps=num_steps)
 
 

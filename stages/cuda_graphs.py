@@ -55,7 +55,90 @@ class _Captured:
     stream_ids: frozenset[str]
 
 
-class ShardGraphRunner:
+class _GraphTable:
+    """What both runners share: per-key graphs kept least recently used first, warm-up call counts,
+    capture with the sync-debug mode lifted, and the switch to eager for good on a failed capture."""
+
+    label = "CUDA graphs"
+
+    def __init__(self, device: torch.device | str, *, max_graphs: int, eager_calls: int) -> None:
+        if max_graphs < 1 or eager_calls < 1:
+            raise ValueError(f"max_graphs={max_graphs} and eager_calls={eager_calls} must be >= 1")
+        self.device = torch.device(device)
+        self.max_graphs = max_graphs
+        self.eager_calls = eager_calls
+        self.disabled_reason: str | None = None
+        self.num_captures = 0
+        self.num_replays = 0
+        self._graphs: OrderedDict[GraphKey, Any] = OrderedDict()
+        self._calls: dict[GraphKey, int] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.disabled_reason is None
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def disable(self, reason: str) -> None:
+        """Switch to eager for good (logged once) and free every graph."""
+        if self.disabled_reason is None:
+            LOG.warning("%s disabled on %s, running eager: %s", self.label, self.device, reason)
+            self.disabled_reason = reason
+        self._graphs.clear()
+        self._calls.clear()
+
+    def _lookup(self, key: GraphKey):
+        """The key's captured entry (now the most recently used), or None after counting this call
+        of a key without a graph (see _due)."""
+        captured = self._graphs.get(key)
+        if captured is not None:
+            self._graphs.move_to_end(key)
+            return captured
+        self._calls[key] = self._calls.get(key, 0) + 1
+        return None
+
+    def _due(self, key: GraphKey, warm: bool = False) -> bool:
+        """Whether a key without a graph is captured on this call: after its eager calls, or at once
+        when `warm` (its shapes were captured before, so its kernels are chosen already)."""
+        return warm or self._calls[key] > self.eager_calls
+
+    def _capture_graph(self, what: str, record: Callable[[], torch.Tensor], pool=None):
+        """(graph, static output) of `record()` captured on this device, or None after disabling."""
+        graph = torch.cuda.CUDAGraph()
+        sync_mode = torch.cuda.get_sync_debug_mode()
+        try:
+            # capturing synchronises by design (once per key); a caller's sync-debug mode is for the
+            # replays, so it is lifted around the capture only
+            torch.cuda.set_sync_debug_mode(0)
+            with torch.cuda.device(self.device), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                out = record()
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: run eager
+            self.disable(f"capture of {what} failed: {type(exc).__name__}: {exc}")
+            return None
+        finally:
+            torch.cuda.set_sync_debug_mode(sync_mode)
+        return graph, out
+
+    def _store(self, key: GraphKey, captured) -> None:
+        self._graphs[key] = captured
+        self._calls.pop(key, None)
+        self.num_captures += 1
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "enabled": self.enabled,
+            "disabled_reason": self.disabled_reason,
+            "graphs": self.num_graphs,
+            "captures": self.num_captures,
+            "replays": self.num_replays,
+        }
+
+
+class ShardGraphRunner(_GraphTable):
     """Captures and replays `compute(batch, states) -> tensor` per static key.
 
     Args:
@@ -73,33 +156,8 @@ class ShardGraphRunner:
         max_graphs: int = 64,
         eager_calls: int = 1,
     ) -> None:
-        if max_graphs < 1 or eager_calls < 1:
-            raise ValueError(f"max_graphs={max_graphs} and eager_calls={eager_calls} must be >= 1")
+        super().__init__(device, max_graphs=max_graphs, eager_calls=eager_calls)
         self.compute = compute
-        self.device = torch.device(device)
-        self.max_graphs = max_graphs
-        self.eager_calls = eager_calls
-        self.disabled_reason: str | None = None
-        self.num_captures = 0
-        self.num_replays = 0
-        self._graphs: OrderedDict[GraphKey, _Captured] = OrderedDict()
-        self._calls: dict[GraphKey, int] = {}
-
-    @property
-    def enabled(self) -> bool:
-        return self.disabled_reason is None
-
-    @property
-    def num_graphs(self) -> int:
-        return len(self._graphs)
-
-    def disable(self, reason: str) -> None:
-        """Switch to eager for good (logged once) and free every graph."""
-        if self.disabled_reason is None:
-            LOG.warning("CUDA graphs disabled on %s, running eager: %s", self.device, reason)
-            self.disabled_reason = reason
-        self._graphs.clear()
-        self._calls.clear()
 
     def forget(self, stream_id: str) -> None:
         """Drop every graph (and warm-up count) whose key names `stream_id`."""
@@ -132,17 +190,13 @@ class ShardGraphRunner:
         if any(t is not None and not t.is_cuda for t in inputs):
             return None  # host inputs would need an H2D copy per replay: keep those steps eager
         key = self.key(batch)
-        captured = self._graphs.get(key)
+        captured = self._lookup(key)
         if captured is None:
-            calls = self._calls.get(key, 0) + 1
-            self._calls[key] = calls
-            if calls <= self.eager_calls:
+            if not self._due(key):
                 return None
             captured = self._capture(key, batch, states)
             if captured is None:
                 return None
-        else:
-            self._graphs.move_to_end(key)
         captured.noisy_BCFHW.copy_(batch.noisy_latents_BCFHW)
         captured.timesteps_B.copy_(batch.timesteps_B)
         captured.start_frames_B.copy_(batch.start_frames_B)
@@ -167,32 +221,82 @@ class ShardGraphRunner:
             hidden_BLD=static["hidden_BLD"],
             x0_BCFHW=None,
         )
-        graph = torch.cuda.CUDAGraph()
-        sync_mode = torch.cuda.get_sync_debug_mode()
-        try:
-            # capturing synchronises by design (once per key); a caller's sync-debug mode is for the
-            # replays, so it is lifted around the capture only
-            torch.cuda.set_sync_debug_mode(0)
-            with torch.cuda.device(self.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = self.compute(static_batch, states)
-        except Exception as exc:  # noqa: BLE001 - any capture failure means: run eager
-            self.disable(f"capture of key {key[0]} failed: {type(exc).__name__}: {exc}")
+        result = self._capture_graph(f"key {key[0]}", lambda: self.compute(static_batch, states))
+        if result is None:
             return None
-        finally:
-            torch.cuda.set_sync_debug_mode(sync_mode)
+        graph, out = result
         captured = _Captured(graph=graph, out=out, stream_ids=frozenset(sid for sid, _ in key[0]), **static)
-        self._graphs[key] = captured
-        self._calls.pop(key, None)
-        self.num_captures += 1
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
+        self._store(key, captured)
         return captured
 
-    def stats(self) -> dict[str, object]:
-        return {
-            "enabled": self.enabled,
-            "disabled_reason": self.disabled_reason,
-            "graphs": self.num_graphs,
-            "captures": self.num_captures,
-            "replays": self.num_replays,
-        }
+
+@dataclass
+class _CapturedCall:
+    """One captured tensor -> tensor call: the graph, its static input and output."""
+
+    graph: torch.cuda.CUDAGraph
+    x: torch.Tensor
+    out: torch.Tensor
+
+
+class CallGraphRunner(_GraphTable):
+    """CUDA graphs of a stream's `fn(x) -> tensor` calls (a VAE stage's steady encode or decode), one per
+    (stream, input shape, strides, dtype): eager for the first `eager_calls` calls of a key (none when
+    another stream's call of that shape was captured already), captured on the next, replayed from
+    then on. Every call is the real one, with the same values.
+
+    `fn` may update the stream's state tensors only in place (their addresses are baked into the
+    graph) and must not read tensor values on the host. Host-side bookkeeping in `fn` (a call counter)
+    runs once while capturing and never on replays, so the caller keeps it outside or sets it after.
+
+    All graphs share one memory pool: their temporaries are dead between calls and every replay's
+    output is cloned out before the next replay, so graphs may reuse each other's temporaries (a TAEHV
+    call at 480x832 holds hundreds of MB of them; one pool per stream would multiply that).
+    A failed capture switches the runner to eager for good (logged once, with the reason).
+
+    Example: run("s", fn, x) three times with one shape: eager, capture + replay, replay.
+    """
+
+    label = "CUDA graphs of stream calls"
+
+    def __init__(self, device: torch.device | str, *, max_graphs: int = 64, eager_calls: int = 1) -> None:
+        super().__init__(device, max_graphs=max_graphs, eager_calls=eager_calls)
+        self._pool = None
+        self._warm_shapes: set[tuple] = set()
+        """Keys less their stream id (shape, strides, dtype) captured at least once."""
+
+    def forget(self, stream_id: str) -> None:
+        """Drop the stream's graphs and warm-up counts (its state tensors are gone or replaced)."""
+        for table in (self._graphs, self._calls):
+            for key in [k for k in table if k[0] == stream_id]:
+                del table[key]
+
+    def run(self, stream_id: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """fn(x), from a graph once this key has been seen `eager_calls` times."""
+        if not self.enabled or not x.is_cuda:
+            return fn(x)
+        key = (stream_id, tuple(x.shape), x.stride(), x.dtype)
+        captured = self._lookup(key)
+        if captured is None:
+            if not self._due(key, warm=key[1:] in self._warm_shapes):
+                return fn(x)
+            captured = self._capture(key, fn, x)
+            if captured is None:
+                return fn(x)
+        captured.x.copy_(x)
+        captured.graph.replay()
+        self.num_replays += 1
+        return captured.out.clone()
+
+    def _capture(self, key: GraphKey, fn, x: torch.Tensor) -> _CapturedCall | None:
+        static_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+        static_x.copy_(x)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        result = self._capture_graph(f"stream {key[0]!r}", lambda: fn(static_x), pool=self._pool)
+        if result is None:
+            return None
+        captured = _CapturedCall(result[0], static_x, result[1])
+        self._store(key, captured)
+        self._warm_shapes.add(key[1:])
+        return captured

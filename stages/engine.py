@@ -40,6 +40,7 @@ lower latency per frame, n forwards per chunk. Switching in, the frames in fligh
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -168,6 +169,50 @@ class _Stream:
     frames_out: int = 0
 
 
+@dataclass(frozen=True)
+class TickTimes:
+    """Stage times of one engine tick, measured on the device (CUDA events; the host clock on CPU).
+
+    Taken only for a plain tick (every stepped stream encodes a chunk, shares the one DiT forward and
+    decodes what leaves it; no prefill, no step-by-step stream), where the three stages run one after
+    the other. Example: 2 streams, 1 step: encode_chunks=2, rows=2, decode_chunks=2.
+    """
+
+    encode_s: float
+    """Upload, motion score and VAE encode of every stepped chunk."""
+    encode_chunks: int
+    dit_s: float
+    """The shared DiT forward."""
+    rows: int
+    """Rows of that forward (n per stream-batch stream)."""
+    decode_s: float
+    """VAE decode of the chunks that left the stream batch, and their copy to the host."""
+    decode_chunks: int
+
+
+class _StageClock:
+    """Marks on the device's timeline (CUDA events) or the host clock (CPU, where ops are synchronous)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._marks: list = []
+
+    def mark(self) -> None:
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append(event)
+        else:
+            self._marks.append(time.perf_counter())
+
+    def intervals_s(self) -> list[float]:
+        """Seconds between consecutive marks (waits for the last one on CUDA)."""
+        if self._cuda:
+            self._marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self._marks, self._marks[1:])]
+        return [b - a for a, b in zip(self._marks, self._marks[1:])]
+
+
 @dataclass
 class EngineStats:
     """Counters of one engine, for the metrics exporter."""
@@ -191,6 +236,8 @@ class StreamEngine:
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.RLock()
         self._ticks = 0
+        self.tick_times: TickTimes | None = None
+        """Stage times of the latest step when it was a plain tick (TickTimes), else None."""
         self._frames_in = 0
         self._frames_out = 0
 
@@ -242,6 +289,13 @@ class StreamEngine:
     def has_stream(self, stream_id: str) -> bool:
         return stream_id in self._streams
 
+    @property
+    def forwards_per_stream(self) -> bool:
+        """True when a step over several streams runs one DiT forward per stream anyway (the CUDA-graph
+        path replays one graph per stream: stages.dit_stage), so stepping them one at a time costs the
+        same and lets each stream's frames out as soon as its own chunk is done."""
+        return any(shard.graphs is not None and shard.graphs.enabled for shard in self.components.dit.shards)
+
     # ---- frames -----------------------------------------------------------------------------------
 
     def add_frame(self, stream_id: str, seq: int, frame: np.ndarray) -> bool:
@@ -289,6 +343,10 @@ class StreamEngine:
         """
         out: dict[str, list[OutputFrame]] = {sid: [] for sid in stream_ids}
         with self._lock:
+            self.tick_times = None
+            clock = _StageClock(self.device)
+            plain = True  # no prefill, no step-by-step stream: the stages run one after the other
+            clock.mark()
             batch: list[tuple[_Stream, torch.Tensor, int, list[int]]] = []
             for sid in stream_ids:
                 s = self._get(sid)
@@ -296,19 +354,32 @@ class StreamEngine:
                     continue
                 if not s.started:
                     out[sid].extend(self._prefill(s))
+                    plain = False
                     continue
                 seqs, frames_BCTHW = self._take(s, CHUNK_FRAMES)
                 noisy, current_step = self._encode_noisy(s, frames_BCTHW, first=False)
                 if s.step_by_step:
                     x0 = self.components.dit.step_through(s.stream_id, noisy, current_step)
                     out[sid].extend(self._decode(s, x0, seqs))
+                    plain = False
                     continue
                 batch.append((s, noisy, current_step, seqs))
             if batch:
+                clock.mark()
                 out_lat = self.components.dit.step([(s.stream_id, z, t) for s, z, t, _ in batch])
+                clock.mark()
+                decoded = 0
                 for (s, _, _, seqs), x0 in zip(batch, out_lat):
                     s.in_flight.append(seqs)
-                    out[s.stream_id].extend(self._emit(s, x0))
+                    frames = self._emit(s, x0)
+                    decoded += bool(frames)
+                    out[s.stream_id].extend(frames)
+                clock.mark()
+                if plain:
+                    encode_s, dit_s, decode_s = clock.intervals_s()
+                    decode_s = decode_s if decoded else 0.0  # warm-up ticks of a stream batch emit nothing
+                    self.tick_times = TickTimes(encode_s, len(batch), dit_s, sum(s.num_steps for s, *_ in batch),
+                                               decode_s, decoded)
             self._ticks += 1
         return out
 

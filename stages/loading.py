@@ -141,6 +141,7 @@ def build_models(spec: EngineSpec, dit_cfg: DiTConfig) -> EngineComponents:
     encoders, decoders = {}, {}
     for kind, vae in vaes.items():
         vae_dtype = torch.float16 if kind == "taehv" and device.type == "cuda" else dtype
-        encoders[kind] = VAEEncodeStage(kind, vae, device, vae_dtype, scaling)
-        decoders[kind] = VAEDecodeStage(kind, vae, device, vae_dtype, scaling)
+        graphs = spec.cuda_graphs and device.type == "cuda"
+        encoders[kind] = VAEEncodeStage(kind, vae, device, vae_dtype, scaling, cuda_graphs=graphs)
+        decoders[kind] = VAEDecodeStage(kind, vae, device, vae_dtype, scaling, cuda_graphs=graphs)
     return EngineComponents(dit=LatentStreamer([shard]), encoders=encoders, decoders=decoders, text=text)

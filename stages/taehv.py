@@ -154,7 +154,13 @@ class TAEHVCache:
 
     memory: list[torch.Tensor | None]
     num_calls: int = 0
+    memblock_indices: tuple[int, ...] = ()
+    """Sequential indices of the stack's MemBlocks: the entries of `memory` that fill up."""
     context_BTCHW: torch.Tensor | None = field(default=None, repr=False)
+
+    def memory_slots(self) -> list[torch.Tensor | None]:
+        """The memory entries of the stack's MemBlocks (the other layers' entries stay None)."""
+        return [self.memory[i] for i in self.memblock_indices]
 
     def nbytes(self) -> int:
         tensors = [m for m in self.memory if m is not None]
@@ -173,7 +179,8 @@ def run_with_memory(
     """Apply a TAEHV stack to a chunk, all frames at once, MemBlocks reading `memory` as frame -1.
 
     memory=None starts from empty memory (zeros) and keeps nothing; otherwise `memory` is updated in
-    place with each MemBlock's last input frame, so the next chunk continues the same pass. The
+    place with each MemBlock's last input frame, so the next chunk continues the same pass (an entry
+    that exists is overwritten in place, never replaced: the stages' CUDA graphs rely on that). The
     chunk's frame count must be divisible by the product of the TPool strides. `channels_last` runs
     every frame in NHWC memory order (cuDNN's native layout on CUDA; same values).
 
@@ -194,8 +201,12 @@ def run_with_memory(
             else:
                 past_BTCHW[:, 0].copy_(prev_BCHW)
             past_BTCHW[:, 1:].copy_(x_BTCHW[:, :-1])
-            if memory is not None:
-                memory[index] = x_BTCHW[:, -1].clone()
+            if memory is not None:  # in place once it exists: a captured CUDA graph keeps its address
+                last_BCHW = x_BTCHW[:, -1]
+                if prev_BCHW is not None and prev_BCHW.shape == last_BCHW.shape:
+                    prev_BCHW.copy_(last_BCHW)
+                else:
+                    memory[index] = last_BCHW.clone()
             x_NCHW = layer(x_NCHW, past_NCHW)
         elif isinstance(layer, TPool):
             if T % layer.stride:
@@ -208,6 +219,10 @@ def run_with_memory(
         else:
             x_NCHW = layer(x_NCHW)
     return x_NCHW.unflatten(0, (B, T))
+
+
+def _memblock_indices(layers: nn.Sequential) -> tuple[int, ...]:
+    return tuple(i for i, layer in enumerate(layers) if isinstance(layer, MemBlock))
 
 
 class TAEHV(nn.Module):
@@ -256,10 +271,10 @@ class TAEHV(nn.Module):
     # ---- streaming ----
 
     def new_encode_cache(self) -> TAEHVCache:
-        return TAEHVCache(memory=[None] * len(self.encoder))
+        return TAEHVCache(memory=[None] * len(self.encoder), memblock_indices=_memblock_indices(self.encoder))
 
     def new_decode_cache(self) -> TAEHVCache:
-        return TAEHVCache(memory=[None] * len(self.decoder))
+        return TAEHVCache(memory=[None] * len(self.decoder), memblock_indices=_memblock_indices(self.decoder))
 
     def stream_encode(self, frames_BTCHW: torch.Tensor, cache: TAEHVCache) -> torch.Tensor:
         """Encode a stream's next frames (pixels [0, 1]) -> latents [B, T', 16, H/8, W/8].

@@ -152,3 +152,34 @@ def test_stream_step_has_no_host_sync(cuda_graphs):
     if cuda_graphs:
         assert graphs is not None and graphs.enabled, graphs.disabled_reason if graphs else "no runner"
         assert graphs.num_replays >= 20
+
+
+def test_taehv_stage_graphs_equal_eager_over_a_stream():
+    """The TAEHV stages' CUDA graphs (steady calls) give the eager calls' values, chunk after chunk,
+    and a second stream captured after the first does not disturb it (the graphs share one pool)."""
+    from stages.taehv import TAEHV, TAEHVConfig
+    from stages.vae_stage import VAEDecodeStage, VAEEncodeStage
+
+    torch.manual_seed(0)
+    model = TAEHV(TAEHVConfig()).to(DEVICE, torch.float16)
+    model.use_channels_last()
+    stages = {g: (VAEEncodeStage("taehv", model, DEVICE, torch.float16, cuda_graphs=g),
+                  VAEDecodeStage("taehv", model, DEVICE, torch.float16, cuda_graphs=g)) for g in (False, True)}
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    chunks = [torch.rand(1, 3, 1 if i == 0 else 4, 96, 160, generator=gen, device=DEVICE) * 2 - 1 for i in range(7)]
+    outs = {}
+    for g, (enc, dec) in stages.items():
+        for sid in ("a", "b"):
+            enc.open_stream(sid)
+            dec.open_stream(sid)
+        outs[g] = []
+        for x in chunks:
+            for sid in ("a", "b"):
+                frames = dec.decode(sid, enc.encode(sid, x))
+                if sid == "a":
+                    outs[g].append(frames.clone())
+        torch.cuda.synchronize()
+    enc, dec = stages[True]
+    assert enc.graphs.num_replays > 0 and dec.graphs.num_replays > 0 and enc.graphs.enabled
+    for eager, graphed in zip(outs[False], outs[True]):
+        assert torch.equal(eager, graphed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -175,3 +177,30 @@ def test_weir_run_writes_a_playable_video(tmp_path):
                  "--height", "32", "--width", "48", "--device", "cpu"]) == 0
     frames, fps = read_video(str(dst), 32, 48)
     assert len(frames) == 9 and fps == pytest.approx(16)
+
+
+def test_plain_ticks_time_their_stages_and_others_do_not(engine):
+    a, b = _clip(9, seed=5), _clip(9, seed=6)
+    for sid in "ab":
+        engine.open_stream(sid, StreamParams(prompt="a cat", height=H, width=W, num_steps=2, seed=1))
+    seen = []
+    for seq in range(9):
+        engine.add_frame("a", seq, a[seq])
+        engine.add_frame("b", seq, b[seq])
+        ready = engine.ready_streams()
+        if not ready:
+            continue
+        t0 = time.perf_counter()
+        out = engine.step(ready)
+        wall = time.perf_counter() - t0
+        seen.append((len(ready), sum(map(bool, out.values())), engine.tick_times, wall))
+    for sid in "ab":
+        engine.flush(sid)
+        engine.close_stream(sid)
+    first, *plain = seen
+    assert first[2] is None  # the prefills: encode, DiT and decode interleave per stream
+    # 2-step stream batch: chunk 1 warms the slots (nothing decoded), chunk 2 emits chunk 1
+    assert [(t.encode_chunks, t.rows, t.decode_chunks) for _, _, t, _ in plain] == [(2, 4, 0), (2, 4, 2)]
+    for _, _, t, wall in plain:
+        assert 0 < t.encode_s and 0 < t.dit_s and (t.decode_s > 0) == (t.decode_chunks > 0)
+        assert t.encode_s + t.dit_s + t.decode_s <= wall

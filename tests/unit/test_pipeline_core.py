@@ -85,6 +85,47 @@ def test_two_streams_share_the_loop_and_get_every_frame_in_order(engine):
     assert not core.streams
 
 
+class _OneByOne(InProcessExecutor):
+    """The executor as it runs on a GPU with CUDA graphs: one step per stream costs the same."""
+
+    forwards_per_stream = True
+
+
+def test_streams_stepped_one_by_one_get_every_frame_and_the_stage_times_add_up(engine):
+    async def run():
+        spec = PipelineSpec(model="tiny", max_streams=4, num_cpus=0)
+        executor = _OneByOne(engine)
+        calls = []
+        step = executor.step
+
+        async def recording_step(ids):
+            calls.append(list(ids))
+            return await step(ids)
+
+        executor.step = recording_step
+        core = PipelineCore("p0", spec, executor, service=ServiceConfig(stats_interval_s=0.2))
+        await core.open("a", _req(seed=1))
+        await core.open("b", _req(seed=2))
+        ta = asyncio.create_task(_collect(core, "a"))
+        tb = asyncio.create_task(_collect(core, "b"))
+        await core.push("a", _frames([0]))
+        await core.push("b", _frames([0]))
+        await asyncio.sleep(0.5)  # both prefilled: the next chunks arrive together
+        await core.push("a", _frames(range(1, 17)))
+        await core.push("b", _frames(range(1, 17), value=5))
+        await core.end("a")
+        await core.end("b")
+        (fa, _), (fb, _) = await ta, await tb
+        await core.stop()
+        return fa, fb, calls, core
+
+    encode_before = seed_profile("tiny", "cpu").encode_s(1)
+    fa, fb, calls, core = asyncio.run(run())
+    assert fa == list(range(17)) and fb == list(range(17))
+    assert calls and all(len(ids) == 1 for ids in calls)  # never one step over both streams
+    assert core.scheduler.profile.encode_s(1) != encode_before  # measured stage times reached the profile
+
+
 def test_a_vanished_consumer_closes_only_its_stream(engine):
     async def run():
         core = _core(engine)

@@ -42,10 +42,11 @@ def test_executor_warm_up_runs_through_the_protocol_and_leaves_nothing_open(capl
     torch.set_num_threads(1)
     plan = build_plan(2, model="tiny", device="cpu")
     ex = ChainExecutor(plan, LocalChain.build(plan, WorkerOptions(num_threads=1)))
-    ticks: list[tuple[int, float]] = []
+    ticks: list[tuple[int, float, object]] = []
     assert asyncio.run(warm_up_executor(ex, 32, 48, steps=(1, 2), chunks=3, ticks=ticks)) > 0
     assert asyncio.run(ex.ready_streams()) == []
-    assert {rows for rows, _ in ticks} == {1, 2} and all(t > 0 for _, t in ticks)
+    assert {rows for rows, _, _ in ticks} == {1, 2} and all(t > 0 for _, t, _ in ticks)
+    assert all(times is None for _, _, times in ticks)  # stage times are not measured across actors
     assert not [r for r in caplog.records if "warm-up" in r.getMessage() or "closing" in r.getMessage()]
 
 
@@ -66,8 +67,31 @@ def test_warm_up_ticks_calibrate_the_profile_the_router_admits_from():
     before = profile.snapshot().dit_block
     enc_dec = profile.encode_s(1) + profile.decode_s(1)
     # a GPU whose one-row forward takes half the prior's: the prior's shape, scaled by 0.5
-    ticks = [(1, enc_dec + 0.5 * 30 * before(1))] * 3 + [(2, enc_dec + 0.001)] * 3
+    ticks = [(1, enc_dec + 0.5 * 30 * before(1), None)] * 3 + [(2, enc_dec + 0.001, None)] * 3
     assert core.calibrate(ticks) == 3  # one-stream 2-row ticks are cheaper per row: not used
     after = profile.snapshot().dit_block
     assert after.fixed_s == pytest.approx(before.fixed_s / 2) and after.per_item_s == pytest.approx(before.per_item_s / 2)
-    assert core.calibrate([(1, 0.0)]) == 0  # a tick shorter than encode + decode teaches nothing
+    assert core.calibrate([(1, 0.0, None)]) == 0  # a tick shorter than encode + decode teaches nothing
+
+
+def test_measured_stage_times_teach_every_curve_and_the_tick_keeps_its_host_work():
+    from deployments.pipeline import PipelineCore, build_engine_executor
+    from scheduling.slo import median
+    from stages.engine import TickTimes
+
+    spec = PipelineSpec(model="wan-1.3b", device="cpu", gpu_type="H200", vae="taehv")
+    core = PipelineCore("p", spec, build_engine_executor(PipelineSpec()))
+    profile = core.scheduler.profile
+    # stages of 2 + 15 + 4 ms measured in a 25 ms tick: 4 ms of host work, shared out in proportion
+    one_row = TickTimes(0.002, 1, 0.015, 1, 0.004, 1)
+    two_rows = TickTimes(0.002, 1, 0.025, 2, 0.004, 1)
+    assert core.calibrate([(1, 0.025, one_row)] * 3 + [(2, 0.035, two_rows)] * 3) == 6
+    scale = 0.025 / 0.021
+    assert profile.dit_s(1, 30) == pytest.approx(0.015 * scale)  # only the one-row ticks teach the DiT
+    assert profile.encode_s(1) == pytest.approx(median([0.002 * scale] * 3 + [0.002 * 0.035 / 0.031] * 3))
+    assert profile.decode_s(1) == pytest.approx(median([0.004 * scale] * 3 + [0.004 * 0.035 / 0.031] * 3))
+    # counts that do not match the tick (another stream's prefill ran in it): stage times are not used
+    mismatched = TickTimes(0.002, 2, 0.015, 1, 0.004, 1)
+    before = profile.snapshot()
+    assert core.calibrate([(1, 0.5, mismatched)]) == 1  # the DiT learns from the wall time, not the VAEs
+    assert profile.snapshot().encode == before.encode
