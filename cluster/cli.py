@@ -244,7 +244,7 @@ def stream_main(args: argparse.Namespace) -> int:
         return [change] if change is not None and i == args.change_at else []
 
     result = asyncio.run(stream_frames(args.address, frames, opts, app_name=args.app, on_frame=live,
-                                       extra_messages=controls))
+                                       extra_messages=controls, retry_for_s=args.retry_for_s))
     sys.stderr.write("\n")
     _write_video(args.output, result.frames, fps)
     _print_result(result, args.output)
@@ -268,6 +268,8 @@ def _print_result(result, output: str | None) -> None:
     lat = result.latencies_ms
     print(f"stream {result.stream_id}: {len(result.frames)}/{result.sent} frames back, TTFF {result.ttff_ms:.0f} ms, "
           f"{result.fps:.2f} fps, latency p50 {percentile(lat, 50):.0f} ms p99 {percentile(lat, 99):.0f} ms"
+          + (f", admitted after {result.admission_wait_s:.1f} s and {result.admission_retries} refusals"
+             if result.admission_retries else "")
           + (f", wrote {output}" if output else ""))
     if result.server_stats is not None:
         s = result.server_stats
@@ -357,7 +359,7 @@ def bench_serve_main(args: argparse.Namespace) -> int:
     async def one(i: int):
         await asyncio.sleep(i * args.stagger_s)
         try:
-            return await stream_frames(address, frames, opts, app_name=args.app)
+            return await stream_frames(address, frames, opts, app_name=args.app, retry_for_s=args.retry_for_s)
         except WeirError as exc:
             return exc
 
@@ -393,13 +395,14 @@ def bench_serve_main(args: argparse.Namespace) -> int:
             "ttff_ms": round(r.ttff_ms, 1),
             "p50_ms": round(percentile(r.latencies_ms, 50), 1), "p99_ms": round(percentile(r.latencies_ms, 99), 1),
             "deadline_misses": int(ss.deadline_misses) if ss else 0, "skipped": int(ss.frames_skipped) if ss else 0,
-            "fps": round(r.fps, 2),
+            "fps": round(r.fps, 2), "admission_wait_s": round(r.admission_wait_s, 2),
         })
     total = sum(r["frames"] for r in rows)
     summary = {"streams": args.streams, "admitted": sum(1 for r in rows if r["status"] == "ok"),
                "aggregate_fps": round(total / wall_s, 2) if wall_s > 0 else 0.0, "wall_s": round(wall_s, 2),
                "height": args.height, "width": args.width, "input_fps": args.fps, "steps": args.steps}
-    cols = ["stream", "status", "frames", "ttff_ms", "p50_ms", "p99_ms", "deadline_misses", "skipped", "fps"]
+    cols = ["stream", "status", "admission_wait_s", "frames", "ttff_ms", "p50_ms", "p99_ms", "deadline_misses",
+            "skipped", "fps"]
     print(" ".join(f"{c:>15}" for c in cols))
     for r in rows:
         print(" ".join(f"{r.get(c, '-')!s:>15}" for c in cols))
@@ -448,6 +451,9 @@ def _add_stream_args(p: argparse.ArgumentParser, *, prompt_required: bool, fps: 
     p.add_argument("--deadline-ms", type=float, default=0.0, help="per-frame deadline; 0 = server default")
     p.add_argument("--api-key", default=None, help="default: $WEIR_API_KEY")
     p.add_argument("--jpeg", action="store_true", help="send and receive JPEG instead of raw RGB")
+    p.add_argument("--retry-for-s", type=float, default=30.0,
+                   help="when refused (RESOURCE_EXHAUSTED), ask again at the server's retry hint for up to "
+                        "this long; 0 = give up at the first refusal")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,10 @@ recording made with `OpenOptions(record=True)` or a start_recording control is l
     await fetch_recording(address, result.recordings[0].recording_id, "out_server.mp4")
 
 A refused or failed stream raises the typed WeirError rebuilt from the status code and trailing
-metadata (AdmissionRefusedError carries retry_after_s).
+metadata (AdmissionRefusedError carries retry_after_s). With `retry_for_s`, a refused stream is asked
+for again after each refusal's retry hint until that much time has passed (a full service, or one
+where other streams are still starting up, takes it a little later); `result.admission_wait_s` says
+how long it waited, and its TTFF counts from the open that was admitted.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 from deployments.codec import FrameCodec
 from deployments.errors import error_from_status
 from protos import weir_pb2, weir_pb2_grpc
-from stages.errors import WeirError
+from stages.errors import AdmissionRefusedError, WeirError
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 BLEND = {"linear": weir_pb2.BLEND_LINEAR, "slerp": weir_pb2.BLEND_SLERP}
@@ -109,6 +112,10 @@ class StreamResult:
     sent: int = 0
     started_s: float = 0.0
     finished_s: float = 0.0
+    admission_retries: int = 0
+    """Refusals (RESOURCE_EXHAUSTED) before the stream was admitted (with retry_for_s)."""
+    admission_wait_s: float = 0.0
+    """Time from the first open to the one that was admitted."""
 
     @property
     def seqs(self) -> list[int]:
@@ -139,9 +146,32 @@ async def stream_frames(
     extra_messages: Callable[[int], list[weir_pb2.ClientMessage]] | None = None,
     stop_after: int | None = None,
     pace: bool = True,
+    retry_for_s: float = 0.0,
 ) -> StreamResult:
     """Run one stream to its end. `extra_messages(i)` may inject messages before frame i (e.g. controls,
-    a corrupt frame); `stop_after=k` cancels the call after k frames were sent (a vanishing client)."""
+    a corrupt frame); `stop_after=k` cancels the call after k frames were sent (a vanishing client);
+    `retry_for_s` asks again after a refusal, at its retry hint, for up to that long (module docstring)."""
+    first_open = time.monotonic()
+    retries = 0
+    while True:
+        try:
+            result = await _stream_once(address, frames, opts, app_name=app_name, on_frame=on_frame,
+                                        extra_messages=extra_messages, stop_after=stop_after, pace=pace)
+        except AdmissionRefusedError as err:
+            wait_s = max(0.1, err.retry_after_s or 1.0)
+            if time.monotonic() + wait_s - first_open > retry_for_s:
+                raise
+            retries += 1
+            await asyncio.sleep(wait_s)
+            continue
+        result.admission_retries = retries
+        result.admission_wait_s = result.started_s - first_open
+        return result
+
+
+async def _stream_once(address: str, frames: Iterable[np.ndarray], opts: OpenOptions, *, app_name: str,
+                       on_frame, extra_messages, stop_after: int | None, pace: bool) -> StreamResult:
+    """One open of a stream, run to its end (stream_frames without the retries)."""
     codec = FrameCodec()
     result = StreamResult()
     capture_us: dict[int, int] = {}

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from scheduling.admission import Warming
 from scheduling.profile import ProfileSnapshot
 from stages.prompts import PromptMix
 
@@ -183,3 +184,6 @@ class PipelineStats:
     list would undo the newer one (release a stream that is live, re-adopt one that ended)."""
     draining: bool = False
     """True while the replica takes no new stream (Serve no longer routes to it, or not yet)."""
+    warming: dict[str, Warming] = field(default_factory=dict)
+    """stream id -> start-up work and wall time left, for the streams still in their start-up (the
+    router admits new streams against it: scheduling.admission)."""

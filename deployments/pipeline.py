@@ -69,6 +69,7 @@ from scheduling.batching import (
     SkipReason,
     StreamSpec,
 )
+from scheduling.admission import STARTUP_CHUNKS, Warming
 from scheduling.priors import prior_of, seed_profile
 from scheduling.profile import Stage, StageProfile
 from scheduling.slo import MAX_FRAME_DEADLINE_S, MAX_TTFF_S, LatencyWindow, StreamSLO, percentile
@@ -392,6 +393,12 @@ class _StreamSlot:
     gaps_ms: deque = field(default_factory=lambda: deque(maxlen=256))
     first_out_us: int = 0
     last_out_us: int = 0
+    startup_left: int = STARTUP_CHUNKS
+    """Chunks of the stream's start-up still to run (scheduling.admission.STARTUP_CHUNKS)."""
+    startup_excess_s: float = 0.0
+    """Time its start-up chunks took beyond steady chunks, so far."""
+    startup_timed: bool = True
+    """False once a start-up chunk ran in a step shared with other streams (its time is not its own)."""
 
     def __post_init__(self) -> None:
         self.stats = StreamStatsSnapshot(stream_id=self.stream_id)
@@ -666,6 +673,7 @@ class PipelineCore:
             streams_by_mode=modes,
             num_blocks=self.scheduler.config.num_blocks,
             profile=self.scheduler.profile.snapshot(),
+            warming=self._warming(),
         )
         if drain_samples:
             sm = self._samples
@@ -675,6 +683,13 @@ class PipelineCore:
             stats.skipped_by_tier, stats.misses_by_tier = sm.skipped_by_tier, sm.misses_by_tier
             self._samples = PipelineStats(pipeline=self.name, model=self.spec.model, gpu_type=self.spec.gpu_type)
         return stats
+
+    def _warming(self) -> dict[str, Warming]:
+        """The streams still in their start-up: the profile's start-up cost less what they have paid,
+        and their start-up chunks left at their input rate."""
+        startup_s = self.scheduler.profile.startup_s()
+        return {sid: Warming(max(0.0, startup_s - s.startup_excess_s), s.startup_left * CHUNK_FRAMES / s.req.input_fps)
+                for sid, s in self.streams.items() if s.startup_left > 0}
 
     # -- the loop --------------------------------------------------------------------------------------------
 
@@ -764,8 +779,10 @@ class PipelineCore:
             one_by_one = getattr(self.executor, "forwards_per_stream", False)
             measured = []
             for ids in ([[sid] for sid in step_ids] if one_by_one else [step_ids]):
+                t_ids = self.clock()
                 outputs = await self.executor.step(ids)
                 measured.append(getattr(self.executor, "tick_times", None))
+                self._time_startups(ids, self.clock() - t_ids)
                 for sid, frames in outputs.items():
                     if sid in self.streams:
                         self._deliver(self.streams[sid], frames)
@@ -788,6 +805,27 @@ class PipelineCore:
             plan.plan_id, started, finished, *stages, emitted_s=emitted_s))
         if step_ids or flush_ids:
             self._record_tick(plan.num_rows, (finished - started) * 1000)
+
+    def _time_startups(self, stepped: list[str], step_s: float) -> None:
+        """Count a step against the start-up of the streams in it still starting: a one-stream step's
+        time beyond a steady chunk's (the profile's one-row, one-chunk tick, times n rows) is start-up
+        work. When a stream's start-up is over, its total teaches the profile's start-up curve, unless
+        one of its chunks shared a step with other streams (then nothing is learned from it).
+
+        Example: steps of 110, 245, 35, 30, 30, 230, 30, 27, 27 ms against 26 ms steady: 0.50 s."""
+        profile = self.scheduler.profile
+        num_blocks = self.scheduler.config.num_blocks
+        for sid in stepped:
+            s = self.streams.get(sid)
+            if s is None or s.startup_left <= 0:
+                continue
+            s.startup_left -= 1
+            if len(stepped) > 1:
+                s.startup_timed = False
+            steady = profile.encode_s(1) + profile.dit_s(s.req.num_steps, num_blocks) + profile.decode_s(1)
+            s.startup_excess_s += max(0.0, step_s - steady)
+            if s.startup_left == 0 and s.startup_timed:
+                profile.observe(Stage.STARTUP, 1, s.startup_excess_s)
 
     def _stage_times(self, plan: BatchPlan, tick_s: float, times) -> tuple[float, float, float]:
         """(encode, DiT, decode) seconds of a plan that was one shared forward, for the profile

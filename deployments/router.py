@@ -139,10 +139,12 @@ class RouterAdmission:
         self.admission.set_draining(key, not takes_streams)
         if stats is None:
             return
+        waiting = [sid for sid, (owner, _) in self.reserved.items() if owner == key]
+        self.admission.set_warming(key, stats.warming, keep=waiting)
         if stats.profile is not None:
             snap = stats.profile
             self.book.put(StageProfile(snap.gpu_class, snap.shape, encode=snap.encode,
-                                       dit_block=snap.dit_block, decode=snap.decode))
+                                       dit_block=snap.dit_block, decode=snap.decode, startup=snap.startup))
         reported = set(stats.active_stream_ids)
         for sid, (owner, t) in list(self.reserved.items()):
             if owner != key:

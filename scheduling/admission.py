@@ -9,7 +9,13 @@ and checks, with a safety margin:
     * the replica has a free stream slot and is not draining;
     * the row load ρ = Σ λ (n B + C) stays under `max_row_load` (headroom for jitter);
     * the new stream's TTFF and per-frame latency fit its SLO;
-    * every stream already there still fits ITS deadline (admitted streams are protected).
+    * every stream already there still fits ITS deadline (admitted streams are protected), including
+      through the start-ups in progress: a stream's first chunks cost extra device work (its prefill,
+      eager calls and CUDA-graph captures; the profile's `startup_s`) that every stream on the replica
+      waits through. The start-up work still ahead of the replica's warming streams plus the new
+      stream's must fit in the smallest slack of the streams there; otherwise the stream is refused
+      with a retry hint of when the warming streams are through (streams join one after the other
+      instead of all at once, which would overflow every queue on the replica).
 
 Among the replicas that pass, it picks the cheapest GPU class for this stream: the replica's price times
 the share of its capacity the stream takes, cost_per_hour * Δρ / max_row_load. Within that class it fills
@@ -33,7 +39,7 @@ there, ρ = 0.56, forward 0.164 s, latency 0.814 s <= 0.9 s: admitted.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scheduling.batching import (
     BatchMode,
@@ -53,6 +59,12 @@ from stages.errors import (
     StreamExistsError,
     StreamNotFoundError,
 )
+
+
+STARTUP_CHUNKS = 9
+"""Chunks until a new stream runs steady ones: its prefill, the chunks with partial KV caches (6 latent
+frames: stages.config.StreamConfig.num_kv_cache_frames) and the first ones with full caches, whose graph
+is captured then. The wall-time estimate of a start-up the router has not heard about yet."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,8 @@ class ReplicaEstimate:
     """Smallest (deadline * (1 - margin) - predicted latency) over the streams already there; inf if none."""
     cost_per_hour: float
     """The stream's share of the replica's price: price * Δρ / max_row_load."""
+    retry_after_s: float | None = None
+    """When refused only because streams are starting up there: about when they are through."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +220,19 @@ class _Replica:
     info: ReplicaInfo
     streams: dict[str, StreamSpec]
     draining: bool = False
+    warming: dict[str, Warming] = field(default_factory=dict)
+    """Streams still in their start-up (reported by the replica, or admitted since its last report)."""
+
+
+@dataclass(frozen=True)
+class Warming:
+    """A stream still in its start-up: device work and wall time until it runs steady chunks only.
+
+    Example: Warming(work_s=0.3, wall_s=1.2) - 0.3 s of start-up work left, done in about 1.2 s.
+    """
+
+    work_s: float
+    wall_s: float
 
 
 class AdmissionController:
@@ -290,6 +317,9 @@ class AdmissionController:
         if not fitting:
             self._refused += 1
             hint = self.config.retry_after_s if retry_after_s is None else retry_after_s
+            waits = [e.retry_after_s for e in estimates if e.retry_after_s is not None]
+            if waits and len(waits) == len(estimates):  # every replica is only busy starting streams
+                hint = min(hint, max(0.5, min(waits)))
             reasons = "; ".join(f"{e.replica_id}: {e.reason}" for e in estimates) or "no replica serves it"
             raise AdmissionRefusedError(
                 f"no replica can take stream {request.stream_id!r} within its SLO now ({reasons})",
@@ -297,7 +327,10 @@ class AdmissionController:
                 estimates=estimates,
             )
         best = min(fitting, key=self._placement_key(fitting))
-        self._replicas[best.replica_id].streams[request.stream_id] = request.spec
+        replica = self._replicas[best.replica_id]
+        replica.streams[request.stream_id] = request.spec
+        startup_s = self.profiles.get(replica.info.gpu_class, replica.info.shape).startup_s()
+        replica.warming[request.stream_id] = Warming(startup_s, STARTUP_CHUNKS * request.spec.chunk_period_s)
         self._placement[request.stream_id] = best.replica_id
         self._admitted += 1
         assert best.mode is not None
@@ -331,6 +364,19 @@ class AdmissionController:
         replica_id = self.replica_of(stream_id)
         del self._placement[stream_id]
         del self._replicas[replica_id].streams[stream_id]
+        self._replicas[replica_id].warming.pop(stream_id, None)
+
+    def set_warming(self, replica_id: str, warming: Mapping[str, Warming], *, keep: Sequence[str] = ()) -> None:
+        """The replica's streams still in their start-up, as it reported them; the streams in `keep`
+        (admitted, possibly after the report was made) that the report does not name keep the estimate
+        they were admitted with. Raises ValueError for an unknown replica."""
+        replica = self._replica(replica_id)
+        kept = {sid: replica.warming[sid] for sid in keep if sid in replica.warming and sid not in warming}
+        replica.warming = {sid: w for sid, w in warming.items() if sid in replica.streams} | kept
+
+    def warming_on(self, replica_id: str) -> dict[str, Warming]:
+        """The replica's streams still in their start-up."""
+        return dict(self._replica(replica_id).warming)
 
     def free_slots(self, replica_id: str, template: StreamSpec) -> int:
         """How many more streams like `template` the replica could take now (0 when draining).
@@ -404,11 +450,12 @@ class AdmissionController:
         info = replica.info
         inf = float("inf")
 
-        def refuse(reason: str, **numbers: float) -> ReplicaEstimate:
+        def refuse(reason: str, retry_after_s: float | None = None, **numbers: float) -> ReplicaEstimate:
             values = {"ttff_s": inf, "latency_s": inf, "row_load": inf, "tick_s": inf, "worst_slack_s": -inf}
             values.update(numbers)
             return ReplicaEstimate(
-                info.replica_id, info.gpu_class, False, reason, None, cost_per_hour=inf, **values
+                info.replica_id, info.gpu_class, False, reason, None, cost_per_hour=inf,
+                retry_after_s=retry_after_s, **values
             )
 
         if info.shape != shape:
@@ -433,6 +480,10 @@ class AdmissionController:
             for s, m in zip(existing, modes[:-1])
         ]
         worst = min(slacks, default=inf)
+        warming = replica.warming.values()
+        ahead_s = sum(w.work_s for w in warming)  # start-up work the replica still has to do
+        ttff += ahead_s
+        startup_s = ahead_s + profile.startup_s()
         numbers = {
             "ttff_s": ttff,
             "latency_s": latency,
@@ -451,6 +502,11 @@ class AdmissionController:
             reason = f"latency {latency:.3f}s > {spec.slo.frame_deadline_s * margin:.3f}s"
         elif worst < 0.0:
             reason = f"an admitted stream would miss its deadline by {-worst:.3f}s"
+        elif worst < startup_s:
+            reason = (f"{len(warming)} stream(s) still starting up: with this one, {startup_s:.2f}s of start-up "
+                      f"work would exceed an admitted stream's slack of {worst:.2f}s")
+            return refuse(reason, retry_after_s=max((w.wall_s for w in warming), default=0.0) or None,
+                          **numbers)
         if reason:
             return refuse(reason, **numbers)
         share = info.cost_per_hour * (after.row_load - before.row_load) / self.config.max_row_load

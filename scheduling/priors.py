@@ -18,8 +18,12 @@ The GPU numbers are H200 measurements (bf16, 480x832, 1 step; BENCHMARKS.md, "Se
       worked example: one 1-step TAEHV stream: encode 0.0075 + 30 * (0.00005 + 0.0007) + decode 0.010 =
       0.040 s per chunk (about 100 FPS); at 16 fps (4 chunks/s) that is 0.16 of the GPU, so the 0.85
       row-load cap admits 5 such streams.
+              start-up of a 1-step TAEHV stream: its eager prefill (about 110 ms), one eager DiT call
+              and one capture for each of its two graph keys (partial, then full KV caches: about 100
+              ms and 145 ms / 110-130 ms, against 26 ms steady) and the TAEHV calls' warm-up -> 0.55 s.
     wan-14b: DiT 134 / 229 ms for 1 / 2 rows of one stream (40 blocks) -> per block 1.1 ms + 2.6 ms per
-              row; the VAEs as for 1.3B.
+              row; the VAEs as for 1.3B; start-up not measured, taken as 1.3B's scaled by the DiT's one-row
+              time (134 / 23 ms) -> 3.2 s.
 Other GPU classes scale every time by CLASS_TIME_FACTOR (dense bf16 throughput and memory bandwidth
 relative to the H200; estimates until that class is measured). Unknown classes use 1.0.
 
@@ -27,7 +31,8 @@ The tiny CPU model (tests, demo) was timed on the 2-core development box, one to
 (prefill ~0.15 s, a 2-step stream-batch tick ~0.2-0.3 s, encode and decode included), rounded up:
 
     tiny, cpu:  DiT block 5 ms + 10 ms per row (4 blocks), encode 20 ms + 20 ms/chunk,
-                decode 20 ms + 30 ms/chunk; a 2-step tick of one stream: 0.04 + 4 * 0.025 + 0.05 = 0.19 s.
+                decode 20 ms + 30 ms/chunk; a 2-step tick of one stream: 0.04 + 4 * 0.025 + 0.05 = 0.19 s;
+                start-up 0.05 s (no graphs: the prefill costs about a steady tick).
     (Both VAE kinds get these: on CPU the tiny TAEHV is not much cheaper than the tiny Wan VAE.)
 
 Profiles are keyed by (GPU class, pipeline's nominal shape = model, 480x832 (64x64 for tiny), the
@@ -53,6 +58,8 @@ class ProfilePrior:
     encode: AffineTime
     dit_block: AffineTime
     decode: AffineTime
+    startup: AffineTime
+    """Constant (per_item_s = 0): the start-up cost of one stream, scheduling.profile."""
 
 
 _TINY = {"encode": AffineTime(0.02, 0.02), "decode": AffineTime(0.02, 0.03)}
@@ -60,20 +67,20 @@ _GPU_VAES = {
     "wan": {"encode": AffineTime(0.001, 0.027), "decode": AffineTime(0.001, 0.054)},
     "taehv": {"encode": AffineTime(0.001, 0.0065), "decode": AffineTime(0.001, 0.009)},
 }
-_DIT: dict[str, tuple[int, int, int, AffineTime]] = {
-    # model -> (nominal height, width, blocks, seed time of one block)
-    "tiny": (64, 64, 4, AffineTime(0.005, 0.01)),
-    "wan-1.3b": (480, 832, 30, AffineTime(0.00005, 0.0007)),
-    "wan-14b": (480, 832, 40, AffineTime(0.0011, 0.0026)),
+_DIT: dict[str, tuple[int, int, int, AffineTime, float]] = {
+    # model -> (nominal height, width, blocks, seed time of one block, a stream's start-up seconds)
+    "tiny": (64, 64, 4, AffineTime(0.005, 0.01), 0.05),
+    "wan-1.3b": (480, 832, 30, AffineTime(0.00005, 0.0007), 0.55),
+    "wan-14b": (480, 832, 40, AffineTime(0.0011, 0.0026), 3.2),
 }
 VAE_KINDS = ("wan", "taehv")
 
 PRIORS: dict[tuple[str, str], ProfilePrior] = {
     (model, vae): ProfilePrior(
-        ShapeKey(model, height, width, vae), blocks, dit_block=block,
+        ShapeKey(model, height, width, vae), blocks, dit_block=block, startup=AffineTime(startup, 0.0),
         **(_TINY if model == "tiny" else _GPU_VAES[vae]),
     )
-    for model, (height, width, blocks, block) in _DIT.items()
+    for model, (height, width, blocks, block, startup) in _DIT.items()
     for vae in VAE_KINDS
 }
 """(model preset, VAE kind) -> prior. Every model the DiT presets define has a row per VAE (a test checks)."""
@@ -110,4 +117,4 @@ def seed_profile(model: str, gpu_class: str, vae: str = "wan") -> StageProfile:
     p = prior_of(model, vae)
     f = class_time_factor(gpu_class)
     return StageProfile(gpu_class, p.shape, encode=p.encode.scaled(f), dit_block=p.dit_block.scaled(f),
-                        decode=p.decode.scaled(f))
+                        decode=p.decode.scaled(f), startup=p.startup.scaled(f))

@@ -8,6 +8,12 @@ three curves, each a time as a function of a batch size:
                slot of one stream, i.e. F tokens); a forward over L blocks costs L * dit_block(rows)
     decode     seconds to VAE-decode `chunks` finished chunks together
 
+and one scalar:
+
+    startup    seconds of device work a stream's start costs beyond its steady chunks (its prefill,
+               and the eager calls and CUDA-graph captures of its first chunks), paid once per stream
+               while other streams wait (`items` is always 1)
+
 The denoising step count is not part of the key: it enters through the rows. A stream with n steps in
 stream-batch mode puts n rows in each forward; in step-by-step mode it puts one row in each of n forwards.
 
@@ -31,11 +37,13 @@ from scheduling.slo import median
 
 
 class Stage(str, Enum):
-    """The three timed stages of a pipeline tick."""
+    """The three timed stages of a pipeline tick, and a stream's start-up."""
 
     ENCODE = "encode"
     DIT_BLOCK = "dit_block"
     DECODE = "decode"
+    STARTUP = "startup"
+    """Not a stage of a tick: the extra work of a stream's first chunks (module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +203,7 @@ class ProfileSnapshot:
     encode: AffineTime
     dit_block: AffineTime
     decode: AffineTime
+    startup: AffineTime = AffineTime(0.0, 0.0)
 
 
 class StageProfile:
@@ -214,6 +223,7 @@ class StageProfile:
         encode: AffineTime,
         dit_block: AffineTime,
         decode: AffineTime,
+        startup: AffineTime = AffineTime(0.0, 0.0),
         config: ProfileConfig | None = None,
     ) -> None:
         if not gpu_class:
@@ -224,6 +234,7 @@ class StageProfile:
             Stage.ENCODE: StageCurve(encode, config),
             Stage.DIT_BLOCK: StageCurve(dit_block, config),
             Stage.DECODE: StageCurve(decode, config),
+            Stage.STARTUP: StageCurve(startup, config),
         }
 
     def curve(self, stage: Stage) -> StageCurve:
@@ -243,6 +254,10 @@ class StageProfile:
     def decode_s(self, chunks: int) -> float:
         """Seconds to decode `chunks` chunks together (0 -> 0.0)."""
         return self._curves[Stage.DECODE].predict(chunks)
+
+    def startup_s(self) -> float:
+        """Seconds of device work one stream's start costs beyond its steady chunks."""
+        return self._curves[Stage.STARTUP].predict(1)
 
     def tick_s(self, rows: int, admitted: int, emitted: int, num_blocks: int) -> float:
         """Seconds for one pipeline tick on one device: encode the admitted chunks, run every block over
@@ -270,6 +285,7 @@ class StageProfile:
             encode=self._curves[Stage.ENCODE].model,
             dit_block=self._curves[Stage.DIT_BLOCK].model,
             decode=self._curves[Stage.DECODE].model,
+            startup=self._curves[Stage.STARTUP].model,
         )
 
 

@@ -135,10 +135,14 @@ def test_stream_over_capacity_is_refused_with_retry_hint(weir):
             await asyncio.sleep(0.1)
         with pytest.raises(AdmissionRefusedError) as refused:
             await stream_frames(_address(weir), _clip(4), _opts())
+        # a client that retries at the hint gets in once a slot frees up, and gets its whole stream
+        waiter = asyncio.create_task(stream_frames(_address(weir), _clip(4), _opts(), retry_for_s=60.0))
         results = await asyncio.gather(*holders)
-        return refused.value, results
+        return refused.value, results, await waiter
 
-    refused, results = asyncio.run(run())
+    refused, results, waited = asyncio.run(run())
+    assert waited.admission_retries >= 1 and waited.admission_wait_s > 0
+    assert waited.seqs == list(range(4))
     rpc_error = refused.__cause__
     assert rpc_error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     trailing = dict(rpc_error.trailing_metadata())

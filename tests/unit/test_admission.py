@@ -9,6 +9,7 @@ from scheduling.admission import (
     AdmissionController,
     ReplicaInfo,
     StreamRequest,
+    Warming,
     replica_capacity,
 )
 from scheduling.batching import (
@@ -19,7 +20,7 @@ from scheduling.batching import (
     Chunk,
     StreamSpec,
 )
-from scheduling.profile import AffineTime, ProfileBook, ShapeKey, StageProfile
+from scheduling.profile import AffineTime, ProfileBook, ShapeKey, Stage, StageProfile
 from scheduling.slo import StreamSLO
 from stages.errors import (
     AdmissionRefusedError,
@@ -370,3 +371,43 @@ def test_affinity_places_unnamed_streams_on_the_most_free_slots():
     assert AffinityTable.place({}) is None
     with pytest.raises(ValueError, match="unlisted_grace_s"):
         AffinityTable(lambda: 0.0, unlisted_grace_s=-1)
+
+
+def _with_startup(startup_s: float) -> AdmissionController:
+    book = ProfileBook()
+    base = make_profile("H100")
+    book.put(StageProfile("H100", SHAPE, encode=base.curve(Stage.ENCODE).model,
+                          dit_block=base.curve(Stage.DIT_BLOCK).model, decode=base.curve(Stage.DECODE).model,
+                          startup=AffineTime(startup_s, 0.0)))
+    ctl = AdmissionController(book)
+    ctl.add_replica(ReplicaInfo("h", "H100", SHAPE, BLOCKS, 16, 4.0))
+    return ctl
+
+
+def test_streams_join_one_after_another_when_start_ups_would_eat_the_admitted_streams_slack():
+    # 1 s deadlines, 1-step streams: a stream's latency is about 0.19 + 2 ticks, its slack about 0.55 s;
+    # a start-up costs 0.4 s of device work that every stream on the replica waits through
+    ctl = _with_startup(0.4)
+    one_step = spec(steps=1)
+    ctl.admit(request("first", one_step), now=0.0)  # alone: nobody to delay
+    assert ctl.warming_on("h")["first"].work_s == pytest.approx(0.4)
+    assert ctl.warming_on("h")["first"].wall_s == pytest.approx(9 * 0.25)  # STARTUP_CHUNKS at 16 fps
+    ctl.set_warming("h", {})  # the replica reports "first" through its start-up
+    ctl.admit(request("second", one_step), now=1.0)  # 0.4 s of start-up fits first's slack
+    with pytest.raises(AdmissionRefusedError, match="starting up") as err:
+        ctl.admit(request("third", one_step), now=1.1)  # second's 0.4 s + its own 0.4 s do not
+    assert err.value.retry_after_s == pytest.approx(9 * 0.25)  # when second is through
+    ctl.set_warming("h", {"second": Warming(work_s=0.05, wall_s=0.5)})  # nearly through
+    ctl.admit(request("third", one_step), now=2.0)
+    assert set(ctl.warming_on("h")) == {"second", "third"}
+    ctl.finish_stream("third")
+    assert set(ctl.warming_on("h")) == {"second"}
+
+
+def test_a_report_keeps_the_estimate_of_a_stream_it_does_not_know_yet():
+    ctl = _with_startup(0.4)
+    ctl.admit(request("a", spec(steps=1)), now=0.0)
+    ctl.set_warming("h", {}, keep=["a"])  # a report sent before "a" arrived there
+    assert "a" in ctl.warming_on("h")
+    ctl.set_warming("h", {"a": Warming(0.1, 1.0)}, keep=["a"])  # the replica's own figure wins
+    assert ctl.warming_on("h")["a"] == Warming(0.1, 1.0)

@@ -12,9 +12,10 @@ from deployments.config import PipelineSpec, ServiceConfig
 from deployments.messages import InFrame, OpenRequest, PipelineStats
 from deployments.pipeline import InProcessExecutor, PipelineCore, now_us
 from deployments.router import RouterAdmission
+from scheduling.admission import STARTUP_CHUNKS
 from scheduling.batching import BatchMode
 from scheduling.priors import PRIORS, seed_profile
-from scheduling.profile import AffineTime, StageProfile
+from scheduling.profile import AffineTime, Stage, StageProfile
 from stages.config import DIT_PRESETS
 from stages.errors import AdmissionRefusedError, BadFrameError, SLOUnattainableError, StreamNotFoundError
 
@@ -111,6 +112,8 @@ def test_streams_stepped_one_by_one_get_every_frame_and_the_stage_times_add_up(e
         await core.push("a", _frames([0]))
         await core.push("b", _frames([0]))
         await asyncio.sleep(0.5)  # both prefilled: the next chunks arrive together
+        warming = core.load().warming  # 8 start-up chunks left each, at 8 fps: 4 s
+        assert set(warming) == {"a", "b"} and warming["a"].wall_s == pytest.approx(8 * 4 / 8.0)
         await core.push("a", _frames(range(1, 17)))
         await core.push("b", _frames(range(1, 17), value=5))
         await core.end("a")
@@ -124,6 +127,28 @@ def test_streams_stepped_one_by_one_get_every_frame_and_the_stage_times_add_up(e
     assert fa == list(range(17)) and fb == list(range(17))
     assert calls and all(len(ids) == 1 for ids in calls)  # never one step over both streams
     assert core.scheduler.profile.encode_s(1) != encode_before  # measured stage times reached the profile
+
+
+def test_a_stream_start_up_is_timed_into_the_profile(engine):
+    async def run():
+        core = PipelineCore("p0", PipelineSpec(model="tiny", max_streams=4, num_cpus=0), _OneByOne(engine),
+                            service=ServiceConfig(stats_interval_s=0.2))
+        await core.open("a", _req(seed=1, num_steps=1, input_fps=16.0))
+        ta = asyncio.create_task(_collect(core, "a"))
+        for seq in range(1 + 4 * STARTUP_CHUNKS):  # paced at its input rate (faster frames overflow)
+            await core.push("a", _frames([seq]))
+            await asyncio.sleep(1 / 16)
+        await asyncio.sleep(0.5)
+        left = core.load().warming
+        await core.end("a")
+        frames, _ = await ta
+        await core.stop()
+        return frames, left, core
+
+    frames, left, core = asyncio.run(run())
+    assert frames == list(range(1 + 4 * STARTUP_CHUNKS))
+    assert left == {}  # its start-up chunks have run
+    assert core.scheduler.profile.curve(Stage.STARTUP).num_samples == 1
 
 
 def test_a_vanished_consumer_closes_only_its_stream(engine):
