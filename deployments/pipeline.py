@@ -58,6 +58,7 @@ from deployments.messages import (
     StreamEvent,
     StreamStatsSnapshot,
 )
+from scheduling.admission import STARTUP_CHUNKS, Warming
 from scheduling.batching import (
     BatchingConfig,
     BatchingScheduler,
@@ -69,7 +70,6 @@ from scheduling.batching import (
     SkipReason,
     StreamSpec,
 )
-from scheduling.admission import STARTUP_CHUNKS, Warming
 from scheduling.priors import prior_of, seed_profile
 from scheduling.profile import Stage, StageProfile
 from scheduling.slo import MAX_FRAME_DEADLINE_S, MAX_TTFF_S, LatencyWindow, StreamSLO, percentile
@@ -812,7 +812,7 @@ class PipelineCore:
         work. When a stream's start-up is over, its total teaches the profile's start-up curve, unless
         one of its chunks shared a step with other streams (then nothing is learned from it).
 
-        Example: steps of 110, 245, 35, 30, 30, 230, 30, 27, 27 ms against 26 ms steady: 0.50 s."""
+        Example: steps of 110, 245, 35, 30, 30, 230, 30, 27, 27 ms against 26 ms steady: 0.53 s."""
         profile = self.scheduler.profile
         num_blocks = self.scheduler.config.num_blocks
         for sid in stepped:

@@ -60,7 +60,6 @@ from stages.errors import (
     StreamNotFoundError,
 )
 
-
 STARTUP_CHUNKS = 9
 """Chunks until a new stream runs steady ones: its prefill, the chunks with partial KV caches (6 latent
 frames: stages.config.StreamConfig.num_kv_cache_frames) and the first ones with full caches, whose graph

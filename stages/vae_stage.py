@@ -138,8 +138,8 @@ class _VAEStage:
         self._mean_1C111 = self._mean_1C111.view(1, -1, 1, 1, 1)
         self._inv_std_1C111 = (1.0 / std_C).view(1, -1, 1, 1, 1)
         self.graphs: CallGraphRunner | None = None
-        """TAEHV on CUDA with cuda_graphs: a stream's steady calls replay CUDA graphs (its eager
-        kernels are short enough that their launches leave the GPU idle about a sixth of a call)."""
+        """TAEHV on CUDA with cuda_graphs: a stream's steady calls replay CUDA graphs (its eager calls
+        are many short kernels, and the GPU idles between their launches: BENCHMARKS.md)."""
         if cuda_graphs and vae_kind == "taehv" and self.device.type == "cuda":
             self.graphs = CallGraphRunner(self.device)
 
