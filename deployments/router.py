@@ -139,13 +139,14 @@ class RouterAdmission:
         self.admission.set_draining(key, not takes_streams)
         if stats is None:
             return
-        waiting = [sid for sid, (owner, _) in self.reserved.items() if owner == key]
-        self.admission.set_warming(key, stats.warming, keep=waiting)
+        # streams admitted there that this report predates keep the start-up they were admitted with
+        reported = set(stats.active_stream_ids)
+        unseen = [sid for sid, (owner, _) in self.reserved.items() if owner == key and sid not in reported]
+        self.admission.set_warming(key, stats.warming, keep=unseen)
         if stats.profile is not None:
             snap = stats.profile
             self.book.put(StageProfile(snap.gpu_class, snap.shape, encode=snap.encode,
                                        dit_block=snap.dit_block, decode=snap.decode, startup=snap.startup))
-        reported = set(stats.active_stream_ids)
         for sid, (owner, t) in list(self.reserved.items()):
             if owner != key:
                 continue

@@ -12,7 +12,7 @@ from deployments.config import PipelineSpec, ServiceConfig
 from deployments.messages import InFrame, OpenRequest, PipelineStats
 from deployments.pipeline import InProcessExecutor, PipelineCore, now_us
 from deployments.router import RouterAdmission
-from scheduling.admission import STARTUP_CHUNKS
+from scheduling.admission import STARTUP_CHUNKS, Warming
 from scheduling.batching import BatchMode
 from scheduling.priors import PRIORS, seed_profile
 from scheduling.profile import AffineTime, Stage, StageProfile
@@ -287,6 +287,22 @@ def test_a_confirmed_stream_its_replica_no_longer_has_is_released():
     ctl.admit("s3", _req())  # the freed slot is usable again
     ctl.update("Pipeline-0-tiny", _load(["s2"]))  # s3 is still reserved (not yet reported): kept
     assert set(ctl.placement()) == {"s2", "s3"}
+
+
+def test_the_router_takes_the_start_ups_a_replica_reports_and_keeps_its_own_for_unreported_streams():
+    ctl, _ = _controller(max_streams=4)
+    ctl.admit("s1", _req())
+    key = ctl.placement()["s1"]
+    assert set(ctl.admission.warming_on(key)) == {"s1"}  # admitted: starting up, at the profile's cost
+    load = _load(["s1"])
+    load.warming = {"s1": Warming(0.01, 0.5)}
+    ctl.admit("s2", _req())
+    ctl.update("Pipeline-0-tiny", load)  # sent before s2 reached the replica
+    warming = ctl.admission.warming_on(key)
+    assert warming["s1"] == Warming(0.01, 0.5) and "s2" in warming
+    load = _load(["s1", "s2"])  # both through their start-up
+    ctl.update("Pipeline-0-tiny", load)
+    assert ctl.admission.warming_on(key) == {}
 
 
 def test_a_report_older_than_one_taken_changes_nothing():
