@@ -54,6 +54,11 @@ class MetricsExporter:
                                buckets=STAGE_BUCKETS_S, registry=r)
         self.queue_depth = Gauge("weir_queue_depth", "Input frames waiting in pipelines.", mg, registry=r)
         self.active = Gauge("weir_active_streams", "Streams open on pipelines.", mg, registry=r)
+        self.starting = Gauge("weir_streams_starting", "Open streams still in their start-up (prefill, graph "
+                              "captures): new streams are admitted against their remaining work.", mg, registry=r)
+        self.startup = Gauge("weir_stream_startup_seconds", "Device work one stream's start-up costs beyond its "
+                             "steady chunks, as the pipelines' profiles price it (largest over pipelines).", mg,
+                             registry=r)
         self.fps = Gauge("weir_pipeline_fps", "Output frames per second (5 s window), summed over pipelines.",
                          mg, registry=r)
         self.gpu_mem = Gauge("weir_gpu_memory_bytes", "Accelerator memory allocated by the engines.", mg, registry=r)
@@ -95,6 +100,8 @@ class MetricsExporter:
         group = [p for p in self._latest.values() if (p.model, p.gpu_type) == mg]
         self.queue_depth.labels(*mg).set(sum(p.queue_depth for p in group))
         self.active.labels(*mg).set(sum(p.active_streams for p in group))
+        self.starting.labels(*mg).set(sum(len(p.warming) for p in group))
+        self.startup.labels(*mg).set(max((p.profile.startup(1) for p in group if p.profile is not None), default=0.0))
         self.fps.labels(*mg).set(sum(p.output_fps for p in group))
         self.gpu_mem.labels(*mg).set(sum(p.gpu_memory_bytes for p in group))
         self.healthy.labels(*mg).set(sum(1 for p in group if p.healthy))
