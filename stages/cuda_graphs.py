@@ -146,6 +146,9 @@ class ShardGraphRunner(_GraphTable):
         device: the CUDA device the shard runs on.
         max_graphs: graphs kept at once; the least recently used is dropped beyond this.
         eager_calls: eager calls of a key before it is captured (>= 1: the warm-up).
+        prepare: called with (batch, states) right before a capture, outside it: builds the
+            per-stream tensors `compute` would otherwise create lazily on first use (an upload inside
+            a capture would be recorded reading a temporary host buffer).
     """
 
     def __init__(
@@ -155,9 +158,11 @@ class ShardGraphRunner(_GraphTable):
         *,
         max_graphs: int = 64,
         eager_calls: int = 1,
+        prepare: Callable[[Any, list], None] | None = None,
     ) -> None:
         super().__init__(device, max_graphs=max_graphs, eager_calls=eager_calls)
         self.compute = compute
+        self.prepare = prepare
 
     def forget(self, stream_id: str) -> None:
         """Drop every graph (and warm-up count) whose key names `stream_id`."""
@@ -221,6 +226,8 @@ class ShardGraphRunner(_GraphTable):
             hidden_BLD=static["hidden_BLD"],
             x0_BCFHW=None,
         )
+        if self.prepare is not None:
+            self.prepare(static_batch, states)
         result = self._capture_graph(f"key {key[0]}", lambda: self.compute(static_batch, states))
         if result is None:
             return None

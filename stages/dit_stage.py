@@ -168,7 +168,7 @@ class DiTShard:
         self.model.use_ops(self.ops)
         self.graphs: ShardGraphRunner | None = None
         if cuda_graphs and self.device.type == "cuda":
-            self.graphs = ShardGraphRunner(self._compute, self.device)
+            self.graphs = ShardGraphRunner(self._compute, self.device, prepare=self._prepare_capture)
 
     @property
     def cfg(self) -> DiTConfig:
@@ -368,6 +368,11 @@ class DiTShard:
         if not self.is_first and batch.hidden_BLD is None:
             raise BadRequestError(f"shard {self.block_range} needs hidden_BLD from the previous shard")
         return states
+
+    def _prepare_capture(self, batch: DiTMicroBatch, states: list[DiTStreamState]) -> None:
+        """Before a capture: the segments' slot indices, which `_compute` would upload on first use."""
+        for (_, slots), state in zip(batch.segments, states):
+            state.slot_index(slots, self.device)
 
     def _compute(self, batch: DiTMicroBatch, states: list[DiTStreamState]) -> torch.Tensor:
         """The device work of one micro-step: hidden_BLD (not last) or x0_BCFHW (last shard).

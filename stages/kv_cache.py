@@ -348,6 +348,11 @@ class DiTStreamState:
         """int64 tensor of slot indices on `device`, memoised per tuple (one upload per pattern)."""
         index = self._slot_index_cache.get(slots)
         if index is None:
+            if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # the upload would be captured reading a temporary pinned buffer that the host allocator
+                # hands out again: later replays would read whatever is there then
+                raise RuntimeError(f"slot index {slots} first needed inside a CUDA graph capture; build it "
+                                   "before capturing (DiTShard._prepare_capture)")
             if len(set(slots)) != len(slots) or not all(0 <= s < self.num_slots for s in slots):
                 raise ValueError(f"slots {slots} must be distinct and in [0, {self.num_slots})")
             index = upload_long(slots, device)
