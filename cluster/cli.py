@@ -243,8 +243,12 @@ def stream_main(args: argparse.Namespace) -> int:
     def controls(i: int) -> list:
         return [change] if change is not None and i == args.change_at else []
 
+    def refused(err, wait_s: float) -> None:
+        print(f"refused for now ({err}); asking again in {wait_s:.1f} s", file=sys.stderr)
+
     result = asyncio.run(stream_frames(args.address, frames, opts, app_name=args.app, on_frame=live,
-                                       extra_messages=controls, retry_for_s=args.retry_for_s))
+                                       extra_messages=controls, retry_for_s=args.retry_for_s,
+                                       on_refused=refused))
     sys.stderr.write("\n")
     _write_video(args.output, result.frames, fps)
     _print_result(result, args.output)
@@ -396,10 +400,12 @@ def bench_serve_main(args: argparse.Namespace) -> int:
             "p50_ms": round(percentile(r.latencies_ms, 50), 1), "p99_ms": round(percentile(r.latencies_ms, 99), 1),
             "deadline_misses": int(ss.deadline_misses) if ss else 0, "skipped": int(ss.frames_skipped) if ss else 0,
             "fps": round(r.fps, 2), "admission_wait_s": round(r.admission_wait_s, 2),
+            "admission_retries": r.admission_retries,
         })
     total = sum(r["frames"] for r in rows)
     summary = {"streams": args.streams, "admitted": sum(1 for r in rows if r["status"] == "ok"),
                "aggregate_fps": round(total / wall_s, 2) if wall_s > 0 else 0.0, "wall_s": round(wall_s, 2),
+               "admission_retries": sum(r.get("admission_retries", 0) for r in rows),
                "height": args.height, "width": args.width, "input_fps": args.fps, "steps": args.steps}
     cols = ["stream", "status", "admission_wait_s", "frames", "ttff_ms", "p50_ms", "p99_ms", "deadline_misses",
             "skipped", "fps"]

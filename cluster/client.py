@@ -147,10 +147,12 @@ async def stream_frames(
     stop_after: int | None = None,
     pace: bool = True,
     retry_for_s: float = 0.0,
+    on_refused: Callable[[AdmissionRefusedError, float], None] | None = None,
 ) -> StreamResult:
     """Run one stream to its end. `extra_messages(i)` may inject messages before frame i (e.g. controls,
     a corrupt frame); `stop_after=k` cancels the call after k frames were sent (a vanishing client);
-    `retry_for_s` asks again after a refusal, at its retry hint, for up to that long (module docstring)."""
+    `retry_for_s` asks again after a refusal, at its retry hint, for up to that long (module docstring),
+    calling `on_refused(error, seconds until the next try)` before each wait."""
     first_open = time.monotonic()
     retries = 0
     while True:
@@ -162,6 +164,8 @@ async def stream_frames(
             if time.monotonic() + wait_s - first_open > retry_for_s:
                 raise
             retries += 1
+            if on_refused is not None:
+                on_refused(err, wait_s)
             await asyncio.sleep(wait_s)
             continue
         result.admission_retries = retries

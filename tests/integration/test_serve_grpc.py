@@ -136,12 +136,15 @@ def test_stream_over_capacity_is_refused_with_retry_hint(weir):
         with pytest.raises(AdmissionRefusedError) as refused:
             await stream_frames(_address(weir), _clip(4), _opts())
         # a client that retries at the hint gets in once a slot frees up, and gets its whole stream
-        waiter = asyncio.create_task(stream_frames(_address(weir), _clip(4), _opts(), retry_for_s=60.0))
+        told = []
+        waiter = asyncio.create_task(stream_frames(_address(weir), _clip(4), _opts(), retry_for_s=60.0,
+                                                   on_refused=lambda err, wait_s: told.append(wait_s)))
         results = await asyncio.gather(*holders)
-        return refused.value, results, await waiter
+        return refused.value, results, await waiter, told
 
-    refused, results, waited = asyncio.run(run())
-    assert waited.admission_retries >= 1 and waited.admission_wait_s > 0
+    refused, results, waited, told = asyncio.run(run())
+    assert waited.admission_retries == len(told) >= 1 and all(t > 0 for t in told)
+    assert waited.admission_wait_s > 0
     assert waited.seqs == list(range(4))
     rpc_error = refused.__cause__
     assert rpc_error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
