@@ -502,8 +502,9 @@ class AdmissionController:
         elif worst < 0.0:
             reason = f"an admitted stream would miss its deadline by {-worst:.3f}s"
         elif worst < startup_s:
-            reason = (f"{len(warming)} stream(s) still starting up: with this one, {startup_s:.2f}s of start-up "
-                      f"work would exceed an admitted stream's slack of {worst:.2f}s")
+            starting = f"with {len(warming)} stream(s) still starting up, " if warming else ""
+            reason = (f"{starting}its start-up ({startup_s:.2f}s of device work in all) would exceed an admitted "
+                      f"stream's slack of {worst:.2f}s")
             return refuse(reason, retry_after_s=max((w.wall_s for w in warming), default=0.0) or None,
                           **numbers)
         if reason:
