@@ -595,6 +595,8 @@ class ChainExecutor:
         self.rebuilds = 0
         self.tick_times = None
         """Stage times of one step (deployments.pipeline.Executor): not measured across actors."""
+        self.forwards_per_stream = False
+        """Concurrent steps on disjoint streams are pipelined over the actors: one shared step it is."""
         self.tick_latencies_s: deque = deque(maxlen=100_000)
 
     # ---- stream lifecycle ----------------------------------------------------------------------------

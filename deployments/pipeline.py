@@ -122,6 +122,9 @@ class Executor(Protocol):
 
     tick_times: object
     """The latest step's stage times (stages.engine.TickTimes) when the executor measures them, else None."""
+    forwards_per_stream: bool
+    """True when stepping streams one at a time costs what one step over all of them costs:
+    PipelineCore then steps them one by one."""
 
 
 class InProcessExecutor:
@@ -160,14 +163,13 @@ class InProcessExecutor:
 
     @property
     def forwards_per_stream(self) -> bool:
-        """Stepping streams one at a time costs what one step over all of them costs
-        (StreamEngine.forwards_per_stream): PipelineCore then steps them one by one."""
-        return getattr(self.engine, "forwards_per_stream", False)
+        """StreamEngine.forwards_per_stream (Executor.forwards_per_stream)."""
+        return self.engine.forwards_per_stream
 
     async def step(self, stream_ids):
         def run() -> dict[str, list]:
             out = self.engine.step(stream_ids)
-            self.tick_times = getattr(self.engine, "tick_times", None)
+            self.tick_times = self.engine.tick_times
             for sid in stream_ids:
                 if sid in self._emulated_sbs:
                     out[sid] = list(out.get(sid, [])) + self.engine.flush(sid)
@@ -264,7 +266,7 @@ async def warm_up_executor(executor: Executor, height: int, width: int, *, steps
                     t = time.monotonic()
                     out = await executor.step([sid])
                     if out.get(sid):  # a frame-emitting tick
-                        steady.append((n, time.monotonic() - t, getattr(executor, "tick_times", None)))
+                        steady.append((n, time.monotonic() - t, executor.tick_times))
             await executor.flush(sid)
             if ticks is not None:
                 ticks.extend(steady[-CALIBRATION_TICKS:])
@@ -776,12 +778,12 @@ class PipelineCore:
             t_step = self.clock()
             # one step per stream where that costs the same (each stream's frames leave as soon as its
             # chunk is done, not when the last stream's is), else one shared step
-            one_by_one = getattr(self.executor, "forwards_per_stream", False)
+            one_by_one = self.executor.forwards_per_stream
             measured = []
             for ids in ([[sid] for sid in step_ids] if one_by_one else [step_ids]):
                 t_ids = self.clock()
                 outputs = await self.executor.step(ids)
-                measured.append(getattr(self.executor, "tick_times", None))
+                measured.append(self.executor.tick_times)
                 self._time_startups(ids, self.clock() - t_ids)
                 for sid, frames in outputs.items():
                     if sid in self.streams:
@@ -822,7 +824,7 @@ class PipelineCore:
             s.startup_left -= 1
             if len(stepped) > 1:
                 s.startup_timed = False
-            steady = profile.encode_s(1) + profile.dit_s(s.req.num_steps, num_blocks) + profile.decode_s(1)
+            steady = profile.tick_s(rows=s.req.num_steps, admitted=1, emitted=1, num_blocks=num_blocks)
             s.startup_excess_s += max(0.0, step_s - steady)
             if s.startup_left == 0 and s.startup_timed:
                 profile.observe(Stage.STARTUP, 1, s.startup_excess_s)

@@ -52,6 +52,7 @@ from scheduling.batching import (
     predicted_ttff_s,
 )
 from scheduling.profile import ProfileBook, ShapeKey, StageProfile
+from stages.config import StreamConfig
 from stages.errors import (
     AdmissionRefusedError,
     BadRequestError,
@@ -60,10 +61,11 @@ from stages.errors import (
     StreamNotFoundError,
 )
 
-STARTUP_CHUNKS = 9
-"""Chunks until a new stream runs steady ones: its prefill, the chunks with partial KV caches (6 latent
-frames: stages.config.StreamConfig.num_kv_cache_frames) and the first ones with full caches, whose graph
-is captured then. The wall-time estimate of a start-up the router has not heard about yet."""
+STARTUP_CHUNKS = StreamConfig().num_kv_cache_frames + 3
+"""Chunks until a new stream runs steady ones (9 with the default 6-frame KV caches): its prefill, the
+chunks while its caches fill, and the first two with full caches (a new CUDA-graph key: one eager
+call, one capture). The replica counts start-ups with it; the router also takes it as the wall time
+of a start-up it has not heard about yet."""
 
 
 @dataclass(frozen=True)

@@ -154,13 +154,7 @@ class TAEHVCache:
 
     memory: list[torch.Tensor | None]
     num_calls: int = 0
-    memblock_indices: tuple[int, ...] = ()
-    """Sequential indices of the stack's MemBlocks: the entries of `memory` that fill up."""
     context_BTCHW: torch.Tensor | None = field(default=None, repr=False)
-
-    def memory_slots(self) -> list[torch.Tensor | None]:
-        """The memory entries of the stack's MemBlocks (the other layers' entries stay None)."""
-        return [self.memory[i] for i in self.memblock_indices]
 
     def nbytes(self) -> int:
         tensors = [m for m in self.memory if m is not None]
@@ -221,10 +215,6 @@ def run_with_memory(
     return x_NCHW.unflatten(0, (B, T))
 
 
-def _memblock_indices(layers: nn.Sequential) -> tuple[int, ...]:
-    return tuple(i for i, layer in enumerate(layers) if isinstance(layer, MemBlock))
-
-
 class TAEHV(nn.Module):
     """Tiny encoder/decoder between pixels [0, 1] (NTCHW) and 16-channel latents (weights only)."""
 
@@ -271,10 +261,10 @@ class TAEHV(nn.Module):
     # ---- streaming ----
 
     def new_encode_cache(self) -> TAEHVCache:
-        return TAEHVCache(memory=[None] * len(self.encoder), memblock_indices=_memblock_indices(self.encoder))
+        return TAEHVCache(memory=[None] * len(self.encoder))
 
     def new_decode_cache(self) -> TAEHVCache:
-        return TAEHVCache(memory=[None] * len(self.decoder), memblock_indices=_memblock_indices(self.decoder))
+        return TAEHVCache(memory=[None] * len(self.decoder))
 
     def stream_encode(self, frames_BTCHW: torch.Tensor, cache: TAEHVCache) -> torch.Tensor:
         """Encode a stream's next frames (pixels [0, 1]) -> latents [B, T', 16, H/8, W/8].

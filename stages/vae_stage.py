@@ -157,10 +157,10 @@ class _VAEStage:
             self.graphs.forget(stream_id)
 
     def _taehv_call(self, stream_id: str, cache: TAEHVCache, fn, x: torch.Tensor) -> torch.Tensor:
-        """fn(x) for a TAEHV stream: from the stream's CUDA graphs once every MemBlock holds memory
-        (steady calls; fn then only overwrites that memory in place), eager otherwise. The cache's
+        """fn(x) for a TAEHV stream: from the stream's CUDA graphs after its first call (which fills
+        every MemBlock's memory; later calls only overwrite it in place), eager before. The cache's
         call count is set here, as a replay does not run fn's host code."""
-        if self.graphs is None or cache.num_calls == 0 or any(m is None for m in cache.memory_slots()):
+        if self.graphs is None or cache.num_calls == 0:
             return fn(x)
         calls = cache.num_calls
         out = self.graphs.run(stream_id, fn, x)
