@@ -83,7 +83,8 @@ def service_from_args(args: argparse.Namespace):
         model=model, vae=args.vae, device=device, dtype="bfloat16" if device == "cuda" else "float32",
         checkpoint_dir=args.checkpoint_dir,
         gpu_type=args.gpu_type or ("cpu" if device == "cpu" else detected_gpu_type()),
-        max_streams=args.max_streams, num_cpus=args.pipeline_cpus, executor=args.executor,
+        max_streams=args.max_streams, warm_streams=args.warm_streams, num_cpus=args.pipeline_cpus,
+        executor=args.executor,
         num_gpus=args.gpus_per_pipeline,
     )
     return ServiceConfig(pipelines=(spec,) * args.pipelines, grpc_port=args.grpc_port, http_port=args.http_port,
@@ -98,6 +99,8 @@ def _add_service_args(p: argparse.ArgumentParser, *, grpc_port: int | None = 900
     p.add_argument("--gpu-type", default=None, help="accelerator type label, e.g. H100")
     p.add_argument("--pipelines", type=int, default=1, help="pipeline deployments (one engine each)")
     p.add_argument("--max-streams", type=int, default=8, help="stream slots per pipeline")
+    p.add_argument("--warm-streams", type=int, default=None,
+                   help="GPU: streams per warm step count prepared before clients arrive (default: --max-streams)")
     p.add_argument("--pipeline-cpus", type=float, default=1.0, help="CPUs each pipeline replica reserves")
     p.add_argument("--executor", default="auto", choices=["auto", "graph", "inprocess"],
                    help="auto: stage actors on a compiled graph on GPUs, the engine in process on CPU")

@@ -156,6 +156,7 @@ class LocalChain:
                 plan, s.actor, device=None if s.gpu is None else f"cuda:{s.gpu}",
                 num_threads=options.num_threads, sync_timing=options.sync_timing,
                 deterministic=options.deterministic, cuda_graphs=options.cuda_graphs,
+                spare_streams=options.spare_streams,
             )
             for s in plan.stages
         ]
@@ -307,6 +308,7 @@ class CompiledGraphChain:
         return cls.options(**opts).remote(
             self.plan, i, num_threads=self.options.num_threads, sync_timing=self.options.sync_timing,
             deterministic=self.options.deterministic, cuda_graphs=self.options.cuda_graphs,
+            spare_streams=self.options.spare_streams,
         )
 
     async def _wait_ready(self, indices) -> None:

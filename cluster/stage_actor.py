@@ -203,11 +203,12 @@ class _ReplayView:
 
 
 def build_shard(
-    plan: PipelinePlan, block_range: tuple[int, int], device: torch.device, *, cuda_graphs: bool = False
+    plan: PipelinePlan, block_range: tuple[int, int], device: torch.device, *, cuda_graphs: bool = False,
+    spare_streams: int = 8,
 ) -> DiTShard:
     """The DiT shard of `block_range`: its slice of the checkpoint, or seeded random weights
     (plan.weights_init 'replay': exactly the single-process engine's on the same device type;
-    'shard': seeded per shard)."""
+    'shard': seeded per shard). `spare_streams`: closed streams' states kept (DiTShard)."""
     cuda_graphs = cuda_graphs and device.type == "cuda"
     cfg = DIT_PRESETS[plan.model]
     dtype = getattr(torch, plan.dtype)
@@ -217,17 +218,17 @@ def build_shard(
         layout = find_checkpoints(plan.checkpoint_dir, dit=plan.model)
         return build_dit_shard(
             cfg, block_range, device=device, dtype=dtype, checkpoint=str(layout.dit_checkpoint(plan.model)),
-            cuda_graphs=cuda_graphs,
+            cuda_graphs=cuda_graphs, spare_streams=spare_streams,
         )
     if plan.weights_init == "shard":
         return build_dit_shard(
             cfg, block_range, device=device, dtype=dtype, seed=plan.weights_seed + block_range[0],
-            cuda_graphs=cuda_graphs,
+            cuda_graphs=cuda_graphs, spare_streams=spare_streams,
         )
     with torch.device(device), _default_dtype(dtype):
         model = WanDiT(cfg, block_range)
     random_init_(_ReplayView(model, device, dtype), plan.weights_seed)  # type: ignore[arg-type]
-    return DiTShard(model, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
+    return DiTShard(model, device=device, dtype=dtype, cuda_graphs=cuda_graphs, spare_streams=spare_streams)
 
 
 def _build_vaes(plan: PipelinePlan, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
@@ -266,6 +267,7 @@ class StageWorker:
         sync_timing: bool = False,
         deterministic: bool = False,
         cuda_graphs: bool = False,
+        spare_streams: int = 8,
     ) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
@@ -284,7 +286,8 @@ class StageWorker:
         p = self.placement
 
         self.shard: DiTShard | None = (
-            build_shard(plan, p.blocks, self.device, cuda_graphs=cuda_graphs) if p.blocks else None
+            build_shard(plan, p.blocks, self.device, cuda_graphs=cuda_graphs, spare_streams=spare_streams)
+            if p.blocks else None
         )
         self.schedule = self.shard.schedule if self.shard is not None else FlowMatchSchedule().to(self.device)
         self.encoders: dict[str, VAEEncodeStage] = {}
@@ -563,7 +566,6 @@ class StageWorker:
                 timesteps_B=torch.full((1,), timesteps[item.step], **long),
                 start_frames_B=torch.zeros(1, **long),
                 sink_check=False,
-                capture=False,
                 start_frames=(0,),
             )
             msg.prefill_timesteps = tuple(timesteps)
@@ -730,6 +732,7 @@ class StageWorker:
         if graphs is not None:  # captured CUDA graphs replay the old block list: drop them all
             for sid in self.shard.stream_ids:
                 graphs.forget(sid)
+        self.shard.drop_spares()  # their caches cover the old block list
         return self.shard
 
     # ---- stats -----------------------------------------------------------------------------------------
@@ -785,5 +788,7 @@ class WorkerOptions:
     sync_timing: bool = False
     deterministic: bool = False
     cuda_graphs: bool = False
+    spare_streams: int = 8
+    """Closed streams' DiT states each shard keeps for reuse (stages.dit_stage, "Spare states")."""
     env_vars: dict[str, str] = field(default_factory=dict)
     """Environment of each Ray actor (runtime_env env_vars), e.g. NCCL_NVLS_ENABLE=0."""

@@ -34,6 +34,10 @@ class PipelineSpec:
     """Bounded metrics label and accelerator_type request (e.g. 'H100'); 'cpu' on CPU."""
     max_streams: int = 8
     """Stream slots: the router never places more streams here (1..256)."""
+    warm_streams: int | None = None
+    """GPU only: streams of each warm step count (1 and 2) whose DiT states and CUDA graphs the replica
+    prepares before it takes clients, so that many clients start without eager calls or captures
+    (deployments.pipeline.warm_up_executor). None = max_streams, as memory allows; 0..max_streams."""
     num_cpus: float = 1.0
     """CPUs the replica reserves (0 allowed in tests on a small machine)."""
     executor: str = "auto"
@@ -63,6 +67,10 @@ class PipelineSpec:
         return self.gpu_type
 
     @property
+    def resolved_warm_streams(self) -> int:
+        return self.max_streams if self.warm_streams is None else self.warm_streams
+
+    @property
     def resolved_executor(self) -> str:
         """'graph' or 'inprocess' after resolving 'auto'."""
         if self.executor == "auto":
@@ -86,6 +94,8 @@ class PipelineSpec:
             raise ValueError(f"device={self.device!r}: choose 'cpu' or 'cuda'")
         if not 1 <= self.max_streams <= 256:
             raise ValueError(f"max_streams={self.max_streams} must be in 1..256")
+        if self.warm_streams is not None and not 0 <= self.warm_streams <= self.max_streams:
+            raise ValueError(f"warm_streams={self.warm_streams} must be in 0..max_streams={self.max_streams}")
         if not self.gpu_type:
             raise ValueError("gpu_type must name the GPU class (e.g. 'H100'), or 'cpu'")
         if self.num_cpus < 0:

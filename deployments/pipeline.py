@@ -200,6 +200,16 @@ class InProcessExecutor:
         self._emulated_sbs.discard(stream_id)
         await self._call(self.engine.close_stream, stream_id)
 
+    def has_room_for_spare(self) -> bool:
+        """Whether the warm pool may hold one more stream state: more than SPARE_MEMORY_RESERVE of the
+        GPU's memory is free (always on the CPU)."""
+        import torch
+
+        if self.engine.device.type != "cuda":
+            return True
+        free, total = torch.cuda.mem_get_info(self.engine.device)
+        return free > SPARE_MEMORY_RESERVE * total
+
     def memory_bytes(self) -> int:
         try:
             import torch
@@ -222,7 +232,8 @@ async def build_graph_executor(spec: PipelineSpec):
 
     plan = build_plan(spec.num_gpus, model=spec.model, device=spec.device, dtype=spec.dtype, vae=spec.vae,
                       checkpoint_dir=spec.checkpoint_dir)
-    options = WorkerOptions(cuda_graphs=spec.device == "cuda", env_vars={"NCCL_NVLS_ENABLE": "0"})
+    options = WorkerOptions(cuda_graphs=spec.device == "cuda", env_vars={"NCCL_NVLS_ENABLE": "0"},
+                            spare_streams=max(8, 2 * spec.resolved_warm_streams))
     executor = await CompiledGraphExecutor.create(
         plan, placement_group=ray.util.get_current_placement_group(), bundle_offset=1, options=options,
         ring=spec.ring,
@@ -232,51 +243,98 @@ async def build_graph_executor(spec: PipelineSpec):
 
 CALIBRATION_TICKS = 4
 """Steady warm-up ticks per step count that calibrate the profile (after the KV caches have filled)."""
+STARTUP_PROBES = 3
+"""Streams the warm-up opens on the warm pool to time a start-up (enough for the profile to fit one)."""
+SPARE_MEMORY_RESERVE = 0.3
+"""The warm pool grows only while more than this fraction of the GPU's memory is free."""
 
 
 async def warm_up_executor(executor: Executor, height: int, width: int, *, steps: tuple[int, ...] = (1, 2),
                            vae: str = "wan", chunks: int | None = None,
-                           ticks: list[tuple[int, float, object]] | None = None) -> float:
-    """Run a throwaway stream per step count through any executor before clients arrive (the graph
-    executor's counterpart of StreamEngine.warm_up). Returns seconds; a failure is logged, not raised:
-    a cold pipeline still serves, only slower at first.
+                           ticks: list[tuple[int, float, object]] | None = None, streams: int = 1,
+                           startups: list[float] | None = None) -> float:
+    """Run throwaway streams through any executor before clients arrive (the graph executor's
+    counterpart of StreamEngine.warm_up). Returns seconds; a failure is logged, not raised: a cold
+    pipeline still serves, only slower at first.
+
+    Per step count, `streams` streams are opened and run at once, then closed: their states stay on
+    the DiT as spares with their CUDA graphs (stages.dit_stage, "Spare states"), so up to `streams`
+    clients start without eager calls or captures. The pool stops growing while the executor says its
+    memory is short (`has_room_for_spare`, when it has one).
 
     Each stream runs `chunks` chunks after its first frame (default: until its KV caches are full, so
     the full-cache attention is compiled and captured too, plus CALIBRATION_TICKS steady ones).
     `ticks`, when given, receives (rows, seconds, stage times or None; Executor.tick_times) of the last
-    CALIBRATION_TICKS frame-emitting ticks of each stream (one chunk encoded, one forward over n rows for
-    an n-step stream, one chunk decoded): PipelineCore.calibrate turns them into the profile."""
+    CALIBRATION_TICKS frame-emitting ticks of each step count's first stream (one chunk encoded, one
+    forward over n rows for an n-step stream, one chunk decoded): PipelineCore.calibrate turns them
+    into the profile. `startups`, when given, receives the start-up cost (seconds beyond steady
+    ticks over a stream's first STARTUP_CHUNKS steps) of STARTUP_PROBES streams opened on the pool of
+    the first step count: what the next clients' start-ups cost."""
     import numpy as np
 
+    from scheduling.admission import STARTUP_CHUNKS
     from stages.config import StreamConfig
     from stages.engine import StreamParams
 
     t0 = time.monotonic()
     frame = np.full((height, width, 3), 128, np.uint8)
-    for n in steps:
-        sid = f"__warm_up_{n}"
-        num_chunks = chunks if chunks is not None else n + 2 + StreamConfig().num_kv_cache_frames + CALIBRATION_TICKS
-        steady: list[tuple[int, float, object]] = []
+    full_chunks = StreamConfig().num_kv_cache_frames + 2
+
+    async def run(sid: str, n: int, num_chunks: int) -> list[tuple[int, float, object]]:
+        """Open and run one stream (left open); its steps' (rows, seconds, times), emitting or not."""
+        await executor.open_stream(sid, StreamParams(prompt="warm up", num_steps=n, height=height,
+                                                     width=width, vae=vae))
+        timed = []
+        for seq in range(1 + 4 * num_chunks):
+            await executor.add_frames(sid, [(seq, frame)])
+            if sid in await executor.ready_streams():
+                t = time.monotonic()
+                out = await executor.step([sid])
+                timed.append((n, time.monotonic() - t, executor.tick_times, bool(out.get(sid))))
+        await executor.flush(sid)
+        return timed
+
+    room = getattr(executor, "has_room_for_spare", lambda: True)
+    for k, n in enumerate(steps):
+        opened: list[str] = []
+        steady_s: list[float] = []
         try:
-            await executor.open_stream(sid, StreamParams(prompt="warm up", num_steps=n, height=height,
-                                                         width=width, vae=vae))
-            for seq in range(1 + 4 * num_chunks):
-                await executor.add_frames(sid, [(seq, frame)])
-                if sid in await executor.ready_streams():
-                    t = time.monotonic()
-                    out = await executor.step([sid])
-                    if out.get(sid):  # a frame-emitting tick
-                        steady.append((n, time.monotonic() - t, executor.tick_times))
-            await executor.flush(sid)
-            if ticks is not None:
-                ticks.extend(steady[-CALIBRATION_TICKS:])
+            for i in range(max(1, streams)):
+                if i and not room():
+                    log.info("warm pool of %d-step streams stops at %d: GPU memory is short", n, i)
+                    break
+                sid = f"__warm_up_{n}_{i}"
+                opened.append(sid)
+                num_chunks = chunks if chunks is not None else n + full_chunks + (CALIBRATION_TICKS if i == 0 else 0)
+                timed = await run(sid, n, num_chunks)
+                if i == 0:
+                    steady = [(rows, sec, times) for rows, sec, times, emitted in timed if emitted][-CALIBRATION_TICKS:]
+                    steady_s = [sec for _, sec, _ in steady]
+                    if ticks is not None:
+                        ticks.extend(steady)
         except Exception:  # noqa: BLE001 - see docstring
             log.warning("warm-up of %d-step streams failed", n, exc_info=True)
         finally:
+            for sid in opened:
+                try:
+                    await executor.close_stream(sid)
+                except Exception:  # noqa: BLE001
+                    log.warning("closing warm-up stream %s failed", sid, exc_info=True)
+        if startups is None or k or not steady_s:
+            continue
+        steady = sorted(steady_s)[len(steady_s) // 2]
+        for i in range(STARTUP_PROBES):
+            sid = f"__warm_up_probe_{n}_{i}"
             try:
-                await executor.close_stream(sid)
-            except Exception:  # noqa: BLE001
-                log.warning("closing warm-up stream %s failed", sid, exc_info=True)
+                timed = await run(sid, n, max(STARTUP_CHUNKS, 1 if chunks is None else chunks))
+                startups.append(sum(max(0.0, sec - steady) for _, sec, _, _ in timed[:STARTUP_CHUNKS]))
+            except Exception:  # noqa: BLE001 - see docstring
+                log.warning("start-up probe of %d-step streams failed", n, exc_info=True)
+            finally:
+                try:
+                    await executor.close_stream(sid)
+                except Exception:  # noqa: BLE001
+                    log.warning("closing warm-up stream %s failed", sid, exc_info=True)
     return time.monotonic() - t0
 
 
@@ -294,7 +352,9 @@ def build_engine_executor(spec: PipelineSpec) -> InProcessExecutor:
         torch.set_num_threads(max(1, round(spec.num_cpus)))
     engine = StreamEngine(
         EngineSpec(model=spec.model, vae=spec.vae, device=spec.device, dtype=spec.dtype,
-                   checkpoint_dir=spec.checkpoint_dir)
+                   checkpoint_dir=spec.checkpoint_dir,
+                   # the warm pool of both warm step counts, and room for as many closed streams
+                   spare_streams=max(8, 2 * spec.resolved_warm_streams))
     )
     others = tuple(v for v in engine.components.encoders if v != spec.vae)
     if spec.device == "cuda" and others:  # the spec's own VAE is warmed by Pipeline, with calibration
@@ -453,7 +513,7 @@ class PipelineCore:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
-    def calibrate(self, ticks: Sequence[tuple[int, float, object]]) -> int:
+    def calibrate(self, ticks: Sequence[tuple[int, float, object]], startups: Sequence[float] = ()) -> int:
         """Feed measured single-stream warm-up ticks (rows, seconds, stage times or None;
         warm_up_executor) into the profile, split into stages by split_tick. Returns how many ticks
         were used. Example: (1, 0.040, None) with encode + decode priced 0.016 s -> dit_block(1) =
@@ -462,8 +522,11 @@ class PipelineCore:
         Every tick teaches the VAE curves (one chunk in, one out) when its stages were measured; only
         one-row ticks teach the DiT: the n rows of ONE stream's stream batch share their attention calls
         and cost less per row than rows of different streams (BENCHMARKS.md, "Serving"), which is what
-        the profile prices; a one-size window keeps the prior's per-row shape, scaled to this GPU."""
+        the profile prices; a one-size window keeps the prior's per-row shape, scaled to this GPU.
+        `startups` (seconds; warm_up_executor's probes) teach the start-up curve; they are not counted."""
         profile = self.scheduler.profile
+        for seconds in startups:
+            profile.observe(Stage.STARTUP, 1, seconds)
         used = 0
         for rows, seconds, times in ticks:
             encode_s, dit_s, decode_s = split_tick(profile, seconds, times, chunks_in=1, rows=rows, chunks_out=1)
@@ -1001,8 +1064,10 @@ class Pipeline:
             # the first client's TTFF must not pay for kernels, cuDNN tuning and graph capture, and the
             # router's first admissions should see this GPU's own times, not only the priors
             ticks: list[tuple[int, float]] = []
-            await warm_up_executor(executor, 480, 832, steps=(1, 2), vae=spec.vae, ticks=ticks)
-            self.core.calibrate(ticks)
+            startups: list[float] = []
+            await warm_up_executor(executor, 480, 832, steps=(1, 2), vae=spec.vae, ticks=ticks,
+                                   streams=spec.resolved_warm_streams, startups=startups)
+            self.core.calibrate(ticks, startups)
         self._autoscaling = AutoscalingStatsRecorder(spec.max_streams)
         self._metrics = metrics
         self._reporter: asyncio.Task | None = None

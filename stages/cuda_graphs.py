@@ -15,9 +15,18 @@ and flags; the shard calls `forget(stream_id)` whenever a stream's state tensors
 
 Per key, in call order:
     call 1            eager (the real step; also warms up cuBLAS / SDPA kernel selection)
-    call 2            capture into a private memory pool (nothing runs while capturing, so the
-                      stream state is not touched), then copy the inputs in and replay
+    call 2            capture (nothing runs while capturing, so the stream state is not touched),
+                      then copy the inputs in and replay
     calls 3, 4, ...   copy the inputs into the static buffers and replay
+A key whose shapes were captured before under another stream (its kernels are chosen, its compiled
+pieces exist) is captured on its first call instead; should such a capture fail, that rule is turned
+off (logged) and the call runs eager, the graphs stay on.
+
+A recycled stream state (stages.dit_stage, "Spare states") keeps its tensors and so its graphs:
+`rename` moves them from the closed stream's id to the next one's.
+
+All of a runner's graphs share one memory pool: their temporaries are dead between replays and every
+replay's output is cloned out before the next one runs.
 
 Capture is a rare, synchronising event (the first two ticks of a stream, or after its number of
 steps changes); replays never synchronise with the host. Outputs are cloned out of the graph's
@@ -72,6 +81,11 @@ class _GraphTable:
         self.num_replays = 0
         self._graphs: OrderedDict[GraphKey, Any] = OrderedDict()
         self._calls: dict[GraphKey, int] = {}
+        self._pool = None
+        self._warm_shapes: set[tuple] = set()
+        """Keys less their stream ids captured at least once (see _due)."""
+        self.warm_first_call = True
+        """Capture a key on its first call when its shapes are in _warm_shapes (off after a failure)."""
 
     @property
     def enabled(self) -> bool:
@@ -99,23 +113,39 @@ class _GraphTable:
         self._calls[key] = self._calls.get(key, 0) + 1
         return None
 
-    def _due(self, key: GraphKey, warm: bool = False) -> bool:
-        """Whether a key without a graph is captured on this call: after its eager calls, or at once
-        when `warm` (its shapes were captured before, so its kernels are chosen already)."""
-        return warm or self._calls[key] > self.eager_calls
+    @staticmethod
+    def _shapes(key: GraphKey) -> tuple:
+        """The key less its stream ids."""
+        return key[1:]
 
-    def _capture_graph(self, what: str, record: Callable[[], torch.Tensor], pool=None):
-        """(graph, static output) of `record()` captured on this device, or None after disabling."""
+    def _due(self, key: GraphKey) -> tuple[bool, bool]:
+        """(capture now, on the warm rule): a key without a graph is captured after its eager calls,
+        or at once when its shapes were captured before (so its kernels are chosen already)."""
+        warm = self.warm_first_call and self._shapes(key) in self._warm_shapes
+        return warm or self._calls[key] > self.eager_calls, warm
+
+    def _capture_graph(self, what: str, record: Callable[[], torch.Tensor], *, warm: bool = False):
+        """(graph, static output) of `record()` captured on this device into the shared pool, or None
+        after a failure: that disables the runner, or only the warm rule for a `warm` capture."""
         graph = torch.cuda.CUDAGraph()
         sync_mode = torch.cuda.get_sync_debug_mode()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         try:
             # capturing synchronises by design (once per key); a caller's sync-debug mode is for the
             # replays, so it is lifted around the capture only
             torch.cuda.set_sync_debug_mode(0)
-            with torch.cuda.device(self.device), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            with torch.cuda.device(self.device), torch.cuda.graph(graph, pool=self._pool,
+                                                                 capture_error_mode="thread_local"):
                 out = record()
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eager
-            self.disable(f"capture of {what} failed: {type(exc).__name__}: {exc}")
+            reason = f"capture of {what} failed: {type(exc).__name__}: {exc}"
+            if warm:
+                LOG.warning("%s on %s: first-call captures turned off, this call runs eager: %s",
+                            self.label, self.device, reason)
+                self.warm_first_call = False
+            else:
+                self.disable(reason)
             return None
         finally:
             torch.cuda.set_sync_debug_mode(sync_mode)
@@ -124,6 +154,7 @@ class _GraphTable:
     def _store(self, key: GraphKey, captured) -> None:
         self._graphs[key] = captured
         self._calls.pop(key, None)
+        self._warm_shapes.add(self._shapes(key))
         self.num_captures += 1
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
@@ -132,6 +163,7 @@ class _GraphTable:
         return {
             "enabled": self.enabled,
             "disabled_reason": self.disabled_reason,
+            "warm_first_call": self.warm_first_call,
             "graphs": self.num_graphs,
             "captures": self.num_captures,
             "replays": self.num_replays,
@@ -171,6 +203,23 @@ class ShardGraphRunner(_GraphTable):
         for key in [k for k in self._calls if stream_id in {sid for sid, _ in k[0]}]:
             del self._calls[key]
 
+    def rename(self, old: str, new: str) -> None:
+        """Move the graphs and warm-up counts of stream `old` to `new`, whose state is the same tensors
+        (a recycled DiTStreamState). Keys naming `new` already are dropped first."""
+        self.forget(new)
+
+        def renamed(key: GraphKey) -> GraphKey:
+            return (tuple((new if sid == old else sid, slots) for sid, slots in key[0]), *key[1:])
+
+        graphs = [(renamed(k), replace(g, stream_ids=frozenset(new if s == old else s for s in g.stream_ids))
+                   if old in g.stream_ids else g) for k, g in self._graphs.items()]
+        self._graphs = OrderedDict(graphs)
+        self._calls = {renamed(k): n for k, n in self._calls.items()}
+
+    @staticmethod
+    def _shapes(key: GraphKey) -> tuple:
+        return (tuple(slots for _, slots in key[0]), *key[1:])
+
     @staticmethod
     def key(batch) -> GraphKey:
         """Segments, input shapes/dtypes/devices and flags: everything the captured work depends on."""
@@ -197,9 +246,10 @@ class ShardGraphRunner(_GraphTable):
         key = self.key(batch)
         captured = self._lookup(key)
         if captured is None:
-            if not self._due(key):
+            due, warm = self._due(key)
+            if not due:
                 return None
-            captured = self._capture(key, batch, states)
+            captured = self._capture(key, batch, states, warm=warm)
             if captured is None:
                 return None
         captured.noisy_BCFHW.copy_(batch.noisy_latents_BCFHW)
@@ -211,7 +261,7 @@ class ShardGraphRunner(_GraphTable):
         self.num_replays += 1
         return captured.out.clone()
 
-    def _capture(self, key: GraphKey, batch, states: list) -> _Captured | None:
+    def _capture(self, key: GraphKey, batch, states: list, *, warm: bool) -> _Captured | None:
         static = dict(
             noisy_BCFHW=batch.noisy_latents_BCFHW.clone(),
             timesteps_B=batch.timesteps_B.clone(),
@@ -228,7 +278,7 @@ class ShardGraphRunner(_GraphTable):
         )
         if self.prepare is not None:
             self.prepare(static_batch, states)
-        result = self._capture_graph(f"key {key[0]}", lambda: self.compute(static_batch, states))
+        result = self._capture_graph(f"key {key[0]}", lambda: self.compute(static_batch, states), warm=warm)
         if result is None:
             return None
         graph, out = result
@@ -268,9 +318,6 @@ class CallGraphRunner(_GraphTable):
 
     def __init__(self, device: torch.device | str, *, max_graphs: int = 64, eager_calls: int = 1) -> None:
         super().__init__(device, max_graphs=max_graphs, eager_calls=eager_calls)
-        self._pool = None
-        self._warm_shapes: set[tuple] = set()
-        """Keys less their stream id (shape, strides, dtype) captured at least once."""
 
     def forget(self, stream_id: str) -> None:
         """Drop the stream's graphs and warm-up counts (its state tensors are gone or replaced)."""
@@ -285,9 +332,10 @@ class CallGraphRunner(_GraphTable):
         key = (stream_id, tuple(x.shape), x.stride(), x.dtype)
         captured = self._lookup(key)
         if captured is None:
-            if not self._due(key, warm=key[1:] in self._warm_shapes):
+            due, warm = self._due(key)
+            if not due:
                 return fn(x)
-            captured = self._capture(key, fn, x)
+            captured = self._capture(key, fn, x, warm=warm)
             if captured is None:
                 return fn(x)
         captured.x.copy_(x)
@@ -295,15 +343,12 @@ class CallGraphRunner(_GraphTable):
         self.num_replays += 1
         return captured.out.clone()
 
-    def _capture(self, key: GraphKey, fn, x: torch.Tensor) -> _CapturedCall | None:
+    def _capture(self, key: GraphKey, fn, x: torch.Tensor, *, warm: bool) -> _CapturedCall | None:
         static_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
         static_x.copy_(x)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        result = self._capture_graph(f"stream {key[0]!r}", lambda: fn(static_x), pool=self._pool)
+        result = self._capture_graph(f"stream {key[0]!r}", lambda: fn(static_x), warm=warm)
         if result is None:
             return None
         captured = _CapturedCall(result[0], static_x, result[1])
         self._store(key, captured)
-        self._warm_shapes.add(key[1:])
         return captured

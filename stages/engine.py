@@ -82,12 +82,17 @@ class EngineSpec:
     """Device of the text encoder (default: same as `device`; 'cpu' keeps T5 off the hot GPU)."""
     cuda_graphs: bool = True
     """Replay steady-state DiT steps from CUDA graphs (CUDA devices only; eager on a capture error)."""
+    spare_streams: int = 8
+    """Closed streams' DiT states kept for the next streams of their geometry, with their CUDA graphs
+    (stages.dit_stage, "Spare states"); 0 frees every state at close."""
 
     def __post_init__(self) -> None:
         if self.model not in DIT_PRESETS:
             raise ValueError(f"model={self.model!r}: choose one of {sorted(DIT_PRESETS)}")
         if self.vae not in ("wan", "taehv"):
             raise ValueError(f"vae={self.vae!r}: choose 'wan' or 'taehv'")
+        if self.spare_streams < 0:
+            raise ValueError(f"spare_streams={self.spare_streams} must be >= 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: choose 'float32', 'bfloat16' or 'float16'")
 

@@ -186,6 +186,22 @@ class BlockKVCache:
                 getattr(self, name)[slots_B] = value
         return local_B
 
+    def reset_(self) -> None:
+        """Back to a fresh cache's state (all zeros), in place: the tensors keep their addresses."""
+        for name in self.TENSOR_FIELDS:
+            getattr(self, name).zero_()
+
+    def copy_slot0_(self) -> None:
+        """Every slot a copy of slot 0 (K/V, ends and eviction queue), in place."""
+        if self.num_slots > 1:
+            for name in self.TENSOR_FIELDS:
+                t = getattr(self, name)
+                t[1:].copy_(t[:1].expand_as(t[1:]))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).nbytes for name in self.TENSOR_FIELDS)
+
     def replicated_from_slot0(self, num_slots: int) -> BlockKVCache:
         """A cache of `num_slots` slots, each a copy of slot 0 (K/V, ends and eviction queue)."""
         out = BlockKVCache.__new__(BlockKVCache)
@@ -316,6 +332,8 @@ class DiTStreamState:
     host_local_end: list[int] = field(default_factory=list)
     """Host mirror of every block's local_end per slot (all blocks see the same calls): see `advance_host_ends`."""
     host_global_end: list[int] = field(default_factory=list)
+    recycled_cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """A recycled state's previous prompt K/V tensors, refilled in place by the next prompt (`recycle`)."""
     _slot_index_cache: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def advance_host_ends(self, slots: tuple[int, ...], start_frames: tuple[int, ...], num_frames: int) -> bool:
@@ -359,13 +377,39 @@ class DiTStreamState:
             self._slot_index_cache[slots] = index
         return index
 
-    def set_num_slots(self, num_slots: int) -> None:
-        """Resize to `num_slots` slots, every block's cache a copy of slot 0 (K/V, ends, eviction queue)."""
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the self-attention caches."""
+        return sum(cache.nbytes for cache in self.kv.values())
+
+    def recycle(self, stream_id: str) -> None:
+        """Make this state a new stream's, in place: every cache as freshly allocated (zeros), no prompt
+        yet. Tensor addresses are kept, so CUDA graphs captured on it stay valid for the new stream
+        (stages.dit_stage, "Spare states"); the prompt K/V tensors wait in `recycled_cross_kv` to be
+        overwritten by the new stream's prompt."""
+        for cache in self.kv.values():
+            cache.reset_()
+        self.stream_id = stream_id
+        self.host_local_end, self.host_global_end = [], []
+        if self.cross_kv is not None:
+            self.recycled_cross_kv, self.cross_kv = self.cross_kv, None
+
+    def set_num_slots(self, num_slots: int) -> bool:
+        """Every block's cache `num_slots` slots, each a copy of slot 0 (K/V, ends, eviction queue).
+        Returns whether the tensors were replaced: an unchanged count copies slot 0 in place."""
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 1")
+        if num_slots == self.num_slots:
+            for cache in self.kv.values():
+                cache.copy_slot0_()
+            if self.host_local_end:
+                self.host_local_end = [self.host_local_end[0]] * num_slots
+                self.host_global_end = [self.host_global_end[0]] * num_slots
+            return False
         self.kv = {i: cache.replicated_from_slot0(num_slots) for i, cache in self.kv.items()}
         if self.host_local_end:
             self.host_local_end = [self.host_local_end[0]] * num_slots
             self.host_global_end = [self.host_global_end[0]] * num_slots
         self.num_slots = num_slots
         self._slot_index_cache.clear()
+        return True

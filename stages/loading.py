@@ -65,9 +65,10 @@ def _build(cls, cfg, device: torch.device, dtype: torch.dtype, seed: int):
 
 def build_dit_shard(cfg: DiTConfig, block_range: tuple[int, int] | None, *, device: torch.device,
                     dtype: torch.dtype, checkpoint: str | None = None, seed: int = 0,
-                    cuda_graphs: bool = False) -> DiTShard:
+                    cuda_graphs: bool = False, spare_streams: int = 8) -> DiTShard:
     """One DiT shard (the whole model when block_range is None), loaded or random, as a stage.
-    `cuda_graphs` replays steady-state steps from CUDA graphs (CUDA devices only, see DiTShard)."""
+    `cuda_graphs` replays steady-state steps from CUDA graphs (CUDA devices only); `spare_streams`
+    closed streams' states are kept for reuse (see DiTShard)."""
     from stages.checkpoints import load_dit_checkpoint
 
     if checkpoint is None:
@@ -78,7 +79,7 @@ def build_dit_shard(cfg: DiTConfig, block_range: tuple[int, int] | None, *, devi
         with torch.device("meta"):
             model = WanDiT(cfg, block_range)
         load_dit_checkpoint(model, checkpoint)
-    return DiTShard(model, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
+    return DiTShard(model, device=device, dtype=dtype, cuda_graphs=cuda_graphs, spare_streams=spare_streams)
 
 
 def build_vae_models(model: str, device: torch.device, dtype: torch.dtype, *, checkpoint_dir: str | None = None,
@@ -129,7 +130,8 @@ def build_models(spec: EngineSpec, dit_cfg: DiTConfig) -> EngineComponents:
     if spec.checkpoint_dir is not None:
         checkpoint = str(find_checkpoints(spec.checkpoint_dir, dit=spec.model).dit_checkpoint(spec.model))
     shard = build_dit_shard(dit_cfg, None, device=device, dtype=dtype, checkpoint=checkpoint,
-                            seed=spec.weights_seed, cuda_graphs=spec.cuda_graphs and device.type == "cuda")
+                            seed=spec.weights_seed, cuda_graphs=spec.cuda_graphs and device.type == "cuda",
+                            spare_streams=spec.spare_streams)
     vaes = build_vae_models(spec.model, device, dtype, checkpoint_dir=spec.checkpoint_dir,
                             weights_seed=spec.weights_seed)
     text_device = torch.device(spec.text_device or spec.device)

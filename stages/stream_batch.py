@@ -469,7 +469,6 @@ class LatentStreamer:
                 timesteps_B=torch.full((1,), t, dtype=torch.long, device=self.device),
                 start_frames_B=starts,
                 sink_check=False,
-                capture=False,
                 start_frames=(0,),
             )
             x0_1CFHW = self.run_chain(batch).x0_BCFHW

@@ -95,6 +95,53 @@ def test_cuda_graph_path_equals_eager(model, height, width, num_steps, two_strea
     assert rel_l2 <= (5e-3 if two_streams else 1e-3) and rel_max <= 1e-2
 
 
+def _one_stream(streamer: LatentStreamer, sid: str, latents, *, height: int, width: int, num_steps: int):
+    _open(streamer, sid, height=height, width=width, num_steps=num_steps, seed=10)
+    outs = [streamer.prefill(sid, latents[0]).float()]
+    for i, z in enumerate(latents[1:]):
+        x = streamer.step([(sid, z, 600 + 10 * (i % 3))])[0]
+        if x is not None:
+            outs.append(x.float())
+    torch.cuda.synchronize()
+    return outs
+
+
+@pytest.mark.parametrize("num_steps", [1, 2])
+def test_spare_state_replays_its_graphs_and_a_warm_shape_captures_at_once(num_steps):
+    """A stream opened on a closed stream's state replays that stream's graphs (no capture, no eager
+    call) and computes what eager does; a stream on a fresh state of a captured shape is captured on
+    its first call of each key, with the same result."""
+    model, height, width = "wan-1.3b", 256, 256
+    cfg = DIT_PRESETS[model]
+    latents = _latents(cfg, height, width, 10, seed=1)  # 9 steady chunks: past the fill phase
+    eager = _one_stream(_streamer(model, cuda_graphs=False), "e", latents, height=height, width=width,
+                        num_steps=num_steps)
+    streamer = _streamer(model, cuda_graphs=True)
+    shard, graphs = streamer.shards[0], streamer.shards[0].graphs
+    eager_calls = []
+    compute = shard._compute  # the graph runner holds its own reference: this counts eager calls only
+    shard._compute = lambda batch, states: eager_calls.append(batch.segments) or compute(batch, states)
+    first = _one_stream(streamer, "a", latents, height=height, width=width, num_steps=num_steps)
+    streamer.close("a")
+    captures, eager_a = graphs.num_captures, len(eager_calls)
+    assert shard.num_spares == 1 and eager_a >= 2
+    recycled = _one_stream(streamer, "b", latents, height=height, width=width, num_steps=num_steps)
+    assert shard.num_recycled == 1 and len(eager_calls) == eager_a, eager_calls[eager_a:]
+    # every key replays a's graphs; a one-step prefill ran once on a (eager), so b captures it
+    assert graphs.num_captures - captures == (num_steps == 1), graphs.stats()
+    keys_b = sum("b" in g.stream_ids for g in graphs._graphs.values())
+    captures = graphs.num_captures
+    fresh = _one_stream(streamer, "c", latents, height=height, width=width, num_steps=num_steps)
+    stats = graphs.stats()
+    print(f"n={num_steps}: graphs {stats}, keys of one stream {keys_b}, eager calls of a {eager_a}")
+    assert stats["enabled"] and stats["warm_first_call"], stats
+    assert len(eager_calls) == eager_a and graphs.num_captures - captures == keys_b  # c: captured at first call
+    for name, outs in (("a", first), ("b on a's state", recycled), ("c captured at once", fresh)):
+        rel_l2, rel_max = compare(outs, eager)
+        print(f"{name} vs eager: rel_l2={rel_l2:.2e} rel_max={rel_max:.2e}")
+        assert rel_l2 <= 1e-3 and rel_max <= 1e-2, name
+
+
 @pytest.mark.parametrize("num_steps", [1, 3])
 def test_compiled_ops_match_eager_ops(num_steps):
     """The torch.compile'd block pieces and cache bookkeeping compute what the eager ones do: the same

@@ -11,7 +11,8 @@ import torch
 from stages.config import DIT_PRESETS, StreamConfig
 from stages.dit import WanDiT
 from stages.dit_stage import DiTShard
-from stages.errors import StreamExistsError, StreamNotFoundError
+from stages.errors import BadRequestError, StreamExistsError, StreamNotFoundError
+from stages.kv_cache import BlockKVCache
 from stages.stream_batch import GeneratorNoise, LatentStreamer
 
 TOL = 1e-5
@@ -210,3 +211,92 @@ def test_host_mirror_of_cache_ends_matches_the_device():
             assert state.host_global_end == cache.global_end_R.tolist(), f"step {k}"
         seen_full.append(all(e == cache.capacity for e in state.host_local_end))
     assert not seen_full[0] and all(seen_full[-10:])
+
+
+def test_a_stream_on_a_spare_state_gives_a_fresh_streams_output(weights):
+    """A closed stream's state is reused by the next stream of its geometry: the caches are zeroed in
+    place and the prompt K/V refilled in place (the tensors keep their addresses, which keeps their
+    CUDA graphs valid), and the new stream's output is exactly a fresh shard's."""
+    streamer = _streamer(weights)
+    shard = streamer.shards[0]
+    _open(streamer, "a")
+    for k, c in enumerate(_inputs(SPECS["a"]["seed"])[2][:7]):  # past the fill phase: every cache full
+        streamer.step([("a", c, 650 + k)])
+    state = shard.state("a")
+    addresses = {i: cache.k_RCND.data_ptr() for i, cache in state.kv.items()}
+    cross_address = state.cross_kv[0][0].data_ptr()
+    streamer.close("a")
+    assert shard.stream_ids == [] and shard.num_spares == 1
+
+    SPECS["c"] = dict(num_steps=2, seed=5)  # a's geometry, other inputs
+    try:
+        x0, chunks = _open(streamer, "c")
+        recycled = [x0] + [streamer.step([("c", c, 650 + k)])[0] for k, c in enumerate(chunks)]
+        fresh = _alone(weights, "c")
+    finally:
+        del SPECS["c"]
+    assert shard.num_recycled == 1 and shard.num_spares == 0
+    new_state = shard.state("c")
+    assert new_state is state and new_state.stream_id == "c"
+    assert {i: cache.k_RCND.data_ptr() for i, cache in new_state.kv.items()} == addresses
+    assert new_state.cross_kv[0][0].data_ptr() == cross_address
+    _assert_same(recycled, fresh, tol=0.0)
+
+
+def test_spare_states_match_geometry_and_are_bounded(weights):
+    """Only a stream of the same slots, grid and cache policy takes a spare; at most spare_streams are
+    kept (the oldest freed first); spare_streams=0 frees at close; spare ids cannot be opened."""
+    model = WanDiT(DIT_PRESETS["tiny"])
+    model.load_checkpoint(weights)
+    shard = DiTShard(model, device="cpu", dtype=torch.float32, spare_streams=2)
+    cfg = StreamConfig(num_steps=2)
+    for sid in ("a", "b", "c"):
+        shard.open_stream(sid, num_slots=2, height=64, width=64, stream_cfg=cfg)
+    first = shard.state("a")
+    for sid in ("a", "b", "c"):
+        shard.close_stream(sid)
+    assert shard.num_spares == 2 and all(s is not first for s in shard._spares)
+    shard.open_stream("d", num_slots=3, height=64, width=64, stream_cfg=cfg)  # other slot count
+    shard.open_stream("e", num_slots=2, height=64, width=96, stream_cfg=cfg)  # other grid
+    assert shard.num_recycled == 0 and shard.num_spares == 2
+    shard.open_stream("f", num_slots=2, height=64, width=64, stream_cfg=cfg)
+    assert shard.num_recycled == 1 and shard.num_spares == 1
+    assert shard.state("f").cross_kv is None  # no prompt until one is set: steps refuse, as for a fresh one
+    shard.drop_spares()
+    assert shard.num_spares == 0
+    with pytest.raises(BadRequestError):
+        shard.open_stream("\x00spare-0", num_slots=2, height=64, width=64, stream_cfg=cfg)
+
+    none_kept = DiTShard(model, device="cpu", dtype=torch.float32, spare_streams=0)
+    none_kept.open_stream("a", num_slots=2, height=64, width=64, stream_cfg=cfg)
+    none_kept.close_stream("a")
+    assert none_kept.num_spares == 0
+
+
+def test_an_unchanged_slot_count_copies_slot0_in_place(weights):
+    """The prefill's set_num_slots(n) on an n-slot stream keeps the tensors (and so the stream's graphs)
+    and gives every slot slot 0's caches, as a resize does."""
+    model = WanDiT(DIT_PRESETS["tiny"])
+    model.load_checkpoint(weights)
+    shard = DiTShard(model, device="cpu", dtype=torch.float32)
+    shard.open_stream("a", num_slots=3, height=64, width=64, stream_cfg=StreamConfig(num_steps=3))
+    cache = shard.state("a").kv[0]
+    for name in cache.TENSOR_FIELDS:
+        t = getattr(cache, name)
+        t.copy_(torch.arange(t.numel()).reshape(t.shape).to(t.dtype))
+    before = {name: getattr(cache, name).clone() for name in cache.TENSOR_FIELDS}
+    pointer = cache.k_RCND.data_ptr()
+    shard.set_num_slots("a", 3)
+    assert shard.state("a").kv[0] is cache and cache.k_RCND.data_ptr() == pointer
+    resized = BlockKVCache.replicated_from_slot0(_with(cache, before), 3)
+    for name in cache.TENSOR_FIELDS:
+        assert torch.equal(getattr(cache, name), getattr(resized, name)), name
+
+
+def _with(cache, tensors):
+    """A copy of `cache` holding `tensors`."""
+    out = BlockKVCache.__new__(BlockKVCache)
+    out.tokens_per_frame, out.policy = cache.tokens_per_frame, cache.policy
+    for name, t in tensors.items():
+        setattr(out, name, t)
+    return out

@@ -50,6 +50,32 @@ def test_executor_warm_up_runs_through_the_protocol_and_leaves_nothing_open(capl
     assert not [r for r in caplog.records if "warm-up" in r.getMessage() or "closing" in r.getMessage()]
 
 
+def test_the_warm_pool_leaves_spare_states_and_times_a_start_up_on_them():
+    """warm_up_executor(streams=k) runs k streams per step count at once and closes them: k spare DiT
+    states per step count remain for the first clients; the start-up probes open on that pool (each a
+    recycled state) and report their start-up cost."""
+    import asyncio
+
+    from deployments.pipeline import STARTUP_PROBES, InProcessExecutor, warm_up_executor
+
+    torch.set_num_threads(1)
+    engine = StreamEngine(EngineSpec(model="tiny"))
+    shard = engine.components.dit.shards[0]
+    ex = InProcessExecutor(engine)
+    startups: list[float] = []
+    ticks: list[tuple[int, float, object]] = []
+    asyncio.run(warm_up_executor(ex, 32, 48, steps=(1, 2), vae="wan", chunks=2, ticks=ticks, streams=3,
+                                 startups=startups))
+    assert engine.stats().active_streams == 0
+    assert shard.num_spares == 6 and shard.stream_ids == []
+    assert shard.num_recycled == STARTUP_PROBES == len(startups) and all(s >= 0.0 for s in startups)
+    assert {rows for rows, _, _ in ticks} == {1, 2}
+    core_spec = PipelineSpec(max_streams=4)
+    assert core_spec.resolved_warm_streams == 4 and PipelineSpec(max_streams=4, warm_streams=0).resolved_warm_streams == 0
+    with pytest.raises(ValueError, match="warm_streams=5"):
+        PipelineSpec(max_streams=4, warm_streams=5)
+
+
 def test_gpu_type_must_name_a_class_and_only_ray_named_types_pin():
     with pytest.raises(ValueError, match="gpu_type"):
         PipelineSpec(device="cuda", gpu_type="")
