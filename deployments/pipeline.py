@@ -835,7 +835,9 @@ class PipelineCore:
             await self.executor.add_frames(s.stream_id, [(f.seq, f.frame) for f in frames])
             full = len(frames) == (FIRST_CHUNK_FRAMES if work.prefill else CHUNK_FRAMES)
             (step_ids if full else flush_ids).append(s.stream_id)
-            shared_forward_only &= full and not work.prefill and not step_by_step
+            # a stream's first chunks cost extra (eager calls, captures): the start-up curve prices that
+            # (_time_startups), the steady curves must not learn it
+            shared_forward_only &= full and not work.prefill and not step_by_step and s.startup_left <= 0
         times = None
         if step_ids:
             t_step = self.clock()

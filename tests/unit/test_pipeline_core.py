@@ -105,17 +105,20 @@ def test_streams_stepped_one_by_one_get_every_frame_and_the_stage_times_add_up(e
 
         executor.step = recording_step
         core = PipelineCore("p0", spec, executor, service=ServiceConfig(stats_interval_s=0.2))
-        await core.open("a", _req(seed=1))
-        await core.open("b", _req(seed=2))
+        await core.open("a", _req(seed=1, input_fps=16.0))
+        await core.open("b", _req(seed=2, input_fps=16.0))
         ta = asyncio.create_task(_collect(core, "a"))
         tb = asyncio.create_task(_collect(core, "b"))
         await core.push("a", _frames([0]))
         await core.push("b", _frames([0]))
         await asyncio.sleep(0.5)  # both prefilled: the next chunks arrive together
-        warming = core.load().warming  # 8 start-up chunks left each, at 8 fps: 4 s
-        assert set(warming) == {"a", "b"} and warming["a"].wall_s == pytest.approx(8 * 4 / 8.0)
-        await core.push("a", _frames(range(1, 17)))
-        await core.push("b", _frames(range(1, 17), value=5))
+        warming = core.load().warming  # 8 start-up chunks left each, at 16 fps: 2 s
+        assert set(warming) == {"a", "b"} and warming["a"].wall_s == pytest.approx(8 * 4 / 16.0)
+        # 16 chunks, paced: the steady curves learn only from the chunks after each stream's start-up
+        for first in range(1, 65, 4):
+            await core.push("a", _frames(range(first, first + 4)))
+            await core.push("b", _frames(range(first, first + 4), value=5))
+            await asyncio.sleep(0.25)  # the input rate
         await core.end("a")
         await core.end("b")
         (fa, _), (fb, _) = await ta, await tb
@@ -124,7 +127,7 @@ def test_streams_stepped_one_by_one_get_every_frame_and_the_stage_times_add_up(e
 
     encode_before = seed_profile("tiny", "cpu").encode_s(1)
     fa, fb, calls, core = asyncio.run(run())
-    assert fa == list(range(17)) and fb == list(range(17))
+    assert fa == list(range(65)) and fb == list(range(65))
     assert calls and all(len(ids) == 1 for ids in calls)  # never one step over both streams
     assert core.scheduler.profile.encode_s(1) != encode_before  # measured stage times reached the profile
 
