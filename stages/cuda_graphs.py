@@ -18,9 +18,10 @@ Per key, in call order:
     call 2            capture (nothing runs while capturing, so the stream state is not touched),
                       then copy the inputs in and replay
     calls 3, 4, ...   copy the inputs into the static buffers and replay
-A key whose shapes were captured before under another stream (its kernels are chosen, its compiled
-pieces exist) is captured on its first call instead; should such a capture fail, that rule is turned
-off (logged) and the call runs eager, the graphs stay on.
+A key whose shapes were captured before under another stream, in this thread (its kernels are
+chosen, its compiled pieces exist, and the thread's cuBLAS handle and workspace, which are per thread
+and cannot be created inside a capture, exist too) is captured on its first call instead; should such
+a capture fail, that rule is turned off (logged) and the call runs eager, the graphs stay on.
 
 A recycled stream state (stages.dit_stage, "Spare states") keeps its tensors and so its graphs:
 `rename` moves them from the closed stream's id to the next one's.
@@ -39,6 +40,7 @@ reason): a wrong-but-fast path is never an option, a slow-but-right one always i
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -83,7 +85,7 @@ class _GraphTable:
         self._calls: dict[GraphKey, int] = {}
         self._pool = None
         self._warm_shapes: set[tuple] = set()
-        """Keys less their stream ids captured at least once (see _due)."""
+        """(thread id, key less its stream ids) of every capture so far (see _due)."""
         self.warm_first_call = True
         """Capture a key on its first call when its shapes are in _warm_shapes (off after a failure)."""
 
@@ -121,7 +123,7 @@ class _GraphTable:
     def _due(self, key: GraphKey) -> tuple[bool, bool]:
         """(capture now, on the warm rule): a key without a graph is captured after its eager calls,
         or at once when its shapes were captured before (so its kernels are chosen already)."""
-        warm = self.warm_first_call and self._shapes(key) in self._warm_shapes
+        warm = self.warm_first_call and (threading.get_ident(), self._shapes(key)) in self._warm_shapes
         return warm or self._calls[key] > self.eager_calls, warm
 
     def _capture_graph(self, what: str, record: Callable[[], torch.Tensor], *, warm: bool = False):
@@ -139,6 +141,9 @@ class _GraphTable:
                                                                  capture_error_mode="thread_local"):
                 out = record()
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eager
+            # the allocator may still count the failed capture as recording into the pool: later
+            # captures get a pool of their own
+            self._pool = None
             reason = f"capture of {what} failed: {type(exc).__name__}: {exc}"
             if warm:
                 LOG.warning("%s on %s: first-call captures turned off, this call runs eager: %s",
@@ -154,7 +159,7 @@ class _GraphTable:
     def _store(self, key: GraphKey, captured) -> None:
         self._graphs[key] = captured
         self._calls.pop(key, None)
-        self._warm_shapes.add(self._shapes(key))
+        self._warm_shapes.add((threading.get_ident(), self._shapes(key)))
         self.num_captures += 1
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
