@@ -33,8 +33,11 @@ Capture is a rare, synchronising event (the first two ticks of a stream, or afte
 steps changes); replays never synchronise with the host. Outputs are cloned out of the graph's
 static output, so a later replay cannot overwrite a result the caller still holds.
 
-Any exception while capturing switches the runner to eager for good (logged once, with the
-reason): a wrong-but-fast path is never an option, a slow-but-right one always is.
+A failed capture runs that call eager (logged, with the reason and where it failed) and the key is
+captured again on its next call; after MAX_CAPTURE_FAILURES failures the runner switches to eager for
+good: a wrong-but-fast path is never an option, a slow-but-right one always is. (One failure need not
+be the last: on one GPU host, the serving engine's first capture in its worker thread failed once
+with "operation failed due to a previous error during capture", and a run of the same code did not.)
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ import torch
 LOG = logging.getLogger(__name__)
 
 GraphKey = tuple
+MAX_CAPTURE_FAILURES = 3
+"""Failed captures after which a runner stops capturing (module docstring)."""
 
 
 @dataclass
@@ -81,6 +86,7 @@ class _GraphTable:
         self.disabled_reason: str | None = None
         self.num_captures = 0
         self.num_replays = 0
+        self.num_capture_failures = 0
         self._graphs: OrderedDict[GraphKey, Any] = OrderedDict()
         self._calls: dict[GraphKey, int] = {}
         self._pool = None
@@ -147,10 +153,15 @@ class _GraphTable:
             reason = f"capture of {what} failed: {type(exc).__name__}: {exc}"
             if warm:
                 LOG.warning("%s on %s: first-call captures turned off, this call runs eager: %s",
-                            self.label, self.device, reason)
+                            self.label, self.device, reason, exc_info=True)
                 self.warm_first_call = False
+                return None
+            self.num_capture_failures += 1
+            if self.num_capture_failures >= MAX_CAPTURE_FAILURES:
+                self.disable(f"{self.num_capture_failures} failed captures, the last: {reason}")
             else:
-                self.disable(reason)
+                LOG.warning("%s on %s: this call runs eager, the next one captures again: %s",
+                            self.label, self.device, reason, exc_info=True)
             return None
         finally:
             torch.cuda.set_sync_debug_mode(sync_mode)
@@ -171,6 +182,7 @@ class _GraphTable:
             "warm_first_call": self.warm_first_call,
             "graphs": self.num_graphs,
             "captures": self.num_captures,
+            "capture_failures": self.num_capture_failures,
             "replays": self.num_replays,
         }
 
