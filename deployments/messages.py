@@ -158,6 +158,9 @@ class PipelineStats:
     frames_skipped_total: int = 0
     deadline_misses_total: int = 0
     gpu_memory_bytes: int = 0
+    cuda_graphs_disabled: int = 0
+    """CUDA-graph runners of the engine that stopped capturing after failed captures (they run eager,
+    several times slower: stages.cuda_graphs); 0 where none runs (CPU)."""
     ttff_ms_samples: list[tuple[str, float]] = field(default_factory=list)
     """(tenant tier, ms) since the last drain."""
     latency_ms_samples: list[tuple[str, float]] = field(default_factory=list)

@@ -62,6 +62,8 @@ class MetricsExporter:
         self.fps = Gauge("weir_pipeline_fps", "Output frames per second (5 s window), summed over pipelines.",
                          mg, registry=r)
         self.gpu_mem = Gauge("weir_gpu_memory_bytes", "Accelerator memory allocated by the engines.", mg, registry=r)
+        self.graphs_off = Gauge("weir_cuda_graphs_disabled", "CUDA-graph runners of the engines that run eager "
+                                "after failed captures (several times slower; 0 is healthy).", mg, registry=r)
         self.healthy = Gauge("weir_pipelines_healthy", "Pipelines reporting healthy.", mg, registry=r)
         self.opens = Counter("weir_stream_opens", "Stream open attempts by outcome.", ("tier", "outcome"), registry=r)
         self.admitted = Gauge("weir_admitted_streams", "Streams the router has admitted and not released.",
@@ -104,6 +106,7 @@ class MetricsExporter:
         self.startup.labels(*mg).set(max((p.profile.startup(1) for p in group if p.profile is not None), default=0.0))
         self.fps.labels(*mg).set(sum(p.output_fps for p in group))
         self.gpu_mem.labels(*mg).set(sum(p.gpu_memory_bytes for p in group))
+        self.graphs_off.labels(*mg).set(sum(p.cuda_graphs_disabled for p in group))
         self.healthy.labels(*mg).set(sum(1 for p in group if p.healthy))
         for mode in ("stream_batch", "step_by_step"):
             self.modes.labels(*mg, mode).set(sum(p.streams_by_mode.get(mode, 0) for p in group))

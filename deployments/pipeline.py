@@ -200,6 +200,12 @@ class InProcessExecutor:
         self._emulated_sbs.discard(stream_id)
         await self._call(self.engine.close_stream, stream_id)
 
+    def graphs_disabled(self) -> int:
+        """The engine's CUDA-graph runners (DiT shards, VAE stages) that run eager after failed captures."""
+        c = self.engine.components
+        stages = [*getattr(c.dit, "shards", ()), *c.encoders.values(), *c.decoders.values()]
+        return sum(1 for st in stages if getattr(st, "graphs", None) is not None and not st.graphs.enabled)
+
     def has_room_for_spare(self) -> bool:
         """Whether the warm pool may hold one more stream state: more than SPARE_MEMORY_RESERVE of the
         GPU's memory is free (always on the CPU)."""
@@ -732,6 +738,7 @@ class PipelineCore:
             frames_skipped_total=self._skipped_total,
             deadline_misses_total=self._misses_total,
             gpu_memory_bytes=self.executor.memory_bytes(),
+            cuda_graphs_disabled=getattr(self.executor, "graphs_disabled", lambda: 0)(),
             active_stream_ids=sorted(self.streams),
             active_requests={sid: s.req for sid, s in self.streams.items()},
             skipped_by_reason=dict(self._skipped_by_reason),

@@ -26,8 +26,9 @@ a capture fail, that rule is turned off (logged) and the call runs eager, the gr
 A recycled stream state (stages.dit_stage, "Spare states") keeps its tensors and so its graphs:
 `rename` moves them from the closed stream's id to the next one's.
 
-All of a runner's graphs share one memory pool: their temporaries are dead between replays and every
-replay's output is cloned out before the next one runs.
+Each DiT graph has a private memory pool, as in the serving runs where per-stream DiT graphs were
+measured (BENCHMARKS.md). The TAEHV runner below shares one pool among its graphs; for the DiT that
+is not measured in serving yet (BENCHMARKS.md, "capture failures in the serving worker thread").
 
 Capture is a rare, synchronising event (the first two ticks of a stream, or after its number of
 steps changes); replays never synchronise with the host. Outputs are cloned out of the graph's
@@ -76,6 +77,8 @@ class _GraphTable:
     capture with the sync-debug mode lifted, and the switch to eager for good on a failed capture."""
 
     label = "CUDA graphs"
+    shared_pool = False
+    """Capture every graph into one memory pool (else each gets a private one)."""
 
     def __init__(self, device: torch.device | str, *, max_graphs: int, eager_calls: int) -> None:
         if max_graphs < 1 or eager_calls < 1:
@@ -133,11 +136,12 @@ class _GraphTable:
         return warm or self._calls[key] > self.eager_calls, warm
 
     def _capture_graph(self, what: str, record: Callable[[], torch.Tensor], *, warm: bool = False):
-        """(graph, static output) of `record()` captured on this device into the shared pool, or None
-        after a failure: that disables the runner, or only the warm rule for a `warm` capture."""
+        """(graph, static output) of `record()` captured on this device (into the shared pool when the
+        runner has one), or None after a failure (module docstring: a retry, the warm rule turned off,
+        or eager for good)."""
         graph = torch.cuda.CUDAGraph()
         sync_mode = torch.cuda.get_sync_debug_mode()
-        if self._pool is None:
+        if self._pool is None and self.shared_pool:
             self._pool = torch.cuda.graph_pool_handle()
         try:
             # capturing synchronises by design (once per key); a caller's sync-debug mode is for the
@@ -326,12 +330,13 @@ class CallGraphRunner(_GraphTable):
     All graphs share one memory pool: their temporaries are dead between calls and every replay's
     output is cloned out before the next replay, so graphs may reuse each other's temporaries (a TAEHV
     call at 480x832 holds hundreds of MB of them; one pool per stream would multiply that).
-    A failed capture switches the runner to eager for good (logged once, with the reason).
+    A failed capture is retried, up to MAX_CAPTURE_FAILURES (module docstring).
 
     Example: run("s", fn, x) three times with one shape: eager, capture + replay, replay.
     """
 
     label = "CUDA graphs of stream calls"
+    shared_pool = True
 
     def __init__(self, device: torch.device | str, *, max_graphs: int = 64, eager_calls: int = 1) -> None:
         super().__init__(device, max_graphs=max_graphs, eager_calls=eager_calls)

@@ -70,6 +70,7 @@ def test_the_warm_pool_leaves_spare_states_and_times_a_start_up_on_them():
     assert shard.num_spares == 6 and shard.stream_ids == []
     assert shard.num_recycled == STARTUP_PROBES == len(startups) and all(s >= 0.0 for s in startups)
     assert {rows for rows, _, _ in ticks} == {1, 2}
+    assert ex.graphs_disabled() == 0  # no CUDA-graph runner on the CPU, so none disabled
     core_spec = PipelineSpec(max_streams=4)
     assert core_spec.resolved_warm_streams == 4 and PipelineSpec(max_streams=4, warm_streams=0).resolved_warm_streams == 0
     with pytest.raises(ValueError, match="warm_streams=5"):
