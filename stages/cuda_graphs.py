@@ -74,7 +74,7 @@ class _Captured:
 
 class _GraphTable:
     """What both runners share: per-key graphs kept least recently used first, warm-up call counts,
-    capture with the sync-debug mode lifted, and the switch to eager for good on a failed capture."""
+    capture with the sync-debug mode lifted, and what a failed capture does (module docstring)."""
 
     label = "CUDA graphs"
     shared_pool = False
