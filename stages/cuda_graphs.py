@@ -18,17 +18,20 @@ Per key, in call order:
     call 2            capture (nothing runs while capturing, so the stream state is not touched),
                       then copy the inputs in and replay
     calls 3, 4, ...   copy the inputs into the static buffers and replay
-A key whose shapes were captured before under another stream, in this thread (its kernels are
-chosen, its compiled pieces exist, and the thread's cuBLAS handle and workspace, which are per thread
-and cannot be created inside a capture, exist too) is captured on its first call instead; should such
-a capture fail, that rule is turned off (logged) and the call runs eager, the graphs stay on.
+A key whose shapes this thread has run before under another stream (its kernels are chosen, its
+compiled pieces exist) is captured on its first call instead; should such a capture fail, that rule
+is turned off (logged) and the call runs eager, the graphs stay on. No thread captures shapes it has
+not run eagerly: its cuBLAS handle and workspace are its own and cannot be created inside a capture.
+(A serving engine's worker thread whose first DiT call was the capture of a recycled state's key,
+counted in the thread that warmed the engine up, failed with "operation failed due to a previous
+error during capture" and, before failures were retried, ran eager from then on; the thread's own
+handle is the likely cause.)
 
 A recycled stream state (stages.dit_stage, "Spare states") keeps its tensors and so its graphs:
 `rename` moves them from the closed stream's id to the next one's.
 
 Each DiT graph has a private memory pool, as in the serving runs where per-stream DiT graphs were
-measured (BENCHMARKS.md). The TAEHV runner below shares one pool among its graphs; for the DiT that
-is not measured in serving yet (BENCHMARKS.md, "capture failures in the serving worker thread").
+measured (BENCHMARKS.md); the TAEHV runner below shares one pool among its graphs.
 
 Capture is a rare, synchronising event (the first two ticks of a stream, or after its number of
 steps changes); replays never synchronise with the host. Outputs are cloned out of the graph's
@@ -36,13 +39,12 @@ static output, so a later replay cannot overwrite a result the caller still hold
 
 A failed capture runs that call eager (logged, with the reason and where it failed) and the key is
 captured again on its next call; after MAX_CAPTURE_FAILURES failures the runner switches to eager for
-good: a wrong-but-fast path is never an option, a slow-but-right one always is. (One failure need not
-be the last: on one GPU host, the serving engine's first capture in its worker thread failed once
-with "operation failed due to a previous error during capture", and a run of the same code did not.)
+good: a wrong-but-fast path is never an option, a slow-but-right one always is.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
@@ -55,6 +57,18 @@ import torch
 LOG = logging.getLogger(__name__)
 
 GraphKey = tuple
+_THREADS = threading.local()
+_THREAD_COUNT = itertools.count()
+
+
+def _thread_token() -> int:
+    """A number unique to the calling thread for the process's life (thread idents are reused)."""
+    token = getattr(_THREADS, "token", None)
+    if token is None:
+        token = _THREADS.token = next(_THREAD_COUNT)
+    return token
+
+
 MAX_CAPTURE_FAILURES = 3
 """Failed captures after which a runner stops capturing (module docstring)."""
 
@@ -94,9 +108,9 @@ class _GraphTable:
         self._calls: dict[GraphKey, int] = {}
         self._pool = None
         self._warm_shapes: set[tuple] = set()
-        """(thread id, key less its stream ids) of every capture so far (see _due)."""
+        """(thread token, key less its stream ids) of every call so far, eager or captured (see _due)."""
         self.warm_first_call = True
-        """Capture a key on its first call when its shapes are in _warm_shapes (off after a failure)."""
+        """Capture a key on its first call when this thread has run its shapes (off after a failure)."""
 
     @property
     def enabled(self) -> bool:
@@ -130,10 +144,21 @@ class _GraphTable:
         return key[1:]
 
     def _due(self, key: GraphKey) -> tuple[bool, bool]:
-        """(capture now, on the warm rule): a key without a graph is captured after its eager calls,
-        or at once when its shapes were captured before (so its kernels are chosen already)."""
-        warm = self.warm_first_call and (threading.get_ident(), self._shapes(key)) in self._warm_shapes
-        return warm or self._calls[key] > self.eager_calls, warm
+        """(capture now, on the warm rule) for a key without a graph (module docstring).
+
+        A capture needs its shapes to have run in this thread before, eagerly or captured: a
+        thread's cuBLAS handle and workspace are its own and cannot be created inside a capture.
+        Then the key is captured after its eager calls, or at its first call (the warm rule). A key's
+        eager calls may have run in another thread: a recycled state's graphs and counts move from
+        the closed stream to the next (`ShardGraphRunner.rename`). When not due, the caller runs the
+        call eagerly, and this thread counts as having run the shapes."""
+        thread_shapes = (_thread_token(), self._shapes(key))
+        if thread_shapes not in self._warm_shapes:
+            self._warm_shapes.add(thread_shapes)
+            return False, False
+        counted = self._calls[key] > self.eager_calls
+        due = counted or self.warm_first_call
+        return due, due and not counted
 
     def _capture_graph(self, what: str, record: Callable[[], torch.Tensor], *, warm: bool = False):
         """(graph, static output) of `record()` captured on this device (into the shared pool when the
@@ -174,7 +199,6 @@ class _GraphTable:
     def _store(self, key: GraphKey, captured) -> None:
         self._graphs[key] = captured
         self._calls.pop(key, None)
-        self._warm_shapes.add((threading.get_ident(), self._shapes(key)))
         self.num_captures += 1
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)

@@ -138,18 +138,21 @@ def test_spare_state_replays_its_graphs_and_a_warm_shape_captures_at_once(num_st
     print(f"n={num_steps}: graphs {stats}, keys of one stream {keys_b}, eager calls of a {eager_a}")
     assert stats["enabled"] and stats["warm_first_call"], stats
     assert len(eager_calls) == eager_a and graphs.num_captures - captures == keys_b  # c: captured at first call
-    # another thread (a serving engine's worker): cuBLAS handles are per thread and cannot be created
-    # inside a capture, so its first call of each shape runs eager and the graphs stay on
+    # another thread (a serving engine's worker), on c's state, whose keys have their eager calls
+    # counted already (in this thread): cuBLAS handles are per thread and cannot be created inside a
+    # capture, so the new thread's first call of each shape runs eager and the graphs stay on
+    streamer.close("c")
     in_thread: dict[str, list] = {}
     worker = threading.Thread(target=lambda: in_thread.setdefault(
         "d", _one_stream(streamer, "d", latents, height=height, width=width, num_steps=num_steps)))
     worker.start()
     worker.join()
     stats = graphs.stats()
-    assert stats["enabled"] and stats["warm_first_call"], stats
+    assert shard.num_recycled == 2
+    assert stats["enabled"] and stats["warm_first_call"] and stats["capture_failures"] == 0, stats
     fresh_thread = in_thread["d"]
     for name, outs in (("a", first), ("b on a's state", recycled), ("c captured at once", fresh),
-                       ("d in another thread", fresh_thread)):
+                       ("d on c's state in another thread", fresh_thread)):
         rel_l2, rel_max = compare(outs, eager)
         print(f"{name} vs eager: rel_l2={rel_l2:.2e} rel_max={rel_max:.2e}")
         assert rel_l2 <= 1e-3 and rel_max <= 1e-2, name
