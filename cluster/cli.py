@@ -385,6 +385,10 @@ def bench_serve_main(args: argparse.Namespace) -> int:
             Path(args.metrics_out).write_text(text)
             for stage, (total_s, count) in sorted(stage_means(text).items()):
                 print(f"server stage {stage}: {count} calls, mean {1000 * total_s / count:.1f} ms")
+            eager = gauge_total(text, "weir_cuda_graphs_disabled")
+            if eager:
+                print(f"server: {eager:.0f} CUDA-graph runner(s) gave up capturing and run eager (several times "
+                      "slower): see the pipeline replica's log")
             print(f"wrote {args.metrics_out}")
     finally:
         if started_here:
@@ -441,6 +445,18 @@ def stage_means(metrics_text: str) -> dict[str, tuple[float, int]]:
                 stage = line.split('stage="', 1)[1].split('"', 1)[0]
                 into[stage] = into.get(stage, 0.0) + float(line.rsplit(" ", 1)[1])
     return {k: (sums.get(k, 0.0), int(n)) for k, n in counts.items() if n > 0}
+
+
+def gauge_total(metrics_text: str, name: str) -> float:
+    """The sum of a gauge's samples over every label set in a Prometheus text page (0 if absent).
+
+    Example: 'weir_cuda_graphs_disabled{gpu_type="H200",model="m"} 1.0' -> 1.0.
+    """
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 # ---- parser --------------------------------------------------------------------------------------------
