@@ -23,10 +23,11 @@ Spare states. A closed stream's state is kept as a spare (at most `spare_streams
 first) and a new stream of the same geometry (slots, token grid, cache policy) takes it: the caches
 are zeroed in place (exactly a fresh state's values) and the prompt K/V refilled in place, so the
 state keeps its tensor addresses and with them its CUDA graphs, which the graph runner renames to the
-new stream. A stream that opens on a spare starts without eager calls or captures: on one H200 a
-new 1.3B stream's first chunks cost about 0.5 s of GPU time on a fresh state (eager calls and
-captures), and every other stream on the GPU waits through them. Spares are freed when an
-allocation runs out of memory, and when the shard's block range changes (`drop_spares`).
+new stream. A stream that opens on a spare runs no eager DiT call and no DiT capture (its VAE
+graphs, per stream, are still captured). On one H200 a new 1.3B stream's first chunks cost about
+0.33 s of extra GPU time on a fresh state and about 50 ms on a spare (BENCHMARKS.md), and every
+other stream on the GPU waits through them. Spares are freed when an allocation runs out of memory,
+and when the shard's block range changes (`drop_spares`).
 """
 
 from __future__ import annotations
