@@ -263,7 +263,8 @@ async def warm_up_executor(executor: Executor, height: int, width: int, *, steps
     counterpart of StreamEngine.warm_up). Returns seconds; a failure is logged, not raised: a cold
     pipeline still serves, only slower at first.
 
-    Per step count, `streams` streams are opened and run at once, then closed: their states stay on
+    Per step count, `streams` streams are run one after another, all kept open, then closed: their
+    states stay on
     the DiT as spares with their CUDA graphs (stages.dit_stage, "Spare states"), so up to `streams`
     clients start without eager calls or captures. The pool stops growing while the executor says its
     memory is short (`has_room_for_spare`, when it has one).
@@ -286,8 +287,8 @@ async def warm_up_executor(executor: Executor, height: int, width: int, *, steps
     frame = np.full((height, width, 3), 128, np.uint8)
     full_chunks = StreamConfig().num_kv_cache_frames + 2
 
-    async def run(sid: str, n: int, num_chunks: int) -> list[tuple[int, float, object]]:
-        """Open and run one stream (left open); its steps' (rows, seconds, times), emitting or not."""
+    async def run(sid: str, n: int, num_chunks: int) -> list[tuple[int, float, object, bool]]:
+        """Open and run one stream (left open); per step (rows, seconds, stage times, emitted frames)."""
         await executor.open_stream(sid, StreamParams(prompt="warm up", num_steps=n, height=height,
                                                      width=width, vae=vae))
         timed = []
