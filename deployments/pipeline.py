@@ -264,10 +264,9 @@ async def warm_up_executor(executor: Executor, height: int, width: int, *, steps
     pipeline still serves, only slower at first.
 
     Per step count, `streams` streams are run one after another, all kept open, then closed: their
-    states stay on
-    the DiT as spares with their CUDA graphs (stages.dit_stage, "Spare states"), so up to `streams`
-    clients start without eager calls or captures. The pool stops growing while the executor says its
-    memory is short (`has_room_for_spare`, when it has one).
+    states stay on the DiT as spares with their CUDA graphs (stages.dit_stage, "Spare states"), so up
+    to `streams` clients start without eager DiT calls or DiT captures. The pool stops growing while
+    the executor says its memory is short (`has_room_for_spare`, when it has one).
 
     Each stream runs `chunks` chunks after its first frame (default: until its KV caches are full, so
     the full-cache attention is compiled and captured too, plus CALIBRATION_TICKS steady ones).
