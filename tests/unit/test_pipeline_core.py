@@ -152,6 +152,10 @@ def test_a_stream_start_up_is_timed_into_the_profile(engine):
     assert frames == list(range(1 + 4 * STARTUP_CHUNKS))
     assert left == {}  # its start-up chunks have run
     assert core.scheduler.profile.curve(Stage.STARTUP).num_samples == 1
+    # the steady curves learn from no start-up step: of the prefill and 9 chunks, only the last
+    # (after the STARTUP_CHUNKS steps of its start-up) is a steady chunk
+    for stage in (Stage.ENCODE, Stage.DIT_BLOCK, Stage.DECODE):
+        assert core.scheduler.profile.curve(stage).num_samples == 1, stage
 
 
 def test_a_vanished_consumer_closes_only_its_stream(engine):
