@@ -300,6 +300,12 @@ async def warm_up_executor(executor: Executor, height: int, width: int, *, steps
         await executor.flush(sid)
         return timed
 
+    async def close(sid: str) -> None:
+        try:
+            await executor.close_stream(sid)
+        except Exception:  # noqa: BLE001 - see docstring
+            log.warning("closing warm-up stream %s failed", sid, exc_info=True)
+
     room = getattr(executor, "has_room_for_spare", lambda: True)
     for k, n in enumerate(steps):
         opened: list[str] = []
@@ -322,10 +328,7 @@ async def warm_up_executor(executor: Executor, height: int, width: int, *, steps
             log.warning("warm-up of %d-step streams failed", n, exc_info=True)
         finally:
             for sid in opened:
-                try:
-                    await executor.close_stream(sid)
-                except Exception:  # noqa: BLE001
-                    log.warning("closing warm-up stream %s failed", sid, exc_info=True)
+                await close(sid)
         if startups is None or k or not steady_s:
             continue
         steady = sorted(steady_s)[len(steady_s) // 2]
@@ -337,10 +340,7 @@ async def warm_up_executor(executor: Executor, height: int, width: int, *, steps
             except Exception:  # noqa: BLE001 - see docstring
                 log.warning("start-up probe of %d-step streams failed", n, exc_info=True)
             finally:
-                try:
-                    await executor.close_stream(sid)
-                except Exception:  # noqa: BLE001
-                    log.warning("closing warm-up stream %s failed", sid, exc_info=True)
+                await close(sid)
     return time.monotonic() - t0
 
 
@@ -874,7 +874,8 @@ class PipelineCore:
                     emitted_s[(work.stream_id, seq)] = s.delivered_s.pop(seq)
         stages = (0.0, 0.0, 0.0)
         if shared_forward_only and step_ids and not flush_ids:
-            stages = self._stage_times(plan, finished - started, times)
+            stages = split_tick(self.scheduler.profile, finished - started, times, chunks_in=plan.num_admitted,
+                                rows=plan.num_rows, chunks_out=plan.num_emitted)
         self.scheduler.update_from_output(plan, BatchOutput(
             plan.plan_id, started, finished, *stages, emitted_s=emitted_s))
         if step_ids or flush_ids:
@@ -900,12 +901,6 @@ class PipelineCore:
             s.startup_excess_s += max(0.0, step_s - steady)
             if s.startup_left == 0 and s.startup_timed:
                 profile.observe(Stage.STARTUP, 1, s.startup_excess_s)
-
-    def _stage_times(self, plan: BatchPlan, tick_s: float, times) -> tuple[float, float, float]:
-        """(encode, DiT, decode) seconds of a plan that was one shared forward, for the profile
-        (split_tick)."""
-        return split_tick(self.scheduler.profile, tick_s, times, chunks_in=plan.num_admitted,
-                          rows=plan.num_rows, chunks_out=plan.num_emitted)
 
     def _report_skips(self, skipped: tuple[SkippedChunk, ...]) -> None:
         """Drop skipped chunks' frames, count them, and tell each client at once (a stats message)."""
@@ -1072,7 +1067,7 @@ class Pipeline:
         if spec.device == "cuda" and executor_factory is None:
             # the first client's TTFF must not pay for kernels, cuDNN tuning and graph capture, and the
             # router's first admissions should see this GPU's own times, not only the priors
-            ticks: list[tuple[int, float]] = []
+            ticks: list[tuple[int, float, object]] = []
             startups: list[float] = []
             await warm_up_executor(executor, 480, 832, steps=(1, 2), vae=spec.vae, ticks=ticks,
                                    streams=spec.resolved_warm_streams, startups=startups)

@@ -107,7 +107,7 @@ class _GraphTable:
         self._graphs: OrderedDict[GraphKey, Any] = OrderedDict()
         self._calls: dict[GraphKey, int] = {}
         self._pool = None
-        self._warm_shapes: set[tuple] = set()
+        self._ran: set[tuple] = set()
         """(thread token, key less its stream ids) of every call so far, eager or captured (see _due)."""
         self.warm_first_call = True
         """Capture a key on its first call when this thread has run its shapes (off after a failure)."""
@@ -153,12 +153,22 @@ class _GraphTable:
         the closed stream to the next (`ShardGraphRunner.rename`). When not due, the caller runs the
         call eagerly, and this thread counts as having run the shapes."""
         thread_shapes = (_thread_token(), self._shapes(key))
-        if thread_shapes not in self._warm_shapes:
-            self._warm_shapes.add(thread_shapes)
+        if thread_shapes not in self._ran:
+            self._ran.add(thread_shapes)
             return False, False
         counted = self._calls[key] > self.eager_calls
         due = counted or self.warm_first_call
         return due, due and not counted
+
+    def _graph_for(self, key: GraphKey, capture: Callable[[bool], Any]):
+        """The key's captured entry: the stored one, or `capture(warm)`'s when it is due; None when the
+        caller runs this call eagerly (not due, or the capture failed)."""
+        captured = self._lookup(key)
+        if captured is None:
+            due, warm = self._due(key)
+            if due:
+                captured = capture(warm)
+        return captured
 
     def _capture_graph(self, what: str, record: Callable[[], torch.Tensor], *, warm: bool = False):
         """(graph, static output) of `record()` captured on this device (into the shared pool when the
@@ -289,14 +299,9 @@ class ShardGraphRunner(_GraphTable):
         if any(t is not None and not t.is_cuda for t in inputs):
             return None  # host inputs would need an H2D copy per replay: keep those steps eager
         key = self.key(batch)
-        captured = self._lookup(key)
+        captured = self._graph_for(key, lambda warm: self._capture(key, batch, states, warm=warm))
         if captured is None:
-            due, warm = self._due(key)
-            if not due:
-                return None
-            captured = self._capture(key, batch, states, warm=warm)
-            if captured is None:
-                return None
+            return None
         captured.noisy_BCFHW.copy_(batch.noisy_latents_BCFHW)
         captured.timesteps_B.copy_(batch.timesteps_B)
         captured.start_frames_B.copy_(batch.start_frames_B)
@@ -376,14 +381,9 @@ class CallGraphRunner(_GraphTable):
         if not self.enabled or not x.is_cuda:
             return fn(x)
         key = (stream_id, tuple(x.shape), x.stride(), x.dtype)
-        captured = self._lookup(key)
+        captured = self._graph_for(key, lambda warm: self._capture(key, fn, x, warm=warm))
         if captured is None:
-            due, warm = self._due(key)
-            if not due:
-                return fn(x)
-            captured = self._capture(key, fn, x, warm=warm)
-            if captured is None:
-                return fn(x)
+            return fn(x)
         captured.x.copy_(x)
         captured.graph.replay()
         self.num_replays += 1

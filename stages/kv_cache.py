@@ -198,10 +198,6 @@ class BlockKVCache:
                 t = getattr(self, name)
                 t[1:].copy_(t[:1].expand_as(t[1:]))
 
-    @property
-    def nbytes(self) -> int:
-        return sum(getattr(self, name).nbytes for name in self.TENSOR_FIELDS)
-
     def replicated_from_slot0(self, num_slots: int) -> BlockKVCache:
         """A cache of `num_slots` slots, each a copy of slot 0 (K/V, ends and eviction queue)."""
         out = BlockKVCache.__new__(BlockKVCache)
@@ -377,11 +373,6 @@ class DiTStreamState:
             self._slot_index_cache[slots] = index
         return index
 
-    @property
-    def nbytes(self) -> int:
-        """Device bytes of the self-attention caches."""
-        return sum(cache.nbytes for cache in self.kv.values())
-
     def recycle(self, stream_id: str) -> None:
         """Make this state a new stream's, in place: every cache as freshly allocated (zeros), no prompt
         yet. Tensor addresses are kept, so CUDA graphs captured on it stay valid for the new stream
@@ -399,17 +390,14 @@ class DiTStreamState:
         Returns whether the tensors were replaced: an unchanged count copies slot 0 in place."""
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 1")
-        if num_slots == self.num_slots:
-            for cache in self.kv.values():
-                cache.copy_slot0_()
-            if self.host_local_end:
-                self.host_local_end = [self.host_local_end[0]] * num_slots
-                self.host_global_end = [self.host_global_end[0]] * num_slots
-            return False
-        self.kv = {i: cache.replicated_from_slot0(num_slots) for i, cache in self.kv.items()}
         if self.host_local_end:
             self.host_local_end = [self.host_local_end[0]] * num_slots
             self.host_global_end = [self.host_global_end[0]] * num_slots
+        if num_slots == self.num_slots:
+            for cache in self.kv.values():
+                cache.copy_slot0_()
+            return False
+        self.kv = {i: cache.replicated_from_slot0(num_slots) for i, cache in self.kv.items()}
         self.num_slots = num_slots
         self._slot_index_cache.clear()
         return True
