@@ -104,6 +104,8 @@ class StreamResult:
     frames: list[tuple[int, np.ndarray]] = field(default_factory=list)
     ttff_ms: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
+    capture_us: list[int] = field(default_factory=list)
+    """Per frame received, in order: its capture timestamp (client wall clock, microseconds)."""
     server_stats: weir_pb2.StreamStats | None = None
     recording_events: list[weir_pb2.RecordingStatus] = field(default_factory=list)
     """Every RecordingStatus the server sent during the stream, in order."""
@@ -218,6 +220,7 @@ async def _stream_once(address: str, frames: Iterable[np.ndarray], opts: OpenOpt
                     img = codec.output_to_array(msg.frame)
                     result.frames.append((msg.frame.seq, img))
                     result.latencies_ms.append((time.time_ns() // 1000 - msg.frame.capture_ts_us) / 1000)
+                    result.capture_us.append(msg.frame.capture_ts_us)
                     if on_frame is not None:
                         on_frame(msg.frame.seq, img, result.latencies_ms[-1])
                 elif kind == "stats":
