@@ -114,7 +114,7 @@ class _MicroBatchAttention:
 
     def __init__(self, batch: DiTMicroBatch, states: list[DiTStreamState], device: torch.device,
                  ops: BlockOps = EAGER_OPS) -> None:
-        self._plan = ops.plan_cache_write
+        self._plan = ops.plan_cache_update
         tokens_per_frame = states[0].tokens_per_frame
         token_starts_B = batch.start_frames_B.to(device) * tokens_per_frame
         self._sink_check = batch.sink_check

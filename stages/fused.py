@@ -10,8 +10,8 @@ RMSNorm; a split, four multiplies, two adds and a stack for RoPE). A 1.3B step r
 them, thousands of memory-bound launches that cost more than the block's matmuls. Compiled, each
 piece is one kernel that reads its input once.
 
-The KV cache's bookkeeping (`stages.kv_cache.plan_cache_write`: sink check, eviction ring, write
-position, a few dozen ops on tensors of a few hundred bytes) is compiled the same way.
+The KV cache's bookkeeping (`stages.kv_cache.plan_cache_update`: the new frames' mean K and V, sink
+check, eviction ring, write positions, a few dozen ops on small tensors) is compiled the same way.
 
 `BlockOps` bundles the pieces; a block calls them through `block.ops`. `EAGER_OPS` is the default
 everywhere (CPU tests compare it bit for bit with the reference); `compiled_ops()` returns the same
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from stages.kv_cache import plan_cache_write
+from stages.kv_cache import plan_cache_update
 
 
 def modulate(
@@ -234,32 +234,33 @@ class BlockOps:
     gated_residual: Callable[..., torch.Tensor]
     rms_norm: Callable[..., torch.Tensor]
     rms_norm_rotate: Callable[..., torch.Tensor]
-    plan_cache_write: Callable[..., tuple[torch.Tensor, ...]]
+    plan_cache_update: Callable[..., tuple[torch.Tensor, ...]]
     gated_residual_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = gated_residual_norm
     residual_modulate: Callable[..., tuple[torch.Tensor, torch.Tensor]] = residual_modulate
     ffn: Callable[..., torch.Tensor] = ffn
     compiled: bool = False
 
 
-EAGER_OPS = BlockOps(modulate, gated_residual, rms_norm, rms_norm_rotate, plan_cache_write)
+EAGER_OPS = BlockOps(modulate, gated_residual, rms_norm, rms_norm_rotate, plan_cache_update)
 
 
 @functools.cache
 def compiled_ops() -> BlockOps:
     """The pieces through torch.compile, built once per process.
 
-    Each piece is compiled whole (fullgraph: a graph break would be a bug). A piece first compiles
-    for the shapes it sees; when a second shape arrives (another batch size or resolution, another
-    dtype) torch.compile recompiles it with those dimensions symbolic, so a server that batches 1..n
-    rows stays at a handful of compilations per piece.
+    Each piece is compiled whole (fullgraph: a graph break would be a bug) and for static shapes
+    (`dynamic=False`): one compilation per (rows, resolution, dtype), a handful per piece on a
+    server, done during the warm-up. With symbolic shapes (torch.compile's default once a second
+    shape arrives) Inductor cannot size a LayerNorm's reduction and splits it into three or four
+    kernels; static, each piece is one kernel over its [B, L, D] input.
     """
     _raise_recompile_limit()
 
     def c(fn):
-        return torch.compile(fn, fullgraph=True)
+        return torch.compile(fn, fullgraph=True, dynamic=False)
 
     return BlockOps(
-        c(modulate), c(gated_residual), c(rms_norm), c(rms_norm_rotate), c(plan_cache_write),
+        c(modulate), c(gated_residual), c(rms_norm), c(rms_norm_rotate), c(plan_cache_update),
         gated_residual_norm=c(gated_residual_norm), residual_modulate=c(residual_modulate),
         ffn=ffn_gelu_epilogue, compiled=True,
     )

@@ -151,7 +151,7 @@ class BlockKVCache:
             evict: False (a non-last step of a step-by-step frame) peeks the queue head in the full
                 phase instead of popping it (module docstring).
             all_slots: the rows are exactly slots 0..R-1 in order (then state is written back whole).
-            plan: `plan_cache_write` or a compiled copy of it (stages.fused); None = the eager one.
+            plan: `plan_cache_update` or a compiled copy of it (stages.fused); None = the eager one.
 
         Returns:
             lengths_B: valid cache tokens of each row after the write (what attention reads).
@@ -164,20 +164,17 @@ class BlockKVCache:
                  self.sink_k_RSX, self.sink_v_RSX)
         if not all_slots:
             state = tuple(t[slots_B] for t in state)
-        frame_k_BFX = k_BMND.reshape(b, m // fp, fp, -1).mean(2)
-        frame_v_BFX = v_BMND.reshape(b, m // fp, fp, -1).mean(2)
         check = sink_check and self.policy.sink_check_enabled and m <= fp
-        (global_B, local_B, queue_BQ, head_B, len_B, sink_k_BSX, sink_v_BSX, write_start_B, _) = (
-            plan or plan_cache_write
+        (global_B, local_B, queue_BQ, head_B, len_B, sink_k_BSX, sink_v_BSX, flat_BM, _) = (
+            plan or plan_cache_update
         )(
-            *state, token_starts_B, frame_k_BFX, frame_v_BFX,
+            *state, token_starts_B, k_BMND=k_BMND, v_BMND=v_BMND, slots_B=slots_B,
             tokens_per_frame=fp, capacity=self.capacity, num_sink_frames=self.policy.num_sink_frames,
             sink_threshold=self.policy.sink_threshold, sink_check=check, evict=evict,
         )
-        # the new K/V: row b's tokens go to [write_start_B[b], write_start_B[b] + m) of its slot
-        flat_BM = (slots_B * self.capacity + write_start_B)[:, None] + torch.arange(m, device=slots_B.device)
-        self.k_RCND.view(-1, *self.k_RCND.shape[2:]).index_copy_(0, flat_BM.flatten(), k_BMND.flatten(0, 1))
-        self.v_RCND.view(-1, *self.v_RCND.shape[2:]).index_copy_(0, flat_BM.flatten(), v_BMND.flatten(0, 1))
+        rows = flat_BM.flatten()  # the new K/V: row b's tokens go to [write_start, write_start + m) of its slot
+        _token_rows(self.k_RCND).index_copy_(0, rows, _token_rows(k_BMND.contiguous()))
+        _token_rows(self.v_RCND).index_copy_(0, rows, _token_rows(v_BMND.contiguous()))
         new_state = (global_B, local_B, queue_BQ, head_B, len_B, sink_k_BSX, sink_v_BSX)
         for name, value in zip(self.TENSOR_FIELDS[2:], new_state):
             if all_slots:
@@ -213,6 +210,37 @@ class BlockKVCache:
         q, head, size = self.queue_RQ.tolist(), self.queue_head_R.tolist(), self.queue_len_R.tolist()
         cap = self.policy.queue_capacity
         return [[q[r][(head[r] + i) % cap] for i in range(size[r])] for r in range(len(q))]
+
+
+def _token_rows(x_BTND: torch.Tensor) -> torch.Tensor:
+    """[B*T, N*D] rows of a contiguous cache or K/V tensor, as 8-byte words where the row's bytes
+    allow: an index copy moves one element at a time, so bf16 elements would take 4x the steps."""
+    rows = x_BTND.view(-1, x_BTND.shape[2] * x_BTND.shape[3])
+    return rows.view(torch.int64) if rows.shape[1] * rows.element_size() % 8 == 0 else rows
+
+
+def plan_cache_update(
+    *state: torch.Tensor,
+    k_BMND: torch.Tensor,
+    v_BMND: torch.Tensor,
+    slots_B: torch.Tensor,
+    tokens_per_frame: int,
+    capacity: int,
+    **policy,
+) -> tuple[torch.Tensor, ...]:
+    """Everything of one cache write but the K/V copy itself: the new frames' mean K and V, then
+    `plan_cache_write` on `state` (its first eight arguments: the rows' cache state and token starts)
+    with `policy` (its sink and eviction flags). Returns its outputs with the write start replaced by
+    the flat cache rows [B, M] (slot * C + token) that the rows' new K/V go to."""
+    b, m = k_BMND.shape[:2]
+    fp = tokens_per_frame
+    frame_k_BFX = k_BMND.reshape(b, m // fp, fp, -1).mean(2)
+    frame_v_BFX = v_BMND.reshape(b, m // fp, fp, -1).mean(2)
+    *new_state, write_start_B, fire_B = plan_cache_write(
+        *state, frame_k_BFX, frame_v_BFX, tokens_per_frame=fp, capacity=capacity, **policy
+    )
+    flat_BM = (slots_B * capacity + write_start_B)[:, None] + torch.arange(m, device=slots_B.device)
+    return (*new_state, flat_BM, fire_B)
 
 
 def plan_cache_write(

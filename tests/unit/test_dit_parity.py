@@ -119,12 +119,12 @@ def test_stream_matches_reference(num_steps, monkeypatch):
     full_phase_refreshes = []
 
     def counting_plan(global_B, local_B, *args, capacity, **kw):
-        out = kv_cache.plan_cache_write(global_B, local_B, *args, capacity=capacity, **kw)
+        out = kv_cache.plan_cache_update(global_B, local_B, *args, capacity=capacity, **kw)
         full_phase_refreshes.append(int((out[-1] & (local_B >= capacity)).sum()))
         return out
 
     shard = DiTShard(model, device="cpu", dtype=torch.float32)
-    shard.ops = dataclasses.replace(shard.ops, plan_cache_write=counting_plan)
+    shard.ops = dataclasses.replace(shard.ops, plan_cache_update=counting_plan)
     streamer = LatentStreamer([shard])
     streamer.open(
         "s",
