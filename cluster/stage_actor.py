@@ -297,12 +297,11 @@ class StageWorker:
             scaling = StreamConfig().latent_scaling
             for kind, model in _build_vaes(plan, self.device, self.dtype).items():
                 kind_dtype = torch.float16 if kind == "taehv" and self.device.type == "cuda" else self.dtype
+                spares = dict(cuda_graphs=cuda_graphs, spare_streams=spare_streams)
                 if p.encode:
-                    self.encoders[kind] = VAEEncodeStage(kind, model, self.device, kind_dtype, scaling,
-                                                         cuda_graphs=cuda_graphs)
+                    self.encoders[kind] = VAEEncodeStage(kind, model, self.device, kind_dtype, scaling, **spares)
                 if p.decode:
-                    self.decoders[kind] = VAEDecodeStage(kind, model, self.device, kind_dtype, scaling,
-                                                         cuda_graphs=cuda_graphs)
+                    self.decoders[kind] = VAEDecodeStage(kind, model, self.device, kind_dtype, scaling, **spares)
         if p.encode:
             from stages.t5 import build_text_encoder
 

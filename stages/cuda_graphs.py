@@ -27,8 +27,8 @@ counted in the thread that warmed the engine up, failed with "operation failed d
 error during capture" and, before failures were retried, ran eager from then on; the thread's own
 handle is the likely cause.)
 
-A recycled stream state (stages.dit_stage, "Spare states") keeps its tensors and so its graphs:
-`rename` moves them from the closed stream's id to the next one's.
+A recycled stream state (stages.dit_stage, "Spare states"; a TAEHV stream cache in stages.vae_stage)
+keeps its tensors and so its graphs: `rename` moves them from the closed stream's id to the next one's.
 
 Each DiT graph has a private memory pool, as in the serving runs where per-stream DiT graphs were
 measured (BENCHMARKS.md); the TAEHV runner below shares one pool among its graphs.
@@ -375,6 +375,13 @@ class CallGraphRunner(_GraphTable):
         for table in (self._graphs, self._calls):
             for key in [k for k in table if k[0] == stream_id]:
                 del table[key]
+
+    def rename(self, old: str, new: str) -> None:
+        """Move the graphs and warm-up counts of stream `old` to `new`, whose state is the same tensors
+        (a recycled VAE stream cache). Keys naming `new` already are dropped first."""
+        self.forget(new)
+        self._graphs = OrderedDict(((new, *k[1:]) if k[0] == old else k, g) for k, g in self._graphs.items())
+        self._calls = {((new, *k[1:]) if k[0] == old else k): n for k, n in self._calls.items()}
 
     def run(self, stream_id: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """fn(x), from a graph once this key has been seen `eager_calls` times."""

@@ -144,6 +144,7 @@ def build_models(spec: EngineSpec, dit_cfg: DiTConfig) -> EngineComponents:
     for kind, vae in vaes.items():
         vae_dtype = torch.float16 if kind == "taehv" and device.type == "cuda" else dtype
         graphs = spec.cuda_graphs and device.type == "cuda"
-        encoders[kind] = VAEEncodeStage(kind, vae, device, vae_dtype, scaling, cuda_graphs=graphs)
-        decoders[kind] = VAEDecodeStage(kind, vae, device, vae_dtype, scaling, cuda_graphs=graphs)
+        spares = dict(cuda_graphs=graphs, spare_streams=spec.spare_streams)
+        encoders[kind] = VAEEncodeStage(kind, vae, device, vae_dtype, scaling, **spares)
+        decoders[kind] = VAEDecodeStage(kind, vae, device, vae_dtype, scaling, **spares)
     return EngineComponents(dit=LatentStreamer([shard]), encoders=encoders, decoders=decoders, text=text)

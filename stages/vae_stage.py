@@ -22,18 +22,31 @@ TAEHV works in the normalised latent space (it applies no mean/std), so in 'refe
 latents are mapped to raw-mu space to feed the DiT what the Wan encoder would; the decode side
 treats DiT output as normalised for both kinds, as the reference does. Decoded pixels are clamped
 to [-1, 1] and returned in fp32.
+
+Spare TAEHV caches. With CUDA graphs, a closed TAEHV stream's cache (its MemBlocks' memory tensors)
+is kept with its graphs, up to `spare_streams` (the oldest dropped first), as the DiT keeps its
+stream states. The next stream whose first call has the same batch and frame size takes it: the
+memory is zeroed in place, which is exactly a fresh cache's empty memory (a MemBlock reads absent
+memory as zeros), and the graphs are renamed to the new stream. Its first call runs eager as always
+(it writes the memory in place), and its second call replays the closed stream's graph instead of
+capturing one (about 17 ms of a 480x832 stream's start-up on an H200). The reference's re-decode
+mode (`taehv_context_latents`) keeps latents outside the memory and is not recycled.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
 
 from stages.cuda_graphs import CallGraphRunner
-from stages.errors import BadFrameError, StreamExistsError, StreamNotFoundError
+from stages.errors import BadFrameError, BadRequestError, StreamExistsError, StreamNotFoundError
 from stages.taehv import TAEHV, TAEHVCache
 from stages.wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAECache
 
+SPARE_PREFIX = "\x00spare-"
+"""Prefix of a spare cache's id: no client id starts with a NUL."""
 VAE_KINDS = ("wan", "taehv")
 LATENT_SCALINGS = ("reference", "symmetric")
 SPATIAL_FACTOR = 8
@@ -98,9 +111,16 @@ class _StreamRegistry:
         except KeyError:
             raise StreamNotFoundError(f"stream {stream_id!r} is not open", stream_id=stream_id) from None
 
-    def close(self, stream_id: str) -> None:
-        if self._caches.pop(stream_id, None) is None:
+    def close(self, stream_id: str) -> WanVAECache | TAEHVCache:
+        cache = self._caches.pop(stream_id, None)
+        if cache is None:
             raise StreamNotFoundError(f"stream {stream_id!r} is not open", stream_id=stream_id)
+        return cache
+
+    def replace(self, stream_id: str, cache: WanVAECache | TAEHVCache) -> None:
+        """The open stream's cache swapped for another (a recycled one)."""
+        self.get(stream_id)
+        self._caches[stream_id] = cache
 
     def __contains__(self, stream_id: str) -> bool:
         return stream_id in self._caches
@@ -125,8 +145,11 @@ class _VAEStage:
         latent_scaling: str = "reference",
         *,
         cuda_graphs: bool = False,
+        spare_streams: int = 8,
     ) -> None:
         _check_kind(vae_kind, model, latent_scaling)
+        if spare_streams < 0:
+            raise ValueError(f"spare_streams={spare_streams} must be >= 0")
         self.vae_kind = vae_kind
         self.device = torch.device(device)
         self.dtype = dtype
@@ -141,7 +164,15 @@ class _VAEStage:
         """TAEHV on CUDA with cuda_graphs: a stream's steady calls replay CUDA graphs (its eager calls
         are many short kernels, and the GPU idles between their launches: BENCHMARKS.md)."""
         if cuda_graphs and vae_kind == "taehv" and self.device.type == "cuda":
-            self.graphs = CallGraphRunner(self.device)
+            self.graphs = CallGraphRunner(self.device, max_graphs=64 + 2 * spare_streams)
+        self.spare_streams = spare_streams if self.graphs is not None else 0
+        self._spares: list[tuple[str, tuple, TAEHVCache]] = []
+        """Closed TAEHV streams' caches, oldest first: (spare id, first-call key, cache) (module docstring)."""
+        self._first_keys: dict[str, tuple] = {}
+        """Open TAEHV stream -> the (batch, height, width) of its first call."""
+        self._spare_ids = itertools.count()
+        self.num_recycled = 0
+        """Streams that took a spare cache (stats)."""
 
     @property
     def stream_ids(self) -> list[str]:
@@ -150,11 +181,65 @@ class _VAEStage:
     def has_stream(self, stream_id: str) -> bool:
         return stream_id in self._streams
 
+    def open_stream(self, stream_id: str) -> None:
+        """Start a stream with fresh caches. Raises StreamExistsError if it is already open."""
+        if stream_id.startswith(SPARE_PREFIX):
+            raise BadRequestError(f"stream id {stream_id!r} may not start with a NUL character")
+        self._streams.open(stream_id, self._new_cache())
+
     def close_stream(self, stream_id: str) -> None:
-        """Forget the stream and free its caches. Raises StreamNotFoundError if it is not open."""
-        self._streams.close(stream_id)
-        if self.graphs is not None:
+        """Forget the stream and free its caches, or keep them as a spare (module docstring). Raises
+        StreamNotFoundError if it is not open."""
+        cache = self._streams.close(stream_id)
+        key = self._first_keys.pop(stream_id, None)
+        if self.graphs is None:
+            return
+        if key is None or not self._recyclable(cache) or self.spare_streams == 0:
             self.graphs.forget(stream_id)
+            return
+        spare_id = f"{SPARE_PREFIX}{next(self._spare_ids)}"
+        self.graphs.rename(stream_id, spare_id)
+        self._spares.append((spare_id, key, cache))
+        while len(self._spares) > self.spare_streams:
+            self.graphs.forget(self._spares.pop(0)[0])
+
+    @property
+    def num_spares(self) -> int:
+        return len(self._spares)
+
+    def drop_spares(self) -> None:
+        """Free every spare cache and its graphs."""
+        for spare_id, _, _ in self._spares:
+            if self.graphs is not None:
+                self.graphs.forget(spare_id)
+        self._spares.clear()
+
+    def _new_cache(self) -> WanVAECache | TAEHVCache:
+        raise NotImplementedError
+
+    @staticmethod
+    def _recyclable(cache: WanVAECache | TAEHVCache) -> bool:
+        """A TAEHV cache that has run (its MemBlocks have memory) and holds no re-decode latents."""
+        return (isinstance(cache, TAEHVCache) and cache.num_calls > 0 and cache.context_BTCHW is None
+                and any(m is not None for m in cache.memory))
+
+    def _first_call_cache(self, stream_id: str, cache: TAEHVCache, x: torch.Tensor) -> TAEHVCache:
+        """Before a TAEHV stream's first call: a spare cache of the same (batch, height, width), zeroed
+        and with its graphs renamed to this stream, when there is one; else the stream's own."""
+        key = (x.shape[0], *x.shape[-2:])
+        self._first_keys[stream_id] = key
+        for i, (spare_id, spare_key, spare) in enumerate(self._spares):
+            if spare_key == key:
+                del self._spares[i]
+                for memory in spare.memory:
+                    if memory is not None:
+                        memory.zero_()
+                spare.num_calls = 0
+                self._streams.replace(stream_id, spare)
+                self.graphs.rename(spare_id, stream_id)
+                self.num_recycled += 1
+                return spare
+        return cache
 
     def _taehv_call(self, stream_id: str, cache: TAEHVCache, fn, x: torch.Tensor) -> torch.Tensor:
         """fn(x) for a TAEHV stream: from the stream's CUDA graphs after its first call (which fills
@@ -181,10 +266,8 @@ class _VAEStage:
 class VAEEncodeStage(_VAEStage):
     """Pixels -> latents for many streams. `encode` takes [B, 3, T, H, W] in [-1, 1] (H, W multiples of 8)."""
 
-    def open_stream(self, stream_id: str) -> None:
-        """Start a stream with fresh caches. Raises StreamExistsError if it is already open."""
-        model = self.model
-        self._streams.open(stream_id, model.new_encode_cache())
+    def _new_cache(self) -> WanVAECache | TAEHVCache:
+        return self.model.new_encode_cache()
 
     def encode(self, stream_id: str, frames_BCTHW: torch.Tensor) -> torch.Tensor:
         """The stream's next frames -> latents [B, 16, T', H/8, W/8] in the stage dtype (see module doc)."""
@@ -203,6 +286,8 @@ class VAEEncodeStage(_VAEStage):
                 mu_BZTHW = self.model.stream_encode(frames_BCTHW, cache)
                 return self._normalise(mu_BZTHW) if self.latent_scaling == "symmetric" else mu_BZTHW
             assert isinstance(cache, TAEHVCache)
+            if cache.num_calls == 0 and self.graphs is not None:
+                cache = self._first_call_cache(stream_id, cache, frames_BCTHW)
 
             def encode_BCTHW(frames_BCTHW: torch.Tensor) -> torch.Tensor:
                 unit_BTCHW = (frames_BCTHW * 0.5 + 0.5).clamp(0, 1).transpose(1, 2)
@@ -237,16 +322,17 @@ class VAEDecodeStage(_VAEStage):
         taehv_context_latents: int | None = None,
         taehv_emit_first_frame: bool = True,
         cuda_graphs: bool = False,
+        spare_streams: int = 8,
     ) -> None:
-        super().__init__(vae_kind, model, device, dtype, latent_scaling, cuda_graphs=cuda_graphs)
+        super().__init__(vae_kind, model, device, dtype, latent_scaling, cuda_graphs=cuda_graphs,
+                         spare_streams=spare_streams)
         if taehv_context_latents is not None and taehv_context_latents < 0:
             raise ValueError(f"taehv_context_latents={taehv_context_latents} must be None or >= 0")
         self.taehv_context_latents = taehv_context_latents
         self.taehv_emit_first_frame = taehv_emit_first_frame
 
-    def open_stream(self, stream_id: str) -> None:
-        """Start a stream with fresh caches. Raises StreamExistsError if it is already open."""
-        self._streams.open(stream_id, self.model.new_decode_cache())
+    def _new_cache(self) -> WanVAECache | TAEHVCache:
+        return self.model.new_decode_cache()
 
     def decode(self, stream_id: str, latents_BCTHW: torch.Tensor) -> torch.Tensor:
         """The stream's next latents [B, 16, T, h, w] -> frames [B, 3, T', 8h, 8w] fp32 in [-1, 1]."""
@@ -260,6 +346,8 @@ class VAEDecodeStage(_VAEStage):
                 frames_BCTHW = self.model.stream_decode(self._denormalise(z_BZTHW), cache)
                 return frames_BCTHW.float().clamp_(-1.0, 1.0)
             assert isinstance(cache, TAEHVCache)
+            if cache.num_calls == 0 and self.graphs is not None and self.taehv_context_latents is None:
+                cache = self._first_call_cache(stream_id, cache, z_BZTHW)
 
             def decode_BCTHW(z_BZTHW: torch.Tensor) -> torch.Tensor:
                 unit_BTCHW = self.model.stream_decode(

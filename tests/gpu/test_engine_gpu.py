@@ -217,17 +217,22 @@ def test_stream_step_has_no_host_sync(cuda_graphs):
         assert graphs.num_replays >= 20
 
 
-def test_taehv_stage_graphs_equal_eager_over_a_stream():
-    """The TAEHV stages' CUDA graphs (steady calls) give the eager calls' values, chunk after chunk,
-    and a second stream captured after the first does not disturb it (the graphs share one pool)."""
+def _taehv_stages() -> dict[bool, tuple]:
+    """{cuda_graphs: (encode stage, decode stage)} over one fp16 TAEHV, eager and graphed."""
     from stages.taehv import TAEHV, TAEHVConfig
     from stages.vae_stage import VAEDecodeStage, VAEEncodeStage
 
     torch.manual_seed(0)
     model = TAEHV(TAEHVConfig()).to(DEVICE, torch.float16)
     model.use_channels_last()
-    stages = {g: (VAEEncodeStage("taehv", model, DEVICE, torch.float16, cuda_graphs=g),
-                  VAEDecodeStage("taehv", model, DEVICE, torch.float16, cuda_graphs=g)) for g in (False, True)}
+    return {g: (VAEEncodeStage("taehv", model, DEVICE, torch.float16, cuda_graphs=g),
+                VAEDecodeStage("taehv", model, DEVICE, torch.float16, cuda_graphs=g)) for g in (False, True)}
+
+
+def test_taehv_stage_graphs_equal_eager_over_a_stream():
+    """The TAEHV stages' CUDA graphs (steady calls) give the eager calls' values, chunk after chunk,
+    and a second stream captured after the first does not disturb it (the graphs share one pool)."""
+    stages = _taehv_stages()
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     chunks = [torch.rand(1, 3, 1 if i == 0 else 4, 96, 160, generator=gen, device=DEVICE) * 2 - 1 for i in range(7)]
     outs = {}
@@ -246,3 +251,32 @@ def test_taehv_stage_graphs_equal_eager_over_a_stream():
     assert enc.graphs.num_replays > 0 and dec.graphs.num_replays > 0 and enc.graphs.enabled
     for eager, graphed in zip(outs[False], outs[True]):
         assert torch.equal(eager, graphed)
+
+
+def test_a_spare_taehv_cache_replays_the_closed_streams_graphs():
+    """A TAEHV stream opened after another closed takes its zeroed cache and replays its graphs: no
+    capture, and the eager stage's values for a fresh stream."""
+    stages = _taehv_stages()
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    clips = {sid: [torch.rand(1, 3, 1 if i == 0 else 4, 96, 160, generator=gen, device=DEVICE) * 2 - 1
+                   for i in range(5)] for sid in ("a", "b")}
+
+    def run(g, sid):
+        enc, dec = stages[g]
+        enc.open_stream(sid)
+        dec.open_stream(sid)
+        out = [dec.decode(sid, enc.encode(sid, x)).clone() for x in clips[sid]]
+        enc.close_stream(sid)
+        dec.close_stream(sid)
+        torch.cuda.synchronize()
+        return out
+
+    run(True, "a")
+    enc, dec = stages[True]
+    captures = (enc.graphs.num_captures, dec.graphs.num_captures)
+    assert captures[0] > 0 and enc.num_spares == 1 and dec.num_spares == 1
+    got = run(True, "b")
+    assert (enc.graphs.num_captures, dec.graphs.num_captures) == captures
+    assert enc.num_recycled == 1 and dec.num_recycled == 1 and enc.graphs.enabled and dec.graphs.enabled
+    expected = run(False, "b")
+    assert all(torch.equal(x, y) for x, y in zip(got, expected))

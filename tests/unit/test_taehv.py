@@ -175,3 +175,61 @@ def test_channels_last_gives_the_plain_results():
         torch.testing.assert_close(z_fast, z_plain, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
     assert fast.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _with_spares(stage):
+    """A CPU stage with the spare-cache bookkeeping of a CUDA-graph one (on CPU the graph runner
+    runs every call eagerly, so the values are the plain stage's)."""
+    from stages.cuda_graphs import CallGraphRunner
+
+    stage.graphs = CallGraphRunner("cpu")
+    stage.spare_streams = 2
+    return stage
+
+
+@torch.no_grad()
+def test_a_spare_cache_gives_a_fresh_streams_values_and_keeps_its_tensors():
+    from stages.errors import BadRequestError
+
+    model = _model(seed=3)
+    plain = (VAEEncodeStage("taehv", model, "cpu", torch.float32), VAEDecodeStage("taehv", model, "cpu", torch.float32))
+    spared = (_with_spares(VAEEncodeStage("taehv", model, "cpu", torch.float32)),
+              _with_spares(VAEDecodeStage("taehv", model, "cpu", torch.float32)))
+    chunks = [(0, 1), (1, 5), (5, 9)]
+
+    def run(stages, sid, video):
+        enc, dec = stages
+        enc.open_stream(sid)
+        dec.open_stream(sid)
+        out = [dec.decode(sid, enc.encode(sid, video[:, :, i:j])) for i, j in chunks]
+        addresses = [m.data_ptr() for m in enc._streams.get(sid).memory + dec._streams.get(sid).memory
+                     if m is not None]
+        enc.close_stream(sid)
+        dec.close_stream(sid)
+        return out, addresses
+
+    a = _frames_BTCHW(9, seed=6).transpose(1, 2) * 2 - 1
+    b = _frames_BTCHW(9, seed=7).transpose(1, 2) * 2 - 1
+    _, a_addresses = run(spared, "a", a)
+    assert [s.num_spares for s in spared] == [1, 1]
+    expected_b, _ = run(plain, "b", b)
+    got_b, b_addresses = run(spared, "b", b)  # on a's zeroed caches
+    assert all(torch.equal(x, y) for x, y in zip(got_b, expected_b))
+    assert b_addresses == a_addresses and [s.num_recycled for s in spared] == [1, 1]
+
+    # another frame size does not take the spare; the spares are bounded; a NUL id is refused
+    small = torch.rand(1, 3, 9, 8, 8, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    for sid in ("c", "d"):
+        enc, dec = spared
+        enc.open_stream(sid)
+        dec.open_stream(sid)
+        dec.decode(sid, enc.encode(sid, small[:, :, :1]))
+    assert [s.num_recycled for s in spared] == [1, 1]
+    for sid in ("c", "d"):
+        for s in spared:
+            s.close_stream(sid)
+    assert [s.num_spares for s in spared] == [2, 2]
+    with pytest.raises(BadRequestError):
+        spared[0].open_stream("\x00spare-0")
+    spared[1].drop_spares()
+    assert spared[1].num_spares == 0
