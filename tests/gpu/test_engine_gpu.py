@@ -92,9 +92,10 @@ def test_cuda_graph_path_equals_eager(model, height, width, num_steps, two_strea
     # One stream: the same kernels on the same shapes, bit-identical in practice. Two streams: the
     # eager side runs both streams' rows in one forward, the graphs one stream each, so the fused
     # pieces' kernels see other batch sizes and round differently in bf16 (measured on an H200: rel_l2
-    # 1.7e-3 to 2.4e-3, rel_max <= 3.7e-3 for the tiny 3-step case); a capture or replay bug (a stale
-    # input, another stream's cache) shows as errors of order 1.
-    assert rel_l2 <= (5e-3 if two_streams else 1e-3) and rel_max <= 1e-2
+    # 1.7e-3 to 2.4e-3, rel_max <= 3.7e-3 for the tiny 3-step case; rel_l2 6.2e-3, rel_max 7.1e-3 for
+    # the 1.3B one, 30 blocks deep); a capture or replay bug (a stale input, another stream's cache)
+    # shows as errors of order 1.
+    assert rel_l2 <= (1e-2 if two_streams else 1e-3) and rel_max <= 1e-2
 
 
 def _one_stream(streamer: LatentStreamer, sid: str, latents, *, height: int, width: int, num_steps: int):
