@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -136,10 +137,15 @@ def serve_main(args: argparse.Namespace) -> int:
               f"metrics at http://localhost:{service.http_port}/metrics; Ctrl-C stops")
         if not args.no_web:
             print(f"weir: web page at http://localhost:{service.http_port}/web/")
+    def stop(_signum, _frame) -> None:  # a process manager's SIGTERM stops it as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("weir: stopping (streams end, the Serve app shuts down)", flush=True)
         serve.shutdown()
     return 0
 
@@ -362,10 +368,17 @@ def bench_serve_main(args: argparse.Namespace) -> int:
     opts = _options_from_args(args, args.fps)
     print(f"streaming {args.streams} streams of {args.num_frames} frames at {args.fps} fps...", flush=True)
 
+    first_refusals: dict[int, str] = {}  # stream -> why admission first turned it away
+
     async def one(i: int):
         await asyncio.sleep(i * args.stagger_s)
+
+        def refused(err: WeirError, _wait_s: float) -> None:
+            first_refusals.setdefault(i, str(err))
+
         try:
-            return await stream_frames(address, frames, opts, app_name=args.app, retry_for_s=args.retry_for_s)
+            return await stream_frames(address, frames, opts, app_name=args.app, retry_for_s=args.retry_for_s,
+                                       on_refused=refused)
         except WeirError as exc:
             return exc
 
@@ -404,12 +417,17 @@ def bench_serve_main(args: argparse.Namespace) -> int:
             "max_ms", "deadline_misses", "skipped", "fps"]
     print(" ".join(f"{c:>15}" for c in cols))
     for r in rows:
-        print(" ".join(f"{r.get(c, '-')!s:>15}" for c in cols))
+        print(" ".join(f"{'-' if r.get(c) is None else r[c]!s:>15}" for c in cols))
     print(f"aggregate: {summary['admitted']}/{args.streams} admitted, {summary['aggregate_fps']} fps, "
           f"{summary['wall_s']} s")
+    for i, reason in sorted(first_refusals.items()):  # admitted after retries: why they waited
+        rows[i]["first_refusal"] = reason[:300]
     refusals = [r for r in rows if r["status"] != "ok"]
     if refusals:  # why the first one was turned away (admission names the limit it hit)
         print(f"first refusal (stream {refusals[0]['stream']}): {refusals[0]['error']}")
+    for r in rows:
+        if r["status"] == "ok" and "first_refusal" in r:
+            print(f"stream {r['stream']} waited {r['admission_wait_s']} s; first refused with: {r['first_refusal']}")
     Path(args.json).write_text(json.dumps({"summary": summary, "streams": rows}, indent=2))
     print(f"wrote {args.json}")
     if args.frames_out:
@@ -439,14 +457,20 @@ def stream_rows(results: list) -> list[dict]:
             "stream": i, "status": "ok", "frames": len(r.frames), "sent": r.sent,
             "ttff_ms": round(r.ttff_ms, 1),
             "p50_ms": round(percentile(r.latencies_ms, 50), 1), "p99_ms": round(percentile(r.latencies_ms, 99), 1),
-            "p99_after_joins_ms": round(percentile(
-                [lat for lat, ts in zip(r.latencies_ms, r.capture_us) if ts >= joined_us] or [0.0], 99), 1),
+            "p99_after_joins_ms": _p99_or_none([lat for lat, ts in zip(r.latencies_ms, r.capture_us)
+                                                if ts >= joined_us]),
             "max_ms": round(max(r.latencies_ms, default=0.0), 1),
             "deadline_misses": int(ss.deadline_misses) if ss else 0, "skipped": int(ss.frames_skipped) if ss else 0,
             "fps": round(r.fps, 2), "admission_wait_s": round(r.admission_wait_s, 2),
             "admission_retries": r.admission_retries,
         })
     return rows
+
+
+def _p99_or_none(values: list[float]) -> float | None:
+    from scheduling.slo import percentile
+
+    return round(percentile(values, 99), 1) if values else None
 
 
 def write_frame_log(path: str, results: list) -> None:
