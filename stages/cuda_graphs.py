@@ -57,6 +57,9 @@ import torch
 LOG = logging.getLogger(__name__)
 
 GraphKey = tuple
+SPARE_PREFIX = "\x00spare-"
+"""Prefix of a spare (recycled) stream state's id while its graphs wait for the next stream: no client
+id starts with a NUL, and the stages refuse one that does."""
 _THREADS = threading.local()
 _THREAD_COUNT = itertools.count()
 

@@ -41,7 +41,7 @@ import torch
 
 from stages.attention import attend, attend_kv_cache
 from stages.config import DiTConfig, StreamConfig
-from stages.cuda_graphs import ShardGraphRunner
+from stages.cuda_graphs import SPARE_PREFIX, ShardGraphRunner
 from stages.dit import WanDiT
 from stages.errors import BadRequestError, StreamExistsError, StreamNotFoundError
 from stages.flow_match import FlowMatchSchedule
@@ -50,8 +50,6 @@ from stages.kv_cache import BlockKVCache, DiTStreamState, KVCachePolicy
 
 Segment = tuple[str, tuple[int, ...]]
 LOG = logging.getLogger(__name__)
-SPARE_PREFIX = "\x00spare-"
-"""Prefix of a spare state's id: no client id starts with a NUL."""
 
 
 @dataclass

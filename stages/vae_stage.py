@@ -40,13 +40,11 @@ import itertools
 import numpy as np
 import torch
 
-from stages.cuda_graphs import CallGraphRunner
+from stages.cuda_graphs import SPARE_PREFIX, CallGraphRunner
 from stages.errors import BadFrameError, BadRequestError, StreamExistsError, StreamNotFoundError
 from stages.taehv import TAEHV, TAEHVCache
 from stages.wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAECache
 
-SPARE_PREFIX = "\x00spare-"
-"""Prefix of a spare cache's id: no client id starts with a NUL."""
 VAE_KINDS = ("wan", "taehv")
 LATENT_SCALINGS = ("reference", "symmetric")
 SPATIAL_FACTOR = 8
