@@ -22,7 +22,9 @@ One tick of the loop (the scheduler's module docstring, "Driving it"):
        engine prefills first chunks, stream-batches the rest, and runs a step-by-step stream's n steps back
        to back); a stream with work but no new chunk (a stream batch that must drain, or chunks left in
        flight by a mode switch) is flushed. The engine's mode of a stream follows the plan's mode (switched
-       before its next chunk, nothing in flight, no frame lost)
+       before its next chunk, nothing in flight, no frame lost). Where a step per stream costs the same
+       (`forwards_per_stream`), the streams are stepped one at a time, back to back in the engine's
+       thread (`InProcessExecutor.step_each`): the GPU does not wait for the event loop between them
     4. frames go to their stream's bounded queue as soon as the engine returns them; update_from_output
        gets the measured times and, per emitted chunk, when its frames really left
 
@@ -106,7 +108,10 @@ def now_us() -> int:
 
 
 class Executor(Protocol):
-    """The engine API the batching loop drives (see stages.engine.StreamEngine), as coroutines."""
+    """The engine API the batching loop drives (see stages.engine.StreamEngine), as coroutines.
+
+    An executor may also offer `step_each` (InProcessExecutor): the streams stepped one at a time
+    without a return to the event loop in between; PipelineCore uses it where it steps one by one."""
 
     async def open_stream(self, stream_id: str, params: object) -> None: ...
     async def add_frames(self, stream_id: str, frames: list[tuple[int, object]]) -> None: ...
@@ -166,17 +171,34 @@ class InProcessExecutor:
         """StreamEngine.forwards_per_stream (Executor.forwards_per_stream)."""
         return self.engine.forwards_per_stream
 
-    async def step(self, stream_ids):
-        def run() -> dict[str, list]:
-            out = self.engine.step(stream_ids)
-            self.tick_times = self.engine.tick_times
-            for sid in stream_ids:
-                if sid in self._emulated_sbs:
-                    out[sid] = list(out.get(sid, [])) + self.engine.flush(sid)
-                    self.tick_times = None  # drain forwards ran after the timed stages
-            return out
+    def _step_now(self, stream_ids) -> dict[str, list]:
+        """One engine step, in the engine's thread; sets tick_times."""
+        out = self.engine.step(stream_ids)
+        self.tick_times = self.engine.tick_times
+        for sid in stream_ids:
+            if sid in self._emulated_sbs:
+                out[sid] = list(out.get(sid, [])) + self.engine.flush(sid)
+                self.tick_times = None  # drain forwards ran after the timed stages
+        return out
 
-        return await self._call(run)
+    async def step(self, stream_ids):
+        return await self._call(self._step_now, stream_ids)
+
+    async def step_each(self, stream_ids, on_done: Callable[[str, list, object, float], None],
+                        clock: Callable[[], float] = time.monotonic) -> None:
+        """Step each stream on its own, back to back in the engine's thread, so that the GPU does not
+        wait for the event loop between them (it may be busy sending the last stream's frames).
+        `on_done(stream_id, frames, tick_times, step_s)` runs on the event loop as each step ends, in
+        order, all before this returns; step_s is the step's time on `clock`."""
+        loop = asyncio.get_running_loop()
+
+        def run() -> None:
+            for sid in stream_ids:
+                t = clock()
+                out = self._step_now([sid])
+                loop.call_soon_threadsafe(on_done, sid, out.get(sid, []), self.tick_times, clock() - t)
+
+        await self._call(run)
 
     async def set_step_mode(self, stream_id, step_by_step):
         if self._native_modes:
@@ -852,14 +874,30 @@ class PipelineCore:
             # chunk is done, not when the last stream's is), else one shared step
             one_by_one = self.executor.forwards_per_stream
             measured = []
-            for ids in ([[sid] for sid in step_ids] if one_by_one else [step_ids]):
-                t_ids = self.clock()
-                outputs = await self.executor.step(ids)
-                measured.append(self.executor.tick_times)
-                self._time_startups(ids, self.clock() - t_ids)
-                for sid, frames in outputs.items():
+            errors: list[BaseException] = []
+
+            def stepped(sid: str, frames: list, tick_times, step_s: float) -> None:
+                try:
+                    measured.append(tick_times)
+                    self._time_startups([sid], step_s)
                     if sid in self.streams:
                         self._deliver(self.streams[sid], frames)
+                except BaseException as exc:  # noqa: BLE001 - raised below, in the loop's task
+                    errors.append(exc)
+
+            if one_by_one and hasattr(self.executor, "step_each"):
+                await self.executor.step_each(step_ids, stepped, clock=self.clock)
+                if errors:
+                    raise errors[0]
+            else:
+                for ids in [[sid] for sid in step_ids] if one_by_one else [step_ids]:
+                    t_ids = self.clock()
+                    outputs = await self.executor.step(ids)
+                    measured.append(self.executor.tick_times)
+                    self._time_startups(ids, self.clock() - t_ids)
+                    for sid, frames in outputs.items():
+                        if sid in self.streams:
+                            self._deliver(self.streams[sid], frames)
             times = total_tick_times(measured)
             self._samples.executor_step_ms_samples.append((self.clock() - t_step) * 1000)
         for sid in flush_ids:
@@ -1072,6 +1110,13 @@ class Pipeline:
             await warm_up_executor(executor, 480, 832, steps=(1, 2), vae=spec.vae, ticks=ticks,
                                    streams=spec.resolved_warm_streams, startups=startups)
             self.core.calibrate(ticks, startups)
+        # the long-lived heap (models, compiled pieces, graphs) out of the collector's way: a full
+        # collection over it is a stall every stream waits through (stages.engine.freeze_heap)
+        from stages.engine import freeze_heap
+
+        freeze_heap()
+        if hasattr(executor, "freeze_heap"):  # stage actors, each a process of its own
+            await executor.freeze_heap()
         self._autoscaling = AutoscalingStatsRecorder(spec.max_streams)
         self._metrics = metrics
         self._reporter: asyncio.Task | None = None

@@ -92,18 +92,18 @@ class _OneByOne(InProcessExecutor):
     forwards_per_stream = True
 
 
-def test_streams_stepped_one_by_one_get_every_frame_and_the_stage_times_add_up(engine):
+def test_streams_stepped_one_by_one_get_every_frame_and_the_stage_times_add_up(engine, monkeypatch):
     async def run():
         spec = PipelineSpec(model="tiny", max_streams=4, num_cpus=0)
         executor = _OneByOne(engine)
         calls = []
-        step = executor.step
+        step = engine.step
 
-        async def recording_step(ids):
+        def recording_step(ids):
             calls.append(list(ids))
-            return await step(ids)
+            return step(ids)
 
-        executor.step = recording_step
+        monkeypatch.setattr(engine, "step", recording_step)  # what the executor runs in its thread
         core = PipelineCore("p0", spec, executor, service=ServiceConfig(stats_interval_s=0.2))
         await core.open("a", _req(seed=1, input_fps=16.0))
         await core.open("b", _req(seed=2, input_fps=16.0))
@@ -397,3 +397,33 @@ def test_unconfirmed_reservations_expire():
     clock.t += 60
     ctl.update("Pipeline-0-tiny", _load(["s2"]))
     assert ctl.owner == {"s2": "Pipeline-0-tiny"}
+
+
+def test_step_each_steps_the_streams_back_to_back_and_reports_each_in_order(engine):
+    """The executor steps every listed stream in its own thread without returning to the event loop in
+    between; each stream's result reaches the loop, in order, before step_each returns, with the same
+    frames as a plain step."""
+    from stages.engine import StreamParams
+
+    async def run():
+        executor = _OneByOne(engine)
+        got, threads = [], []
+        for sid in ("p", "q"):
+            await executor.open_stream(sid, StreamParams(prompt="x", num_steps=1, height=H, width=W))
+            await executor.add_frames(sid, [(0, np.full((H, W, 3), 40, np.uint8))])
+
+        def on_done(sid, frames, tick_times, step_s):
+            threads.append(threading.get_ident())
+            got.append((sid, [f.seq for f in frames], step_s >= 0))
+
+        await executor.step_each(["p", "q"], on_done)
+        seen_before_return = list(got)
+        for sid in ("p", "q"):
+            await executor.close_stream(sid)
+        return got, seen_before_return, threads
+
+    import threading
+
+    got, seen, threads = asyncio.run(run())
+    assert got == [("p", [0], True), ("q", [0], True)] and seen == got
+    assert set(threads) == {threading.main_thread().ident}  # on the event loop's thread
