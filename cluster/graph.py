@@ -648,6 +648,10 @@ class ChainExecutor:
         await asyncio.gather(*(self.chain.call(i, "set_text", stream_id, embeds, blend_chunks, prompt.mode)
                                for i in shard_actors))
 
+    async def freeze_heap(self) -> None:
+        """Every stage actor's `freeze_heap` (stages.engine.freeze_heap), after a warm-up."""
+        await asyncio.gather(*(self.chain.call(i, "freeze_heap") for i in range(self.plan.num_actors)))
+
     async def close_stream(self, stream_id: str) -> None:
         """Free the stream everywhere. Unknown ids are a no-op (a client may vanish twice)."""
         s = self._streams.pop(stream_id, None)

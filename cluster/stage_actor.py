@@ -394,6 +394,12 @@ class StageWorker:
             chains=chains,
         )
 
+    def freeze_heap(self) -> int:
+        """stages.engine.freeze_heap in this actor's process; returns the objects frozen."""
+        from stages.engine import freeze_heap
+
+        return freeze_heap()
+
     def close_stream(self, stream_id: str) -> None:
         """Free every state of the stream on this worker. Unknown ids are ignored (idempotent)."""
         with self._lock:

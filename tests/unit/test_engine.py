@@ -204,3 +204,32 @@ def test_plain_ticks_time_their_stages_and_others_do_not(engine):
     for _, _, t, wall in plain:
         assert 0 < t.encode_s and 0 < t.dit_s and (t.decode_s > 0) == (t.decode_chunks > 0)
         assert t.encode_s + t.dit_s + t.decode_s <= wall
+
+
+def test_the_warm_up_freezes_the_heap_so_a_collection_skips_it(engine):
+    """After the warm-up, a full garbage collection skips the objects that were alive then (gc.freeze),
+    even once they are garbage; garbage made later is still collected."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    def cycle() -> tuple[Node, weakref.ref]:
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # only the cyclic collector can free these
+        return a, weakref.ref(a)
+
+    try:
+        held, frozen_ref = cycle()
+        engine.warm_up(32, 32, steps=(1,), chunks=1)
+        assert gc.get_freeze_count() > 0
+        del held
+        gc.collect()
+        assert frozen_ref() is not None  # alive at the freeze: the collector no longer walks it
+        held, later_ref = cycle()
+        del held
+        gc.collect()
+        assert later_ref() is None  # made after the freeze: collected as usual
+    finally:
+        gc.unfreeze()
