@@ -558,7 +558,7 @@ def freeze_heap() -> int:
     """Collect garbage once, then exempt every object alive now from later collections (`gc.freeze`);
     returns how many objects are frozen. Call it after a warm-up, before clients arrive.
 
-    A served engine's process holds millions of long-lived Python objects (the models' modules, the
+    A served engine's process holds a great many long-lived Python objects (the models' modules, the
     torch.compile caches of every compiled piece and shape, the CUDA-graph tables), and each full
     collection walks all of them, holding the GIL. On a 2-core CPU box, 0.2 million objects take
     0.14 s to walk and 0.5 million 0.35 s (after a single small torch.compile): a stall that every
