@@ -221,10 +221,11 @@ class _VAEStage:
         return (isinstance(cache, TAEHVCache) and cache.num_calls > 0 and cache.context_BTCHW is None
                 and any(m is not None for m in cache.memory))
 
-    def _first_call_cache(self, stream_id: str, cache: TAEHVCache, x: torch.Tensor) -> TAEHVCache:
-        """Before a TAEHV stream's first call: a spare cache of the same (batch, height, width), zeroed
-        and with its graphs renamed to this stream, when there is one; else the stream's own."""
-        key = (x.shape[0], *x.shape[-2:])
+    def _first_call_cache(self, stream_id: str, cache: TAEHVCache, x_BCTHW: torch.Tensor) -> TAEHVCache:
+        """Before a TAEHV stream's first call on x_BCTHW (frames or latents): a spare cache of the same
+        (batch, height, width), zeroed and with its graphs renamed to this stream, when there is one;
+        else the stream's own."""
+        key = (x_BCTHW.shape[0], *x_BCTHW.shape[-2:])
         self._first_keys[stream_id] = key
         for i, (spare_id, spare_key, spare) in enumerate(self._spares):
             if spare_key == key:
