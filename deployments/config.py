@@ -71,6 +71,12 @@ class PipelineSpec:
         return self.max_streams if self.warm_streams is None else self.warm_streams
 
     @property
+    def resolved_spare_streams(self) -> int:
+        """Closed streams' states each stage keeps: the warm pool of both warm step counts (1 and 2),
+        and at least 8 (stages.dit_stage, "Spare states")."""
+        return max(8, 2 * self.resolved_warm_streams)
+
+    @property
     def resolved_executor(self) -> str:
         """'graph' or 'inprocess' after resolving 'auto'."""
         if self.executor == "auto":

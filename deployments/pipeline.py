@@ -110,8 +110,8 @@ def now_us() -> int:
 class Executor(Protocol):
     """The engine API the batching loop drives (see stages.engine.StreamEngine), as coroutines.
 
-    An executor may also offer `step_each` (InProcessExecutor): the streams stepped one at a time
-    without a return to the event loop in between; PipelineCore uses it where it steps one by one."""
+    An executor whose `forwards_per_stream` is True also offers `step_each` (InProcessExecutor.step_each):
+    the streams stepped one at a time without a return to the event loop in between."""
 
     async def open_stream(self, stream_id: str, params: object) -> None: ...
     async def add_frames(self, stream_id: str, frames: list[tuple[int, object]]) -> None: ...
@@ -129,7 +129,7 @@ class Executor(Protocol):
     """The latest step's stage times (stages.engine.TickTimes) when the executor measures them, else None."""
     forwards_per_stream: bool
     """True when stepping streams one at a time costs what one step over all of them costs:
-    PipelineCore then steps them one by one."""
+    PipelineCore then steps them one by one (`step_each`)."""
 
 
 class InProcessExecutor:
@@ -261,7 +261,7 @@ async def build_graph_executor(spec: PipelineSpec):
     plan = build_plan(spec.num_gpus, model=spec.model, device=spec.device, dtype=spec.dtype, vae=spec.vae,
                       checkpoint_dir=spec.checkpoint_dir)
     options = WorkerOptions(cuda_graphs=spec.device == "cuda", env_vars={"NCCL_NVLS_ENABLE": "0"},
-                            spare_streams=max(8, 2 * spec.resolved_warm_streams))
+                            spare_streams=spec.resolved_spare_streams)
     executor = await CompiledGraphExecutor.create(
         plan, placement_group=ray.util.get_current_placement_group(), bundle_offset=1, options=options,
         ring=spec.ring,
@@ -380,9 +380,7 @@ def build_engine_executor(spec: PipelineSpec) -> InProcessExecutor:
         torch.set_num_threads(max(1, round(spec.num_cpus)))
     engine = StreamEngine(
         EngineSpec(model=spec.model, vae=spec.vae, device=spec.device, dtype=spec.dtype,
-                   checkpoint_dir=spec.checkpoint_dir,
-                   # the warm pool of both warm step counts, and room for as many closed streams
-                   spare_streams=max(8, 2 * spec.resolved_warm_streams))
+                   checkpoint_dir=spec.checkpoint_dir, spare_streams=spec.resolved_spare_streams)
     )
     others = tuple(v for v in engine.components.encoders if v != spec.vae)
     if spec.device == "cuda" and others:  # the spec's own VAE is warmed by Pipeline, with calibration
@@ -885,19 +883,18 @@ class PipelineCore:
                 except BaseException as exc:  # noqa: BLE001 - raised below, in the loop's task
                     errors.append(exc)
 
-            if one_by_one and hasattr(self.executor, "step_each"):
+            if one_by_one:
                 await self.executor.step_each(step_ids, stepped, clock=self.clock)
                 if errors:
                     raise errors[0]
             else:
-                for ids in [[sid] for sid in step_ids] if one_by_one else [step_ids]:
-                    t_ids = self.clock()
-                    outputs = await self.executor.step(ids)
-                    measured.append(self.executor.tick_times)
-                    self._time_startups(ids, self.clock() - t_ids)
-                    for sid, frames in outputs.items():
-                        if sid in self.streams:
-                            self._deliver(self.streams[sid], frames)
+                t_ids = self.clock()
+                outputs = await self.executor.step(step_ids)
+                measured.append(self.executor.tick_times)
+                self._time_startups(step_ids, self.clock() - t_ids)
+                for sid, frames in outputs.items():
+                    if sid in self.streams:
+                        self._deliver(self.streams[sid], frames)
             times = total_tick_times(measured)
             self._samples.executor_step_ms_samples.append((self.clock() - t_step) * 1000)
         for sid in flush_ids:

@@ -76,6 +76,70 @@ MAX_CAPTURE_FAILURES = 3
 """Failed captures after which a runner stops capturing (module docstring)."""
 
 
+class SparePool:
+    """Closed streams' states, kept with their CUDA graphs for the next stream of the same geometry
+    (stages.dit_stage, "Spare states"; stages.vae_stage, "Spare TAEHV caches").
+
+    `put` moves a closed stream's graphs to a SPARE_PREFIX id and keeps its state under `key` (what a
+    stream must match to take it: slots, grid, policy...); beyond `capacity` the oldest spare is freed
+    with its graphs, and capacity 0 frees at once. `take` hands the newest spare of a key to a new
+    stream, its graphs renamed to the stream. `graphs` is the stage's runner (ShardGraphRunner or
+    CallGraphRunner), or None without CUDA graphs. Iterating yields the spare states, oldest first.
+
+    Example: put("a", k, s) then take("b", k) -> s, and the graphs captured for "a" now serve "b".
+    """
+
+    def __init__(self, capacity: int, graphs=None) -> None:
+        if capacity < 0:
+            raise ValueError(f"spare_streams={capacity} must be >= 0")
+        self.capacity = capacity
+        self.graphs = graphs
+        self._spares: list[tuple[str, Any, Any]] = []
+        """(spare id, key, state), oldest first."""
+        self._ids = itertools.count()
+        self.num_recycled = 0
+        """States handed to a new stream (stats)."""
+
+    def __len__(self) -> int:
+        return len(self._spares)
+
+    def __iter__(self):
+        return (state for _, _, state in self._spares)
+
+    def put(self, stream_id: str, key, state) -> None:
+        if self.capacity == 0:
+            self._forget(stream_id)
+            return
+        spare_id = f"{SPARE_PREFIX}{next(self._ids)}"
+        if self.graphs is not None:
+            self.graphs.rename(stream_id, spare_id)
+        self._spares.append((spare_id, key, state))
+        while len(self._spares) > self.capacity:
+            self._forget(self._spares.pop(0)[0])
+
+    def take(self, stream_id: str, key):
+        """The newest spare state of `key`, now `stream_id`'s (its graphs renamed), or None."""
+        for i in range(len(self._spares) - 1, -1, -1):
+            spare_id, spare_key, state = self._spares[i]
+            if spare_key == key:
+                del self._spares[i]
+                if self.graphs is not None:
+                    self.graphs.rename(spare_id, stream_id)
+                self.num_recycled += 1
+                return state
+        return None
+
+    def clear(self) -> None:
+        """Free every spare state and its graphs."""
+        for spare_id, _, _ in self._spares:
+            self._forget(spare_id)
+        self._spares.clear()
+
+    def _forget(self, stream_id: str) -> None:
+        if self.graphs is not None:
+            self.graphs.forget(stream_id)
+
+
 @dataclass
 class _Captured:
     """One captured step: the graph, its static inputs and its static output."""

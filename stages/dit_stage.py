@@ -33,7 +33,6 @@ and when the shard's block range changes (`drop_spares`).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from dataclasses import dataclass
 
@@ -41,7 +40,7 @@ import torch
 
 from stages.attention import attend, attend_kv_cache
 from stages.config import DiTConfig, StreamConfig
-from stages.cuda_graphs import SPARE_PREFIX, ShardGraphRunner
+from stages.cuda_graphs import SPARE_PREFIX, ShardGraphRunner, SparePool
 from stages.dit import WanDiT
 from stages.errors import BadRequestError, StreamExistsError, StreamNotFoundError
 from stages.flow_match import FlowMatchSchedule
@@ -175,19 +174,13 @@ class DiTShard:
         compile_ops: bool | None = None,
         spare_streams: int = 8,
     ) -> None:
-        if spare_streams < 0:
-            raise ValueError(f"spare_streams={spare_streams} must be >= 0")
+        self._spares = SparePool(spare_streams)
+        """Closed streams' states (module docstring, "Spare states")."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.schedule = (schedule or FlowMatchSchedule()).to(self.device)
         self._streams: dict[str, DiTStreamState] = {}
-        self.spare_streams = spare_streams
-        self._spares: list[DiTStreamState] = []
-        """Closed streams' states, oldest first, under SPARE_PREFIX ids."""
-        self._spare_ids = itertools.count()
-        self.num_recycled = 0
-        """Streams opened on a spare state (stats)."""
         compile_ops = cuda_graphs if compile_ops is None else compile_ops
         self.ops: BlockOps = compiled_ops() if compile_ops and self.device.type == "cuda" else EAGER_OPS
         self.model.use_ops(self.ops)
@@ -196,6 +189,7 @@ class DiTShard:
             # a few keys per stream (prefill, fill phase, full cache), live streams and spares alike
             self.graphs = ShardGraphRunner(self._compute, self.device, prepare=self._prepare_capture,
                                            max_graphs=64 + 4 * spare_streams)
+            self._spares.graphs = self.graphs
 
     @property
     def cfg(self) -> DiTConfig:
@@ -251,14 +245,10 @@ class DiTShard:
         self._forget_graphs(stream_id)
         policy = KVCachePolicy.from_stream_config(stream_cfg)
         grid_hw = (height // 16, width // 16)
-        spare = self._take_spare(num_slots, grid_hw, policy)
+        spare = self._spares.take(stream_id, (num_slots, grid_hw, policy, tuple(self.model.block_indices)))
         if spare is not None:
-            old_id = spare.stream_id
             spare.recycle(stream_id)
-            if self.graphs is not None:
-                self.graphs.rename(old_id, stream_id)
             self._streams[stream_id] = spare
-            self.num_recycled += 1
             return
         try:
             kv = self._allocate_caches(num_slots, grid_hw, policy)
@@ -294,24 +284,18 @@ class DiTShard:
             for i in self.model.block_indices
         }
 
-    def _take_spare(self, num_slots: int, grid_hw: tuple[int, int], policy: KVCachePolicy) -> DiTStreamState | None:
-        """The newest spare of this geometry, removed from the spares, or None."""
-        blocks = sorted(self.model.block_indices)
-        for i in range(len(self._spares) - 1, -1, -1):
-            s = self._spares[i]
-            if s.num_slots == num_slots and s.grid_hw == grid_hw and s.policy == policy and sorted(s.kv) == blocks:
-                return self._spares.pop(i)
-        return None
-
     def drop_spares(self) -> None:
         """Free every spare state and its graphs."""
-        for spare in self._spares:
-            self._forget_graphs(spare.stream_id)
         self._spares.clear()
 
     @property
     def num_spares(self) -> int:
         return len(self._spares)
+
+    @property
+    def num_recycled(self) -> int:
+        """Streams opened on a spare state (stats)."""
+        return self._spares.num_recycled
 
     @torch.no_grad()
     def set_text_context(self, stream_id: str, text_embeds_BST: torch.Tensor) -> None:
@@ -357,16 +341,7 @@ class DiTShard:
         id raises StreamNotFoundError."""
         state = self.state(stream_id)
         del self._streams[stream_id]
-        if self.spare_streams == 0:
-            self._forget_graphs(stream_id)
-            return
-        spare_id = f"{SPARE_PREFIX}{next(self._spare_ids)}"
-        if self.graphs is not None:
-            self.graphs.rename(stream_id, spare_id)
-        state.stream_id = spare_id
-        self._spares.append(state)
-        while len(self._spares) > self.spare_streams:
-            self._forget_graphs(self._spares.pop(0).stream_id)
+        self._spares.put(stream_id, (state.num_slots, state.grid_hw, state.policy, tuple(sorted(state.kv))), state)
 
     def _forget_graphs(self, stream_id: str) -> None:
         if self.graphs is not None:

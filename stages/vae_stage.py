@@ -23,24 +23,23 @@ latents are mapped to raw-mu space to feed the DiT what the Wan encoder would; t
 treats DiT output as normalised for both kinds, as the reference does. Decoded pixels are clamped
 to [-1, 1] and returned in fp32.
 
-Spare TAEHV caches. With CUDA graphs, a closed TAEHV stream's cache (its MemBlocks' memory tensors)
-is kept with its graphs, up to `spare_streams` (the oldest dropped first), as the DiT keeps its
-stream states. The next stream whose first call has the same batch and frame size takes it: the
-memory is zeroed in place, which is exactly a fresh cache's empty memory (a MemBlock reads absent
-memory as zeros), and the graphs are renamed to the new stream. Its first call runs eager as always
-(it writes the memory in place), and its second call replays the closed stream's graph instead of
-capturing one (about 17 ms of a 480x832 stream's start-up on an H200). The reference's re-decode
+Spare TAEHV caches. A closed TAEHV stream's cache (its MemBlocks' memory tensors) is kept, with its
+CUDA graphs where the stage has them, up to `spare_streams` (the oldest dropped first), as the DiT
+keeps its stream states (`stages.cuda_graphs.SparePool`). The next stream whose first call has the
+same batch and frame size takes it: the memory is zeroed in place, which is exactly a fresh cache's
+empty memory (a MemBlock reads absent memory as zeros), and the graphs are renamed to the new
+stream. Its first call runs eager as always (it writes the memory in place), and its second call
+replays the closed stream's graph instead of capturing one (about 17 ms of a 480x832 stream's
+start-up on an H200). The reference's re-decode
 mode (`taehv_context_latents`) keeps latents outside the memory and is not recycled.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import torch
 
-from stages.cuda_graphs import SPARE_PREFIX, CallGraphRunner
+from stages.cuda_graphs import SPARE_PREFIX, CallGraphRunner, SparePool
 from stages.errors import BadFrameError, BadRequestError, StreamExistsError, StreamNotFoundError
 from stages.taehv import TAEHV, TAEHVCache
 from stages.wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAECache
@@ -146,8 +145,6 @@ class _VAEStage:
         spare_streams: int = 8,
     ) -> None:
         _check_kind(vae_kind, model, latent_scaling)
-        if spare_streams < 0:
-            raise ValueError(f"spare_streams={spare_streams} must be >= 0")
         self.vae_kind = vae_kind
         self.device = torch.device(device)
         self.dtype = dtype
@@ -163,14 +160,10 @@ class _VAEStage:
         are many short kernels, and the GPU idles between their launches: BENCHMARKS.md)."""
         if cuda_graphs and vae_kind == "taehv" and self.device.type == "cuda":
             self.graphs = CallGraphRunner(self.device, max_graphs=64 + 2 * spare_streams)
-        self.spare_streams = spare_streams if self.graphs is not None else 0
-        self._spares: list[tuple[str, tuple, TAEHVCache]] = []
-        """Closed TAEHV streams' caches, oldest first: (spare id, first-call key, cache) (module docstring)."""
+        self._spares = SparePool(spare_streams, self.graphs)
+        """Closed TAEHV streams' caches, keyed by their first call's (batch, height, width) (module docstring)."""
         self._first_keys: dict[str, tuple] = {}
         """Open TAEHV stream -> the (batch, height, width) of its first call."""
-        self._spare_ids = itertools.count()
-        self.num_recycled = 0
-        """Streams that took a spare cache (stats)."""
 
     @property
     def stream_ids(self) -> list[str]:
@@ -190,26 +183,22 @@ class _VAEStage:
         StreamNotFoundError if it is not open."""
         cache = self._streams.close(stream_id)
         key = self._first_keys.pop(stream_id, None)
-        if self.graphs is None:
-            return
-        if key is None or not self._recyclable(cache) or self.spare_streams == 0:
+        if key is not None and self._recyclable(cache):
+            self._spares.put(stream_id, key, cache)
+        elif self.graphs is not None:
             self.graphs.forget(stream_id)
-            return
-        spare_id = f"{SPARE_PREFIX}{next(self._spare_ids)}"
-        self.graphs.rename(stream_id, spare_id)
-        self._spares.append((spare_id, key, cache))
-        while len(self._spares) > self.spare_streams:
-            self.graphs.forget(self._spares.pop(0)[0])
 
     @property
     def num_spares(self) -> int:
         return len(self._spares)
 
+    @property
+    def num_recycled(self) -> int:
+        """Streams that took a spare cache (stats)."""
+        return self._spares.num_recycled
+
     def drop_spares(self) -> None:
         """Free every spare cache and its graphs."""
-        for spare_id, _, _ in self._spares:
-            if self.graphs is not None:
-                self.graphs.forget(spare_id)
         self._spares.clear()
 
     def _new_cache(self) -> WanVAECache | TAEHVCache:
@@ -227,18 +216,15 @@ class _VAEStage:
         else the stream's own."""
         key = (x_BCTHW.shape[0], *x_BCTHW.shape[-2:])
         self._first_keys[stream_id] = key
-        for i, (spare_id, spare_key, spare) in enumerate(self._spares):
-            if spare_key == key:
-                del self._spares[i]
-                for memory in spare.memory:
-                    if memory is not None:
-                        memory.zero_()
-                spare.num_calls = 0
-                self._streams.replace(stream_id, spare)
-                self.graphs.rename(spare_id, stream_id)
-                self.num_recycled += 1
-                return spare
-        return cache
+        spare = self._spares.take(stream_id, key)
+        if spare is None:
+            return cache
+        for memory in spare.memory:
+            if memory is not None:
+                memory.zero_()
+        spare.num_calls = 0
+        self._streams.replace(stream_id, spare)
+        return spare
 
     def _taehv_call(self, stream_id: str, cache: TAEHVCache, fn, x: torch.Tensor) -> torch.Tensor:
         """fn(x) for a TAEHV stream: from the stream's CUDA graphs after its first call (which fills
@@ -285,7 +271,7 @@ class VAEEncodeStage(_VAEStage):
                 mu_BZTHW = self.model.stream_encode(frames_BCTHW, cache)
                 return self._normalise(mu_BZTHW) if self.latent_scaling == "symmetric" else mu_BZTHW
             assert isinstance(cache, TAEHVCache)
-            if cache.num_calls == 0 and self.graphs is not None:
+            if cache.num_calls == 0:
                 cache = self._first_call_cache(stream_id, cache, frames_BCTHW)
 
             def encode_BCTHW(frames_BCTHW: torch.Tensor) -> torch.Tensor:
@@ -345,7 +331,7 @@ class VAEDecodeStage(_VAEStage):
                 frames_BCTHW = self.model.stream_decode(self._denormalise(z_BZTHW), cache)
                 return frames_BCTHW.float().clamp_(-1.0, 1.0)
             assert isinstance(cache, TAEHVCache)
-            if cache.num_calls == 0 and self.graphs is not None and self.taehv_context_latents is None:
+            if cache.num_calls == 0 and self.taehv_context_latents is None:
                 cache = self._first_call_cache(stream_id, cache, z_BZTHW)
 
             def decode_BCTHW(z_BZTHW: torch.Tensor) -> torch.Tensor:

@@ -177,24 +177,17 @@ def test_channels_last_gives_the_plain_results():
     assert fast.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def _with_spares(stage):
-    """A CPU stage with the spare-cache bookkeeping of a CUDA-graph one (on CPU the graph runner
-    runs every call eagerly, so the values are the plain stage's)."""
-    from stages.cuda_graphs import CallGraphRunner
-
-    stage.graphs = CallGraphRunner("cpu")
-    stage.spare_streams = 2
-    return stage
-
-
 @torch.no_grad()
 def test_a_spare_cache_gives_a_fresh_streams_values_and_keeps_its_tensors():
     from stages.errors import BadRequestError
 
     model = _model(seed=3)
-    plain = (VAEEncodeStage("taehv", model, "cpu", torch.float32), VAEDecodeStage("taehv", model, "cpu", torch.float32))
-    spared = (_with_spares(VAEEncodeStage("taehv", model, "cpu", torch.float32)),
-              _with_spares(VAEDecodeStage("taehv", model, "cpu", torch.float32)))
+    none = dict(spare_streams=0)
+    plain = (VAEEncodeStage("taehv", model, "cpu", torch.float32, **none),
+             VAEDecodeStage("taehv", model, "cpu", torch.float32, **none))
+    two = dict(spare_streams=2)
+    spared = (VAEEncodeStage("taehv", model, "cpu", torch.float32, **two),
+              VAEDecodeStage("taehv", model, "cpu", torch.float32, **two))
     chunks = [(0, 1), (1, 5), (5, 9)]
 
     def run(stages, sid, video):
