@@ -280,12 +280,17 @@ class WanDiT(nn.Module):
         return tables
 
     def embed(self, latents_BCFHW: torch.Tensor) -> torch.Tensor:
-        """Patch-embed latents into tokens ordered frame -> row -> column: [B, F*Hp*Wp, D]."""
+        """Patch-embed latents into tokens ordered frame -> row -> column: [B, F*Hp*Wp, D], contiguous.
+
+        The conv's output is [B, D, F, Hp, Wp]; its token-major transpose is made contiguous once here.
+        Left strided, every block's pieces would keep that layout (compiled pointwise kernels follow
+        their input's strides), and each LayerNorm over D would read with a stride of L elements.
+        """
         if not self.is_first:
             raise RuntimeError(
                 f"shard {self.block_range} has no patch embedding (only the first shard embeds)"
             )
-        return self.patch_embedding(latents_BCFHW).flatten(2).transpose(1, 2)
+        return self.patch_embedding(latents_BCFHW).flatten(2).transpose(1, 2).contiguous()
 
     def time_embeddings(self, timesteps_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(e_BFD, e0_BF6D): per-row, per-frame time embedding and its 6-way adaLN projection."""

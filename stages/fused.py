@@ -28,12 +28,14 @@ both VAEs use on CUDA: `channels_last_weights_` and `is_channels_last`.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from stages import triton_norms
 from stages.kv_cache import plan_cache_update
 
 
@@ -253,6 +255,10 @@ def compiled_ops() -> BlockOps:
     server, done during the warm-up. With symbolic shapes (torch.compile's default once a second
     shape arrives) Inductor cannot size a LayerNorm's reduction and splits it into three or four
     kernels; static, each piece is one kernel over its [B, L, D] input.
+
+    The three LayerNorm pieces (modulate, gated_residual_norm, residual_modulate) run as Weir's own
+    Triton kernels where Triton and the input allow (stages.triton_norms): compiled, Inductor still
+    splits each into three or four kernels at the DiT's row counts.
     """
     _raise_recompile_limit()
 
@@ -260,7 +266,22 @@ def compiled_ops() -> BlockOps:
         return torch.compile(fn, fullgraph=True, dynamic=False)
 
     return BlockOps(
-        c(modulate), c(gated_residual), c(rms_norm), c(rms_norm_rotate), c(plan_cache_update),
-        gated_residual_norm=c(gated_residual_norm), residual_modulate=c(residual_modulate),
+        _norm_kernel_or(triton_norms.modulate, c(modulate)), c(gated_residual), c(rms_norm),
+        c(rms_norm_rotate), c(plan_cache_update),
+        gated_residual_norm=_norm_kernel_or(triton_norms.gated_residual_norm, c(gated_residual_norm)),
+        residual_modulate=_norm_kernel_or(triton_norms.residual_modulate, c(residual_modulate)),
         ffn=ffn_gelu_epilogue, compiled=True,
     )
+
+
+def _norm_kernel_or(kernel: Callable[..., object], fallback: Callable[..., object]) -> Callable[..., object]:
+    """`kernel` (stages.triton_norms: one Triton kernel per LayerNorm piece) where its input can take
+    it, else `fallback` (the compiled piece). `WEIR_NORM_KERNELS=0` keeps the compiled pieces."""
+    if not triton_norms.available() or os.environ.get("WEIR_NORM_KERNELS", "1") == "0":
+        return fallback
+
+    @functools.wraps(fallback)
+    def piece(x_BLD: torch.Tensor, *args):
+        return (kernel if triton_norms.usable(x_BLD) else fallback)(x_BLD, *args)
+
+    return piece
