@@ -256,9 +256,10 @@ def compiled_ops() -> BlockOps:
     shape arrives) Inductor cannot size a LayerNorm's reduction and splits it into three or four
     kernels; static, each piece is one kernel over its [B, L, D] input.
 
-    The three LayerNorm pieces (modulate, gated_residual_norm, residual_modulate) run as Weir's own
-    Triton kernels where Triton and the input allow (stages.triton_norms): compiled, Inductor still
-    splits each into three or four kernels at the DiT's row counts.
+    The three LayerNorm pieces (modulate, gated_residual_norm, residual_modulate) and the two RMSNorms
+    (rms_norm, rms_norm_rotate) run as Weir's own Triton kernels where Triton and the input allow
+    (stages.triton_norms): compiled, Inductor splits each LayerNorm into three or four kernels at the
+    DiT's row counts, and makes the RMSNorm + RoPE a slow looped reduction.
     """
     _raise_recompile_limit()
 
@@ -266,8 +267,9 @@ def compiled_ops() -> BlockOps:
         return torch.compile(fn, fullgraph=True, dynamic=False)
 
     return BlockOps(
-        _norm_kernel_or(triton_norms.modulate, c(modulate)), c(gated_residual), c(rms_norm),
-        c(rms_norm_rotate), c(plan_cache_update),
+        _norm_kernel_or(triton_norms.modulate, c(modulate)), c(gated_residual),
+        _norm_kernel_or(triton_norms.rms_norm, c(rms_norm)),
+        _norm_kernel_or(triton_norms.rms_norm_rotate, c(rms_norm_rotate)), c(plan_cache_update),
         gated_residual_norm=_norm_kernel_or(triton_norms.gated_residual_norm, c(gated_residual_norm)),
         residual_modulate=_norm_kernel_or(triton_norms.residual_modulate, c(residual_modulate)),
         ffn=ffn_gelu_epilogue, compiled=True,

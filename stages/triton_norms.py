@@ -19,10 +19,16 @@ under a third of the memory bandwidth (13-17 us for 5-10 MB). Unsplit it is one 
 slower still. Here one program holds one token's whole row in registers (D <= 8192): it reads x (and
 y) once, reduces, and writes x' and the output once.
 
+The query/key path's RMSNorm, with or without RoPE, is one kernel the same way (`rms_norm_rotate`,
+`rms_norm`): x / rms(x) * weight over D, then each head's adjacent channel pairs (x[2p], x[2p+1])
+rotated by the token's cos/sin [B or 1, L, 1, P] (P = Dh / 2, head h's pair p at global pair h*P + p).
+Compiled, it was one looped reduction kernel at about a fifth of the memory bandwidth.
+
 Numerics follow the eager pieces: statistics and arithmetic in fp32; x' is rounded to its dtype before
 the norm reads it (the unfused pieces normalise the stored residual); LN(x) is rounded to x's dtype
 before the modulation (`F.layer_norm(...).type_as(x)`); the affine LayerNorm applies weight and bias
-in fp32 before its one rounding, as torch's kernel does.
+in fp32 before its one rounding, as torch's kernel does; the RMSNorm rounds x / rms(x) to x's dtype,
+then its product with the weight, and rotates that in fp32 (`stages.fused.rms_norm`, `rotate`).
 
 Worked example (modulate, one row of F = 2 frames of Fp = 3 tokens, D = 2): token 4 is in frame 1; its
 x = [1, 3] has mean 2 and variance 1, so LN(x) = [-1, 1] (eps aside) and h = [-1, 1] * (1 + scale[1])
@@ -103,6 +109,32 @@ if triton is not None:
         tl.store(out_ptr + base + cols, normed.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit(do_not_specialize=["tokens_per_row", "stride_cb", "stride_ct"])
+    def _rms_norm_rotate_kernel(
+        x_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr, tokens_per_row, stride_cb, stride_ct, pairs_per_head,
+        width, eps, ROTATE: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        token = tl.program_id(0)
+        pair = tl.arange(0, BLOCK_P)  # global pair j: channels 2j (real) and 2j + 1 (imaginary)
+        mask = pair < width // 2
+        base = token.to(tl.int64) * width
+        even = tl.load(x_ptr + base + 2 * pair, mask=mask, other=0.0).to(tl.float32)
+        odd = tl.load(x_ptr + base + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
+        inv_rms = tl.rsqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / width + eps)
+        dtype = out_ptr.dtype.element_ty
+        w_even = tl.load(weight_ptr + 2 * pair, mask=mask, other=0.0).to(tl.float32)
+        w_odd = tl.load(weight_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
+        even = ((even * inv_rms).to(dtype).to(tl.float32) * w_even).to(dtype).to(tl.float32)
+        odd = ((odd * inv_rms).to(dtype).to(tl.float32) * w_odd).to(dtype).to(tl.float32)
+        if ROTATE:
+            angle = (token // tokens_per_row) * stride_cb + (token % tokens_per_row) * stride_ct + pair % pairs_per_head
+            cos = tl.load(cos_ptr + angle, mask=mask, other=1.0).to(tl.float32)
+            sin = tl.load(sin_ptr + angle, mask=mask, other=0.0).to(tl.float32)
+            even, odd = even * cos - odd * sin, even * sin + odd * cos
+        tl.store(out_ptr + base + 2 * pair, even.to(dtype), mask=mask)
+        tl.store(out_ptr + base + 2 * pair + 1, odd.to(dtype), mask=mask)
+
+
 def _per_frame_strides(v_BF1D: torch.Tensor, x_BLD: torch.Tensor) -> tuple[int, int]:
     """(row, frame) element strides of a [B or 1, F, 1, D] vector with unit channel stride."""
     b, f, one, d = v_BF1D.shape
@@ -158,3 +190,45 @@ def residual_modulate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """stages.fused.residual_modulate in one kernel: (x + y, the adaLN of it)."""
     return _launch(x_BLD, y_BLD=y_BLD, shift=shift_BF1D, scale=scale_BF1D, eps=eps, write_x=True)
+
+
+def _launch_rms(x_BLD, weight, eps, cos_BL1P=None, sin_BL1P=None, num_heads: int = 1) -> torch.Tensor:
+    """One launch of the RMSNorm kernel; rotates when cos/sin are given."""
+    b, num_tokens, d = x_BLD.shape
+    if d % (2 * num_heads):
+        raise ValueError(f"width {d} does not split into {num_heads} heads of channel pairs")
+    pairs_per_head, stride_cb, stride_ct = d // (2 * num_heads), 0, 0
+    if cos_BL1P is not None:
+        if (cos_BL1P.shape != sin_BL1P.shape or cos_BL1P.shape[1:] != (num_tokens, 1, pairs_per_head)
+                or cos_BL1P.shape[0] not in (1, b) or cos_BL1P.stride() != sin_BL1P.stride()
+                or cos_BL1P.stride(-1) != 1):
+            raise ValueError(f"cos/sin {tuple(cos_BL1P.shape)} (strides {cos_BL1P.stride()}) do not fit x "
+                             f"{tuple(x_BLD.shape)} with {num_heads} heads: need [B or 1, L, 1, {pairs_per_head}]")
+        stride_cb = cos_BL1P.stride(0) if cos_BL1P.shape[0] > 1 else 0
+        stride_ct = cos_BL1P.stride(1)
+    if not (usable(x_BLD) or _INTERPRETING and x_BLD.is_contiguous()):
+        raise ValueError(f"x {tuple(x_BLD.shape)} on {x_BLD.device} cannot take the Triton norm kernels")
+    out = torch.empty_like(x_BLD)
+    block = triton.next_power_of_2(d // 2)
+    rotate = cos_BL1P is not None
+    _rms_norm_rotate_kernel[(b * num_tokens,)](
+        x_BLD, weight, cos_BL1P if rotate else x_BLD, sin_BL1P if rotate else x_BLD, out,
+        num_tokens, stride_cb, stride_ct, pairs_per_head, d, eps,
+        ROTATE=rotate, BLOCK_P=block, num_warps=4 if block <= 1024 else 8 if block <= 2048 else 16,
+    )
+    return out
+
+
+def rms_norm(x_BLD: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """stages.fused.rms_norm over the last dim of a [B, L, D] tensor, in one kernel."""
+    return _launch_rms(x_BLD, weight, eps)
+
+
+def rms_norm_rotate(
+    x_BLD: torch.Tensor, weight: torch.Tensor, eps: float, num_heads: int, cos_BL1P: torch.Tensor,
+    sin_BL1P: torch.Tensor,
+) -> torch.Tensor:
+    """stages.fused.rms_norm_rotate in one kernel: RMSNorm over D, heads, RoPE. Returns [B, L, N, Dh]."""
+    b, num_tokens, d = x_BLD.shape
+    out = _launch_rms(x_BLD, weight, eps, cos_BL1P, sin_BL1P, num_heads)
+    return out.view(b, num_tokens, num_heads, d // num_heads)

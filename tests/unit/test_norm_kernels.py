@@ -28,6 +28,13 @@ CHECK = textwrap.dedent("""
     pairs = [(tn.modulate(x, shift, scale, 1e-6), fused.modulate(x, shift, scale, 1e-6))]
     pairs += zip(tn.gated_residual_norm(x, y, gate, w, b, 1e-6), fused.gated_residual_norm(x, y, gate, w, b, 1e-6))
     pairs += zip(tn.residual_modulate(x, y, shift, scale, 1e-6), fused.residual_modulate(x, y, shift, scale, 1e-6))
+    N, Dh = 5, 8  # RMSNorm + RoPE over 5 heads of 4 pairs; cos/sin per row, or one for every row
+    q = torch.randn(B, F * Fp, N * Dh)
+    wq = torch.randn(N * Dh)
+    for rows in (B, 1):
+        cos, sin = torch.randn(rows, F * Fp, 1, Dh // 2), torch.randn(rows, F * Fp, 1, Dh // 2)
+        pairs.append((tn.rms_norm_rotate(q, wq, 1e-6, N, cos, sin), fused.rms_norm_rotate(q, wq, 1e-6, N, cos, sin)))
+    pairs.append((tn.rms_norm(q, wq, 1e-6), fused.rms_norm(q, wq, 1e-6)))
     for ours, ref in pairs:
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     print("ok", len(pairs))
@@ -41,7 +48,7 @@ def test_kernels_in_the_interpreter_equal_the_eager_pieces_in_fp32():
     done = subprocess.run([sys.executable, "-c", CHECK], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["ok", "5"]
+    assert done.stdout.split() == ["ok", "8"]
 
 
 def test_cpu_tensors_take_the_compiled_pieces():
@@ -52,6 +59,12 @@ def test_cpu_tensors_take_the_compiled_pieces():
     ops = fused.compiled_ops()
     expected = fused.modulate(x, shift, scale, 1e-6)
     torch.testing.assert_close(ops.modulate(x, shift, scale, 1e-6), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_rope_tables_are_refused_with_the_shapes():
+    x = torch.randn(1, 6, 16)
+    with pytest.raises(ValueError, match=r"need \[B or 1, L, 1, 4\]"):
+        tn._launch_rms(x, torch.ones(16), 1e-6, torch.randn(1, 6, 1, 3), torch.randn(1, 6, 1, 3), num_heads=2)
 
 
 def test_bad_per_frame_vectors_are_refused_with_the_shapes():
