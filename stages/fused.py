@@ -28,6 +28,7 @@ both VAEs use on CUDA: `channels_last_weights_` and `is_channels_last`.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ import torch.nn.functional as F
 
 from stages import triton_norms
 from stages.kv_cache import plan_cache_update
+
+LOG = logging.getLogger(__name__)
 
 
 def modulate(
@@ -277,13 +280,29 @@ def compiled_ops() -> BlockOps:
 
 
 def _norm_kernel_or(kernel: Callable[..., object], fallback: Callable[..., object]) -> Callable[..., object]:
-    """`kernel` (stages.triton_norms: one Triton kernel per LayerNorm piece) where its input can take
-    it, else `fallback` (the compiled piece). `WEIR_NORM_KERNELS=0` keeps the compiled pieces."""
+    """`kernel` (stages.triton_norms: one Triton kernel per norm piece) where its input can take it,
+    else `fallback` (the compiled piece). `WEIR_NORM_KERNELS=0` keeps the compiled pieces.
+
+    A kernel that raises outside a CUDA-graph capture (it fails to build on this GPU, say) is logged
+    once and replaced by the fallback for the rest of the process: a served engine keeps running, a
+    little slower. Inside a capture the error goes up to the capture, which runs that call eagerly
+    (stages.cuda_graphs); a kernel's first build can fail there and succeed in the eager call.
+    """
     if not triton_norms.available() or os.environ.get("WEIR_NORM_KERNELS", "1") == "0":
         return fallback
+    broken: list[BaseException] = []
 
     @functools.wraps(fallback)
     def piece(x_BLD: torch.Tensor, *args):
-        return (kernel if triton_norms.usable(x_BLD) else fallback)(x_BLD, *args)
+        if not broken and triton_norms.usable(x_BLD):
+            try:
+                return kernel(x_BLD, *args)
+            except Exception as exc:
+                if x_BLD.is_cuda and torch.cuda.is_current_stream_capturing():
+                    raise
+                broken.append(exc)
+                LOG.warning("the Triton kernel %s failed; its compiled piece runs from now on",
+                            getattr(kernel, "__name__", kernel), exc_info=True)
+        return fallback(x_BLD, *args)
 
     return piece

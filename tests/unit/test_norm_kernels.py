@@ -84,3 +84,25 @@ def test_the_dits_tokens_are_contiguous_for_the_kernels():
     cfg = DIT_PRESETS["tiny"]
     x_BLD = WanDiT(cfg).embed(torch.randn(1, cfg.in_dim, 2, 8, 8))
     assert x_BLD.is_contiguous() and x_BLD.shape[1] == 2 * 4 * 4
+
+
+def test_a_failing_kernel_is_replaced_by_its_compiled_piece_for_good(monkeypatch, caplog):
+    calls = []
+
+    def kernel(x, *args):
+        calls.append("kernel")
+        raise RuntimeError("no kernel for this GPU")
+
+    def fallback(x, *args):
+        calls.append("fallback")
+        return x + 1
+
+    monkeypatch.setattr(tn, "available", lambda: True)
+    monkeypatch.setattr(tn, "usable", lambda x: True)
+    piece = fused._norm_kernel_or(kernel, fallback)
+    x = torch.zeros(1, 2, 4)
+    assert torch.equal(piece(x), x + 1) and torch.equal(piece(x), x + 1)
+    assert calls == ["kernel", "fallback", "fallback"]
+    assert "no kernel for this GPU" in caplog.text and "compiled piece runs from now on" in caplog.text
+    monkeypatch.setenv("WEIR_NORM_KERNELS", "0")
+    assert fused._norm_kernel_or(kernel, fallback) is fallback
