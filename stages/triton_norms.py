@@ -1,4 +1,5 @@
-"""Triton kernels for the DiT block's LayerNorm pieces: one program per token, one read, one write.
+"""Triton kernels for the DiT block's LayerNorm and RMSNorm pieces: one program per token, one read, one
+write.
 
 Shape legend:
     B  rows      L  tokens per row (F * Fp)      F  latent frames per row      Fp tokens per frame
@@ -15,8 +16,8 @@ with f = token // Fp the token's latent frame and the per-frame vectors [B, F, 1
 block's [B, F, 6, D] modulation). torch.compile makes each of them three or four kernels at the DiT's
 sizes: with a few thousand 1536-wide rows, Inductor splits every row's reduction into a partial-sum
 kernel and a combine kernel before the pointwise pass, and measured on an H200 a piece ran at well
-under a third of the memory bandwidth (13-17 us for 5-10 MB). Unsplit it is one looped kernel that is
-slower still. Here one program holds one token's whole row in registers (D <= 8192): it reads x (and
+under a third of the memory bandwidth (13-17 us for 5-10 MB; measured while the block's x was still
+column-strided, see `WanDiT.embed`). Unsplit it is one looped kernel that is slower still. Here one program holds one token's whole row in registers (D <= 8192): it reads x (and
 y) once, reduces, and writes x' and the output once.
 
 The query/key path's RMSNorm, with or without RoPE, is one kernel the same way (`rms_norm_rotate`,
