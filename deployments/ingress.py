@@ -62,6 +62,10 @@ _OUTCOME = {
 
 
 RECORDING_FINISH_TIMEOUT_S = 30.0
+OPEN_ATTEMPTS = 3
+"""Placements of one stream before a full replica's refusal reaches the client (`Ingress._place`)."""
+OPEN_RETRY_S = 0.5
+"""Pause between them: half the pipelines' load-report interval (1 s), so the router sees the full replica."""
 """At a clean end, how long StreamEnded waits for the stream's recordings to be finished."""
 _RECORDING_STATES = {RECORDING: weir_pb2.RECORDING_STARTED, FINISHED: weir_pb2.RECORDING_FINISHED,
                      FAILED: weir_pb2.RECORDING_FAILED}
@@ -186,14 +190,7 @@ class IngressCore:
             req = self.codec.parse_open(first.open, tenant=tenant.name, tier=tier)
             self.tenants.check(tenant, height=req.height, width=req.width, num_steps=req.num_steps)
             stream_id = uuid.uuid4().hex[:16]
-            # the router counts the tenant's concurrent streams (across ingress replicas) and picks the replica
-            grant = await _call(self.router.admit.remote(stream_id, req))
-            try:
-                await _call(self.pipelines[grant.pipeline].open.remote(stream_id, req, opened_us,
-                                                                       replica=grant.replica))
-            except BaseException:
-                await self._quietly(self.router.release.remote(stream_id))
-                raise
+            grant = await self._place(stream_id, req, opened_us)
         except BaseException as exc:
             outcome = next((o for t, o in _OUTCOME.items() if isinstance(exc, t)), "error")
             if isinstance(exc, WeirError) and "quota" in exc.details:
@@ -202,6 +199,34 @@ class IngressCore:
             raise
         self._record_open(tier, "admitted")
         return req, grant
+
+    async def _place(self, stream_id: str, req: OpenRequest, opened_us: int) -> AdmissionGrant:
+        """Admit the stream at the router (which counts the tenant's concurrent streams across ingress
+        replicas and picks the replica), then open it there.
+
+        A replica can turn out to be full after the router granted it a stream: its last load report
+        lagged behind a stream it has just taken, or the grant named only the pool and Serve routed
+        the call to a busy replica. Then the grant is given back and the stream is placed again, up to
+        OPEN_ATTEMPTS times, OPEN_RETRY_S apart, before the client hears RESOURCE_EXHAUSTED: a slot
+        that exists must not be refused. Any other error gives the grant back and ends the open.
+        """
+        for attempt in range(OPEN_ATTEMPTS):
+            grant = await _call(self.router.admit.remote(stream_id, req))
+            try:
+                await _call(self.pipelines[grant.pipeline].open.remote(stream_id, req, opened_us,
+                                                                       replica=grant.replica))
+                return grant
+            except AdmissionRefusedError as exc:
+                await self._quietly(self.router.release.remote(stream_id))
+                if "pipeline" not in exc.details or attempt == OPEN_ATTEMPTS - 1:
+                    raise
+                log.info("stream %s: pipeline %s was full after its grant; placing it again", stream_id,
+                         exc.details["pipeline"])
+                await asyncio.sleep(OPEN_RETRY_S)
+            except BaseException:
+                await self._quietly(self.router.release.remote(stream_id))
+                raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _read(self, requests, pipeline, stream_id: str, req: OpenRequest, out: asyncio.Queue,
                     recordings: StreamRecordings, batcher: ChunkBatcher | None = None) -> None:

@@ -122,18 +122,22 @@ if triton is not None:
         even = tl.load(x_ptr + base + 2 * pair, mask=mask, other=0.0).to(tl.float32)
         odd = tl.load(x_ptr + base + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
         inv_rms = tl.rsqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / width + eps)
-        dtype = out_ptr.dtype.element_ty
         w_even = tl.load(weight_ptr + 2 * pair, mask=mask, other=0.0).to(tl.float32)
         w_odd = tl.load(weight_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
-        even = ((even * inv_rms).to(dtype).to(tl.float32) * w_even).to(dtype).to(tl.float32)
-        odd = ((odd * inv_rms).to(dtype).to(tl.float32) * w_odd).to(dtype).to(tl.float32)
+        # x / rms(x) rounded to x's dtype, then times the weight, rounded again (stages.fused.rms_norm)
+        even = (even * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32) * w_even
+        odd = (odd * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32) * w_odd
+        even = even.to(out_ptr.dtype.element_ty).to(tl.float32)
+        odd = odd.to(out_ptr.dtype.element_ty).to(tl.float32)
         if ROTATE:
             angle = (token // tokens_per_row) * stride_cb + (token % tokens_per_row) * stride_ct + pair % pairs_per_head
             cos = tl.load(cos_ptr + angle, mask=mask, other=1.0).to(tl.float32)
             sin = tl.load(sin_ptr + angle, mask=mask, other=0.0).to(tl.float32)
-            even, odd = even * cos - odd * sin, even * sin + odd * cos
-        tl.store(out_ptr + base + 2 * pair, even.to(dtype), mask=mask)
-        tl.store(out_ptr + base + 2 * pair + 1, odd.to(dtype), mask=mask)
+            rotated_even = even * cos - odd * sin
+            odd = even * sin + odd * cos
+            even = rotated_even
+        tl.store(out_ptr + base + 2 * pair, even.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + base + 2 * pair + 1, odd.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _per_frame_strides(v_BF1D: torch.Tensor, x_BLD: torch.Tensor) -> tuple[int, int]:

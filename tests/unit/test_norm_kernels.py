@@ -1,4 +1,4 @@
-"""The LayerNorm pieces' Triton kernels (stages.triton_norms) on CPU, through Triton's interpreter, and
+"""The DiT norm pieces' Triton kernels (stages.triton_norms) on CPU, through Triton's interpreter, and
 the dispatch in stages.fused that falls back to the compiled pieces where the kernels cannot run.
 The same kernels on a GPU: tests/gpu/test_triton_norms.py."""
 
