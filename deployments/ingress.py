@@ -62,11 +62,11 @@ _OUTCOME = {
 
 
 RECORDING_FINISH_TIMEOUT_S = 30.0
+"""At a clean end, how long StreamEnded waits for the stream's recordings to be finished."""
 OPEN_ATTEMPTS = 3
-"""Placements of one stream before a full replica's refusal reaches the client (`Ingress._place`)."""
+"""Placements of one stream before a full replica's refusal reaches the client (`IngressCore._place`)."""
 OPEN_RETRY_S = 0.5
 """Pause between them: half the pipelines' load-report interval (1 s), so the router sees the full replica."""
-"""At a clean end, how long StreamEnded waits for the stream's recordings to be finished."""
 _RECORDING_STATES = {RECORDING: weir_pb2.RECORDING_STARTED, FINISHED: weir_pb2.RECORDING_FINISHED,
                      FAILED: weir_pb2.RECORDING_FAILED}
 
