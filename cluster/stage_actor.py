@@ -737,7 +737,7 @@ class StageWorker:
         if graphs is not None:  # captured CUDA graphs replay the old block list: drop them all
             for sid in self.shard.stream_ids:
                 graphs.forget(sid)
-        self.shard.drop_spares()  # their caches cover the old block list
+        self.shard.spares.clear()  # their caches cover the old block list
         return self.shard
 
     # ---- stats -----------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ new stream. A stream that opens on a spare runs no eager DiT call and no DiT cap
 graphs, per stream, are still captured). On one H200 a new 1.3B stream's first chunks cost about
 0.33 s of extra GPU time on a fresh state and about 50 ms on a spare (BENCHMARKS.md), and every
 other stream on the GPU waits through them. Spares are freed when an allocation runs out of memory,
-and when the shard's block range changes (`drop_spares`).
+and when the shard's block range changes (`spares.clear()`).
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ class DiTShard:
         compile_ops: bool | None = None,
         spare_streams: int = 8,
     ) -> None:
-        self._spares = SparePool(spare_streams)
+        self.spares = SparePool(spare_streams)
         """Closed streams' states (module docstring, "Spare states")."""
         self.device = torch.device(device)
         self.dtype = dtype
@@ -189,7 +189,7 @@ class DiTShard:
             # a few keys per stream (prefill, fill phase, full cache), live streams and spares alike
             self.graphs = ShardGraphRunner(self._compute, self.device, prepare=self._prepare_capture,
                                            max_graphs=64 + 4 * spare_streams)
-            self._spares.graphs = self.graphs
+            self.spares.graphs = self.graphs
 
     @property
     def cfg(self) -> DiTConfig:
@@ -245,7 +245,7 @@ class DiTShard:
         self._forget_graphs(stream_id)
         policy = KVCachePolicy.from_stream_config(stream_cfg)
         grid_hw = (height // 16, width // 16)
-        spare = self._spares.take(stream_id, (num_slots, grid_hw, policy, tuple(self.model.block_indices)))
+        spare = self.spares.take(stream_id, (num_slots, grid_hw, policy, tuple(self.model.block_indices)))
         if spare is not None:
             spare.recycle(stream_id)
             self._streams[stream_id] = spare
@@ -253,11 +253,11 @@ class DiTShard:
         try:
             kv = self._allocate_caches(num_slots, grid_hw, policy)
         except torch.OutOfMemoryError:
-            if not self._spares:
+            if not self.spares:
                 raise
             LOG.warning("DiT shard %s: out of memory opening %r, freeing %d spare stream states",
-                        self.block_range, stream_id, len(self._spares))
-            self.drop_spares()
+                        self.block_range, stream_id, len(self.spares))
+            self.spares.clear()
             torch.cuda.empty_cache()
             kv = self._allocate_caches(num_slots, grid_hw, policy)
         self._streams[stream_id] = DiTStreamState(
@@ -283,19 +283,6 @@ class DiTShard:
             )
             for i in self.model.block_indices
         }
-
-    def drop_spares(self) -> None:
-        """Free every spare state and its graphs."""
-        self._spares.clear()
-
-    @property
-    def num_spares(self) -> int:
-        return len(self._spares)
-
-    @property
-    def num_recycled(self) -> int:
-        """Streams opened on a spare state (stats)."""
-        return self._spares.num_recycled
 
     @torch.no_grad()
     def set_text_context(self, stream_id: str, text_embeds_BST: torch.Tensor) -> None:
@@ -341,7 +328,7 @@ class DiTShard:
         id raises StreamNotFoundError."""
         state = self.state(stream_id)
         del self._streams[stream_id]
-        self._spares.put(stream_id, (state.num_slots, state.grid_hw, state.policy, tuple(sorted(state.kv))), state)
+        self.spares.put(stream_id, (state.num_slots, state.grid_hw, state.policy, tuple(sorted(state.kv))), state)
 
     def _forget_graphs(self, stream_id: str) -> None:
         if self.graphs is not None:

@@ -151,11 +151,15 @@ def _per_frame_strides(v_BF1D: torch.Tensor, x_BLD: torch.Tensor) -> tuple[int, 
     return (v_BF1D.stride(0) if b > 1 else 0), v_BF1D.stride(1)
 
 
+def _check_usable(x_BLD: torch.Tensor) -> None:
+    if not (usable(x_BLD) or _INTERPRETING and x_BLD.is_contiguous()):
+        raise ValueError(f"x {tuple(x_BLD.shape)} on {x_BLD.device} cannot take the Triton norm kernels")
+
+
 def _launch(x_BLD, *, y_BLD=None, gate=None, weight=None, bias=None, shift=None, scale=None, eps: float,
             write_x: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch of the kernel: the per-frame vectors (gate or shift/scale) set the frame size."""
-    if not (usable(x_BLD) or _INTERPRETING and x_BLD.is_contiguous()):
-        raise ValueError(f"x {tuple(x_BLD.shape)} on {x_BLD.device} cannot take the Triton norm kernels")
+    _check_usable(x_BLD)
     if y_BLD is not None and (y_BLD.shape != x_BLD.shape or not y_BLD.is_contiguous()):
         raise ValueError(f"y {tuple(y_BLD.shape)} must be contiguous and shaped like x {tuple(x_BLD.shape)}")
     b, num_tokens, d = x_BLD.shape
@@ -211,8 +215,7 @@ def _launch_rms(x_BLD, weight, eps, cos_BL1P=None, sin_BL1P=None, num_heads: int
                              f"{tuple(x_BLD.shape)} with {num_heads} heads: need [B or 1, L, 1, {pairs_per_head}]")
         stride_cb = cos_BL1P.stride(0) if cos_BL1P.shape[0] > 1 else 0
         stride_ct = cos_BL1P.stride(1)
-    if not (usable(x_BLD) or _INTERPRETING and x_BLD.is_contiguous()):
-        raise ValueError(f"x {tuple(x_BLD.shape)} on {x_BLD.device} cannot take the Triton norm kernels")
+    _check_usable(x_BLD)
     out = torch.empty_like(x_BLD)
     block = triton.next_power_of_2(d // 2)
     rotate = cos_BL1P is not None

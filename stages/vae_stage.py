@@ -160,7 +160,7 @@ class _VAEStage:
         are many short kernels, and the GPU idles between their launches: BENCHMARKS.md)."""
         if cuda_graphs and vae_kind == "taehv" and self.device.type == "cuda":
             self.graphs = CallGraphRunner(self.device, max_graphs=64 + 2 * spare_streams)
-        self._spares = SparePool(spare_streams, self.graphs)
+        self.spares = SparePool(spare_streams, self.graphs)
         """Closed TAEHV streams' caches, keyed by their first call's (batch, height, width) (module docstring)."""
         self._first_keys: dict[str, tuple] = {}
         """Open TAEHV stream -> the (batch, height, width) of its first call."""
@@ -184,22 +184,9 @@ class _VAEStage:
         cache = self._streams.close(stream_id)
         key = self._first_keys.pop(stream_id, None)
         if key is not None and self._recyclable(cache):
-            self._spares.put(stream_id, key, cache)
+            self.spares.put(stream_id, key, cache)
         elif self.graphs is not None:
             self.graphs.forget(stream_id)
-
-    @property
-    def num_spares(self) -> int:
-        return len(self._spares)
-
-    @property
-    def num_recycled(self) -> int:
-        """Streams that took a spare cache (stats)."""
-        return self._spares.num_recycled
-
-    def drop_spares(self) -> None:
-        """Free every spare cache and its graphs."""
-        self._spares.clear()
 
     def _new_cache(self) -> WanVAECache | TAEHVCache:
         raise NotImplementedError
@@ -216,7 +203,7 @@ class _VAEStage:
         else the stream's own."""
         key = (x_BCTHW.shape[0], *x_BCTHW.shape[-2:])
         self._first_keys[stream_id] = key
-        spare = self._spares.take(stream_id, key)
+        spare = self.spares.take(stream_id, key)
         if spare is None:
             return cache
         for memory in spare.memory:

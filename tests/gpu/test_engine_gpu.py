@@ -127,9 +127,9 @@ def test_spare_state_replays_its_graphs_and_a_warm_shape_captures_at_once(num_st
     first = _one_stream(streamer, "a", latents, height=height, width=width, num_steps=num_steps)
     streamer.close("a")
     captures, eager_a = graphs.num_captures, len(eager_calls)
-    assert shard.num_spares == 1 and eager_a >= 2
+    assert len(shard.spares) == 1 and eager_a >= 2
     recycled = _one_stream(streamer, "b", latents, height=height, width=width, num_steps=num_steps)
-    assert shard.num_recycled == 1 and len(eager_calls) == eager_a, eager_calls[eager_a:]
+    assert shard.spares.num_recycled == 1 and len(eager_calls) == eager_a, eager_calls[eager_a:]
     # every key replays a's graphs; a one-step prefill ran once on a (eager), so b captures it
     assert graphs.num_captures - captures == (num_steps == 1), graphs.stats()
     keys_b = sum("b" in g.stream_ids for g in graphs._graphs.values())
@@ -149,7 +149,7 @@ def test_spare_state_replays_its_graphs_and_a_warm_shape_captures_at_once(num_st
     worker.start()
     worker.join()
     stats = graphs.stats()
-    assert shard.num_recycled == 2
+    assert shard.spares.num_recycled == 2
     assert stats["enabled"] and stats["warm_first_call"] and stats["capture_failures"] == 0, stats
     fresh_thread = in_thread["d"]
     for name, outs in (("a", first), ("b on a's state", recycled), ("c captured at once", fresh),
@@ -275,9 +275,9 @@ def test_a_spare_taehv_cache_replays_the_closed_streams_graphs():
     run(True, "a")
     enc, dec = stages[True]
     captures = (enc.graphs.num_captures, dec.graphs.num_captures)
-    assert captures[0] > 0 and enc.num_spares == 1 and dec.num_spares == 1
+    assert captures[0] > 0 and len(enc.spares) == 1 and len(dec.spares) == 1
     got = run(True, "b")
     assert (enc.graphs.num_captures, dec.graphs.num_captures) == captures
-    assert enc.num_recycled == 1 and dec.num_recycled == 1 and enc.graphs.enabled and dec.graphs.enabled
+    assert enc.spares.num_recycled == 1 and dec.spares.num_recycled == 1 and enc.graphs.enabled and dec.graphs.enabled
     expected = run(False, "b")
     assert all(torch.equal(x, y) for x, y in zip(got, expected))

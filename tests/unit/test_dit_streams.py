@@ -226,7 +226,7 @@ def test_a_stream_on_a_spare_state_gives_a_fresh_streams_output(weights):
     addresses = {i: cache.k_RCND.data_ptr() for i, cache in state.kv.items()}
     cross_address = state.cross_kv[0][0].data_ptr()
     streamer.close("a")
-    assert shard.stream_ids == [] and shard.num_spares == 1
+    assert shard.stream_ids == [] and len(shard.spares) == 1
 
     SPECS["c"] = dict(num_steps=2, seed=5)  # a's geometry, other inputs
     try:
@@ -235,7 +235,7 @@ def test_a_stream_on_a_spare_state_gives_a_fresh_streams_output(weights):
         fresh = _alone(weights, "c")
     finally:
         del SPECS["c"]
-    assert shard.num_recycled == 1 and shard.num_spares == 0
+    assert shard.spares.num_recycled == 1 and len(shard.spares) == 0
     new_state = shard.state("c")
     assert new_state is state and new_state.stream_id == "c"
     assert {i: cache.k_RCND.data_ptr() for i, cache in new_state.kv.items()} == addresses
@@ -255,22 +255,22 @@ def test_spare_states_match_geometry_and_are_bounded(weights):
     first = shard.state("a")
     for sid in ("a", "b", "c"):
         shard.close_stream(sid)
-    assert shard.num_spares == 2 and all(s is not first for s in shard._spares)
+    assert len(shard.spares) == 2 and all(s is not first for s in shard.spares)
     shard.open_stream("d", num_slots=3, height=64, width=64, stream_cfg=cfg)  # other slot count
     shard.open_stream("e", num_slots=2, height=64, width=96, stream_cfg=cfg)  # other grid
-    assert shard.num_recycled == 0 and shard.num_spares == 2
+    assert shard.spares.num_recycled == 0 and len(shard.spares) == 2
     shard.open_stream("f", num_slots=2, height=64, width=64, stream_cfg=cfg)
-    assert shard.num_recycled == 1 and shard.num_spares == 1
+    assert shard.spares.num_recycled == 1 and len(shard.spares) == 1
     assert shard.state("f").cross_kv is None  # no prompt until one is set: steps refuse, as for a fresh one
-    shard.drop_spares()
-    assert shard.num_spares == 0
+    shard.spares.clear()
+    assert len(shard.spares) == 0
     with pytest.raises(BadRequestError):
         shard.open_stream("\x00spare-0", num_slots=2, height=64, width=64, stream_cfg=cfg)
 
     none_kept = DiTShard(model, device="cpu", dtype=torch.float32, spare_streams=0)
     none_kept.open_stream("a", num_slots=2, height=64, width=64, stream_cfg=cfg)
     none_kept.close_stream("a")
-    assert none_kept.num_spares == 0
+    assert len(none_kept.spares) == 0
 
 
 def test_an_unchanged_slot_count_copies_slot0_in_place(weights):

@@ -67,8 +67,8 @@ def test_the_warm_pool_leaves_spare_states_and_times_a_start_up_on_them():
     asyncio.run(warm_up_executor(ex, 32, 48, steps=(1, 2), vae="wan", chunks=2, ticks=ticks, streams=3,
                                  startups=startups))
     assert engine.stats().active_streams == 0
-    assert shard.num_spares == 6 and shard.stream_ids == []
-    assert shard.num_recycled == STARTUP_PROBES == len(startups) and all(s >= 0.0 for s in startups)
+    assert len(shard.spares) == 6 and shard.stream_ids == []
+    assert shard.spares.num_recycled == STARTUP_PROBES == len(startups) and all(s >= 0.0 for s in startups)
     assert {rows for rows, _, _ in ticks} == {1, 2}
     assert ex.graphs_disabled() == 0  # no CUDA-graph runner on the CPU, so none disabled
     core_spec = PipelineSpec(max_streams=4)

@@ -204,11 +204,11 @@ def test_a_spare_cache_gives_a_fresh_streams_values_and_keeps_its_tensors():
     a = _frames_BTCHW(9, seed=6).transpose(1, 2) * 2 - 1
     b = _frames_BTCHW(9, seed=7).transpose(1, 2) * 2 - 1
     _, a_addresses = run(spared, "a", a)
-    assert [s.num_spares for s in spared] == [1, 1]
+    assert [len(s.spares) for s in spared] == [1, 1]
     expected_b, _ = run(plain, "b", b)
     got_b, b_addresses = run(spared, "b", b)  # on a's zeroed caches
     assert all(torch.equal(x, y) for x, y in zip(got_b, expected_b))
-    assert b_addresses == a_addresses and [s.num_recycled for s in spared] == [1, 1]
+    assert b_addresses == a_addresses and [s.spares.num_recycled for s in spared] == [1, 1]
 
     # another frame size does not take the spare; the spares are bounded; a NUL id is refused
     small = torch.rand(1, 3, 9, 8, 8, generator=torch.Generator().manual_seed(8)) * 2 - 1
@@ -217,12 +217,12 @@ def test_a_spare_cache_gives_a_fresh_streams_values_and_keeps_its_tensors():
         enc.open_stream(sid)
         dec.open_stream(sid)
         dec.decode(sid, enc.encode(sid, small[:, :, :1]))
-    assert [s.num_recycled for s in spared] == [1, 1]
+    assert [s.spares.num_recycled for s in spared] == [1, 1]
     for sid in ("c", "d"):
         for s in spared:
             s.close_stream(sid)
-    assert [s.num_spares for s in spared] == [2, 2]
+    assert [len(s.spares) for s in spared] == [2, 2]
     with pytest.raises(BadRequestError):
         spared[0].open_stream("\x00spare-0")
-    spared[1].drop_spares()
-    assert spared[1].num_spares == 0
+    spared[1].spares.clear()
+    assert len(spared[1].spares) == 0
