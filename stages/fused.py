@@ -190,22 +190,40 @@ def bias_residual(
     return out_BCTHW if skip_bias_C is None else out_BCTHW + skip_bias_C[:, None, None, None]
 
 
+def norm_silu_into(
+    out_BCTHW: torch.Tensor, x_BCTHW: torch.Tensor, gamma_C111: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`norm_silu` written into `out_BCTHW` (a view of a conv's input window, stages.wan_vae)."""
+    return out_BCTHW.copy_(norm_silu(x_BCTHW, gamma_C111, scale))
+
+
+def bias_norm_silu_into(
+    out_BCTHW: torch.Tensor, x_BCTHW: torch.Tensor, bias_C: torch.Tensor, gamma_C111: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`bias_norm_silu` written into `out_BCTHW`."""
+    return out_BCTHW.copy_(bias_norm_silu(x_BCTHW, bias_C, gamma_C111, scale))
+
+
 @dataclass(frozen=True)
 class VAEOps:
     """The Wan VAE residual block's elementwise pieces (eager or compiled).
 
     `fold_bias` True: the block's convs run without their bias and `bias_norm_silu` / `bias_residual`
     add it, so that a conv's output is read once instead of once for cuDNN's separate bias add (a
-    full-resolution pass per conv) and once more for the next norm or residual add.
+    full-resolution pass per conv) and once more for the next norm or residual add. The block then
+    also keeps each conv's input in a window (stages.wan_vae, "Windows"), written by the `_into`
+    pieces, instead of concatenating the cached frames with the new ones on every call.
     """
 
     norm_silu: Callable[..., torch.Tensor]
     bias_norm_silu: Callable[..., torch.Tensor]
     bias_residual: Callable[..., torch.Tensor]
+    norm_silu_into: Callable[..., torch.Tensor]
+    bias_norm_silu_into: Callable[..., torch.Tensor]
     fold_bias: bool = False
 
 
-EAGER_VAE_OPS = VAEOps(norm_silu, bias_norm_silu, bias_residual)
+EAGER_VAE_OPS = VAEOps(norm_silu, bias_norm_silu, bias_residual, norm_silu_into, bias_norm_silu_into)
 
 
 @functools.cache
@@ -218,7 +236,8 @@ def compiled_vae_ops() -> VAEOps:
     def c(fn):
         return torch.compile(fn, fullgraph=True)
 
-    return VAEOps(c(norm_silu), c(bias_norm_silu), c(bias_residual), fold_bias=True)
+    return VAEOps(c(norm_silu), c(bias_norm_silu), c(bias_residual), c(norm_silu_into), c(bias_norm_silu_into),
+                  fold_bias=True)
 
 
 def _raise_recompile_limit() -> None:

@@ -42,7 +42,7 @@ import torch
 from stages.cuda_graphs import SPARE_PREFIX, CallGraphRunner, SparePool
 from stages.errors import BadFrameError, BadRequestError, StreamExistsError, StreamNotFoundError
 from stages.taehv import TAEHV, TAEHVCache
-from stages.wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAECache
+from stages.wan_vae import LATENT_MEAN, LATENT_STD, ConvWindows, WanVAE, WanVAECache
 
 VAE_KINDS = ("wan", "taehv")
 LATENT_SCALINGS = ("reference", "symmetric")
@@ -164,6 +164,8 @@ class _VAEStage:
         """Closed TAEHV streams' caches, keyed by their first call's (batch, height, width) (module docstring)."""
         self._first_keys: dict[str, tuple] = {}
         """Open TAEHV stream -> the (batch, height, width) of its first call."""
+        self._windows = ConvWindows()
+        """The Wan VAE's scratch conv windows, shared by this stage's streams (stages.wan_vae)."""
 
     @property
     def stream_ids(self) -> list[str]:
@@ -239,7 +241,7 @@ class VAEEncodeStage(_VAEStage):
     """Pixels -> latents for many streams. `encode` takes [B, 3, T, H, W] in [-1, 1] (H, W multiples of 8)."""
 
     def _new_cache(self) -> WanVAECache | TAEHVCache:
-        return self.model.new_encode_cache()
+        return self.model.new_encode_cache(self._windows) if self.vae_kind == "wan" else self.model.new_encode_cache()
 
     def encode(self, stream_id: str, frames_BCTHW: torch.Tensor) -> torch.Tensor:
         """The stream's next frames -> latents [B, 16, T', H/8, W/8] in the stage dtype (see module doc)."""
@@ -304,7 +306,7 @@ class VAEDecodeStage(_VAEStage):
         self.taehv_emit_first_frame = taehv_emit_first_frame
 
     def _new_cache(self) -> WanVAECache | TAEHVCache:
-        return self.model.new_decode_cache()
+        return self.model.new_decode_cache(self._windows) if self.vae_kind == "wan" else self.model.new_decode_cache()
 
     def decode(self, stream_id: str, latents_BCTHW: torch.Tensor) -> torch.Tensor:
         """The stream's next latents [B, 16, T, h, w] -> frames [B, 3, T', 8h, 8w] fp32 in [-1, 1]."""

@@ -28,6 +28,12 @@ zero padding, so chunked calls give what one long causal pass gives. Two layers 
 - a temporal upsample (decoder) does not double time on a stream's first call (latent 0 -> 1 frame);
   later calls run `time_conv` (C -> 2C) and interleave the halves into 2x frames.
 
+Windows. On the GPU path (`VAEOps.fold_bias`) a residual block's two convs do not concatenate their
+slot with the new frames: the norm kernel that makes the new frames writes them into a scratch
+window [B, C, CACHE_T + T, H, W] behind the slot's frames (zeros before the first call), the conv
+reads the window whole, and its last CACHE_T frames go back to the slot (`ConvWindows`, shared by
+the streams of one stage). Same values, fewer copies of the largest activations.
+
 Worked example, encoder, frames 0 | 1..4 | 5..8: frame counts per call through the three stages are
 1 -> 1 -> 1 -> 1 latent, then 4 -> 4 -> 2 -> 1, then 4 -> 4 -> 2 -> 1: 9 frames -> 3 latents.
 Decoder, latents 0 | 1 | 2: 1 -> 1 -> 1 -> 1 frame, then 1 -> 2 -> 4 -> 4, then 4: 3 latents -> 9 frames.
@@ -86,6 +92,8 @@ class WanVAECache:
 
     slots: list[torch.Tensor | _FirstChunkSeen | None]
     num_calls: int = 0
+    windows: ConvWindows = field(default_factory=lambda: ConvWindows(), repr=False)
+    """Scratch conv windows (`ConvWindows`), shared with the other streams of the same stage."""
     cursor: int = field(default=0, repr=False)
     """Next slot to hand out during a call; reset to 0 at the start of each call."""
 
@@ -138,6 +146,60 @@ def _cached_conv(conv: CausalConv3d, x_BCTHW: torch.Tensor, cache: WanVAECache, 
         keep_BCTHW = torch.cat([torch.zeros_like(keep_BCTHW), keep_BCTHW], dim=2)
     out_BCTHW = conv(x_BCTHW, past_BCTHW, bias=bias)
     cache.slots[index] = keep_BCTHW.clone()
+    return out_BCTHW
+
+
+class ConvWindows:
+    """Scratch input windows of the residual blocks' convs, shared by the streams of one stage
+    (calls run one at a time): one [B, C, CACHE_T + T, H, W] buffer per shape and memory layout.
+
+    A conv's window gets the stream's kept frames in front and the new frames, written there by
+    the norm kernel that makes them (`VAEOps.*_into`), behind; the conv reads it whole, and its last
+    CACHE_T frames go back to the stream's slot. That moves 2 * CACHE_T frames per conv, where
+    concatenating kept and new frames and keeping a copy moved 2 * (CACHE_T + T) + 2 * CACHE_T.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, like_BCTHW: torch.Tensor) -> torch.Tensor:
+        """The window for a call of frames shaped like `like_BCTHW`, in its memory layout."""
+        B, C, T, H, W = like_BCTHW.shape
+        layout = torch.channels_last_3d if is_channels_last(like_BCTHW) else torch.contiguous_format
+        key = (B, C, T, H, W, like_BCTHW.dtype, like_BCTHW.device, layout)
+        window = self._buffers.get(key)
+        if window is None:
+            window = torch.empty((B, C, CACHE_T + T, H, W), dtype=like_BCTHW.dtype, device=like_BCTHW.device,
+                                 memory_format=layout)
+            self._buffers[key] = window
+        return window
+
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in self._buffers.values())
+
+
+def _open_window(cache: WanVAECache, index: int, like_BCTHW: torch.Tensor) -> torch.Tensor:
+    """A window for slot `index` with the slot's kept frames in front (zeros before the stream's
+    first call, as the causal padding); the caller writes the new frames behind them."""
+    window = cache.windows.get(like_BCTHW)
+    kept = cache.slots[index]
+    if isinstance(kept, torch.Tensor):
+        window[:, :, :CACHE_T].copy_(kept)
+    else:
+        window[:, :, :CACHE_T].zero_()
+    return window
+
+
+def _window_conv(conv: CausalConv3d, window_BCTHW: torch.Tensor, cache: WanVAECache, index: int) -> torch.Tensor:
+    """`conv` over a full window (no bias: the caller's fused kernel adds it); the window's last
+    CACHE_T frames become slot `index`'s kept frames."""
+    out_BCTHW = F.conv3d(window_BCTHW, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    last_BCTHW = window_BCTHW[:, :, -CACHE_T:]
+    kept = cache.slots[index]
+    if isinstance(kept, torch.Tensor):
+        kept.copy_(last_BCTHW)
+    else:
+        cache.slots[index] = last_BCTHW.clone()
     return out_BCTHW
 
 
@@ -256,9 +318,14 @@ class ResidualBlock(nn.Module):
             skip_BCTHW, skip_bias_C = self.shortcut(x_BCTHW, bias=False), self.shortcut.bias
         else:
             skip_BCTHW, skip_bias_C = x_BCTHW, None
-        y_BCTHW = _cached_conv(conv1, ops.norm_silu(x_BCTHW, norm1.gamma, norm1.scale), cache, bias=False)
-        h_BCTHW = ops.bias_norm_silu(y_BCTHW, conv1.bias, norm2.gamma, norm2.scale)
-        y_BCTHW = _cached_conv(conv2, h_BCTHW, cache, bias=False)
+        index = cache.take()
+        window_BCTHW = _open_window(cache, index, x_BCTHW)
+        ops.norm_silu_into(window_BCTHW[:, :, CACHE_T:], x_BCTHW, norm1.gamma, norm1.scale)
+        y_BCTHW = _window_conv(conv1, window_BCTHW, cache, index)
+        index = cache.take()
+        window_BCTHW = _open_window(cache, index, y_BCTHW)
+        ops.bias_norm_silu_into(window_BCTHW[:, :, CACHE_T:], y_BCTHW, conv1.bias, norm2.gamma, norm2.scale)
+        y_BCTHW = _window_conv(conv2, window_BCTHW, cache, index)
         return ops.bias_residual(y_BCTHW, conv2.bias, skip_BCTHW, skip_bias_C)
 
 
@@ -387,13 +454,14 @@ class WanVAE(nn.Module):
         """Compiled residual-block pieces with the convs' biases folded in (CUDA)."""
         self.use_ops(compiled_vae_ops())
 
-    def new_encode_cache(self) -> WanVAECache:
-        """A fresh per-stream encoder cache (one slot per encoder CausalConv3d: 26 for the Wan layout)."""
-        return WanVAECache(slots=[None] * _num_causal_convs(self.encoder))
+    def new_encode_cache(self, windows: ConvWindows | None = None) -> WanVAECache:
+        """A fresh per-stream encoder cache (one slot per encoder CausalConv3d: 26 for the Wan layout);
+        `windows` are the stage's shared scratch windows (None: the cache's own)."""
+        return WanVAECache(slots=[None] * _num_causal_convs(self.encoder), windows=windows if windows is not None else ConvWindows())
 
-    def new_decode_cache(self) -> WanVAECache:
+    def new_decode_cache(self, windows: ConvWindows | None = None) -> WanVAECache:
         """A fresh per-stream decoder cache (one slot per decoder CausalConv3d: 33 for the Wan layout)."""
-        return WanVAECache(slots=[None] * _num_causal_convs(self.decoder))
+        return WanVAECache(slots=[None] * _num_causal_convs(self.decoder), windows=windows if windows is not None else ConvWindows())
 
     def stream_encode(self, frames_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
         """Encode the next chunk of a stream's frames (pixels in [-1, 1]) to raw mu [B, Z, T', H/8, W/8].

@@ -281,3 +281,45 @@ def test_a_spare_taehv_cache_replays_the_closed_streams_graphs():
     assert enc.spares.num_recycled == 1 and dec.spares.num_recycled == 1 and enc.graphs.enabled and dec.graphs.enabled
     expected = run(False, "b")
     assert all(torch.equal(x, y) for x, y in zip(got, expected))
+
+
+def test_wan_vae_gpu_path_matches_the_plain_path():
+    """The Wan VAE as the engine runs it on CUDA (channels-last-3d, compiled pieces with the biases
+    folded, the residual blocks' convs over the stage's shared windows) against the plain eager path,
+    both fp32 with the full layout's weights: two streams interleaved, three chunks each."""
+    import copy
+
+    from stages.config import VAE_PRESETS
+    from stages.fused import channels_last_weights_
+    from stages.vae_stage import VAEDecodeStage, VAEEncodeStage
+    from stages.wan_vae import WanVAE
+
+    torch.manual_seed(0)
+    plain = WanVAE(VAE_PRESETS["wan"]).eval()
+    with torch.no_grad():
+        for name, param in plain.named_parameters():
+            if name.endswith("gamma"):
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+    fast = channels_last_weights_(copy.deepcopy(plain))
+    fast.use_compiled_ops()
+    stages = {}
+    for label, model in (("plain", plain), ("fast", fast)):
+        stages[label] = (VAEEncodeStage("wan", model, DEVICE, torch.float32),
+                         VAEDecodeStage("wan", model, DEVICE, torch.float32))
+        for sid in ("a", "b"):
+            for stage in stages[label]:
+                stage.open_stream(sid)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    videos = {sid: torch.rand(1, 3, 9, 64, 96, device=DEVICE, generator=gen) * 2 - 1 for sid in ("a", "b")}
+    for i, j in ((0, 1), (1, 5), (5, 9)):
+        for sid, video in videos.items():
+            outs = {}
+            for label, (enc, dec) in stages.items():
+                frames_BCTHW = video[:, :, i:j]
+                if label == "fast":
+                    frames_BCTHW = frames_BCTHW.contiguous(memory_format=torch.channels_last_3d)
+                z = enc.encode(sid, frames_BCTHW)
+                outs[label] = (z, dec.decode(sid, z))
+            for got, want in zip(outs["fast"], outs["plain"]):
+                rel_l2, _ = compare([got], [want])
+                assert rel_l2 <= 5e-3, (sid, i, rel_l2)

@@ -229,3 +229,36 @@ def test_time_interleave_keeps_channels_last_and_values():
     assert fast.is_contiguous(memory_format=torch.channels_last_3d)
     assert torch.equal(fast, plain)
     assert torch.equal(plain[:, :, 0::2], y[:, :3]) and torch.equal(plain[:, :, 1::2], y[:, 3:])
+
+
+@torch.no_grad()
+def test_streams_sharing_a_stages_conv_windows_stay_isolated(models):
+    """On the GPU path the residual blocks' convs read shared scratch windows (stages.wan_vae
+    ConvWindows): two streams interleaved through one stage get what each gets alone on the plain path,
+    and the windows are the stage's, not counted in a stream's cache bytes."""
+    import copy
+    import dataclasses
+
+    from stages.fused import EAGER_VAE_OPS
+
+    _, ours = models
+    fast = copy.deepcopy(ours)
+    fast.use_ops(dataclasses.replace(EAGER_VAE_OPS, fold_bias=True))
+    videos = {"a": _video(9, seed=5), "b": _video(9, seed=6)}
+    chunks = [(0, 1), (1, 5), (5, 9)]
+    plain_enc, plain_dec = _stages(ours)
+    expected = {}
+    for sid, video in videos.items():
+        plain_enc.open_stream(sid)
+        plain_dec.open_stream(sid)
+        expected[sid] = [plain_dec.decode(sid, plain_enc.encode(sid, video[:, :, i:j])) for i, j in chunks]
+    enc, dec = _stages(fast)
+    for sid in videos:
+        enc.open_stream(sid)
+        dec.open_stream(sid)
+    for k, (i, j) in enumerate(chunks):
+        for sid, video in videos.items():
+            got = dec.decode(sid, enc.encode(sid, video[:, :, i:j]))
+            torch.testing.assert_close(got, expected[sid][k], rtol=1e-5, atol=1e-5)
+    assert enc.cache_nbytes("a") == plain_enc.cache_nbytes("a")
+    assert dec.cache_nbytes("b") == plain_dec.cache_nbytes("b")
