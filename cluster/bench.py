@@ -2,6 +2,7 @@
 
     weir bench engine [--model wan-1.3b] [--resolutions 480x832,512x512] [--steps 1,2,3,4]
                       [--vae wan,taehv] [--chunks 40] [--json out.json] [--reference] [--check-precision]
+                      [--kernels N]
 
 For each (resolution, steps, vae) one stream is opened and fed chunks of 4 frames as fast as the
 engine takes them. Reported per configuration (medians unless named):
@@ -22,6 +23,9 @@ Tables print to stdout; --json writes every row.
                    (encode each, one shared DiT forward, decode each), with a device sync around each
                    stage: tick ms, aggregate FPS, and how many streams of --input-fps one device carries
                    (FPS / input fps). This is what the serving admission's per-row cost comes from.
+--kernels N        also profile each stage (encode, DiT step, decode: its last call of the breakdown pass,
+                   made KERNEL_TABLE_CALLS more times) and print its kernel time and count per call and its
+                   N costliest kernels; the JSON rows carry the tables.
 --check-precision  run the DiT in fp32 and in the bench dtype on the same random weights over a few
                    chunks (cluster/precision_bench.py) and print the relative error of the outputs
                    (target rel_l2 <= 1e-2).
@@ -30,6 +34,7 @@ Tables print to stdout; --json writes every row.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -58,6 +63,8 @@ class EngineRow:
     ttff_cold_ms: float
     peak_mem_gib: float
     device: str
+    kernels: dict | None = None
+    """With --kernels: per stage, the profiled kernel table (`kernel_table`)."""
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -71,9 +78,12 @@ class _StageTimer:
         self.obj, self.name, self.sync = obj, name, sync
         self.fn = getattr(obj, name)
         self.times: list[float] = []
+        self.last_call: tuple[tuple, dict] | None = None
+        """The arguments of the last call (the kernel tables call the stage again with them)."""
 
     def __enter__(self) -> _StageTimer:
         def timed(*args, **kwargs):
+            self.last_call = (args, kwargs)
             self.sync()
             t0 = time.perf_counter()
             out = self.fn(*args, **kwargs)
@@ -88,6 +98,45 @@ class _StageTimer:
         setattr(self.obj, self.name, self.fn)
 
 
+KERNEL_TABLE_CALLS = 3
+"""Calls of a stage profiled for its kernel table (the table is per call: totals / calls)."""
+
+
+def kernel_table(fn, *, cuda: bool, calls: int = KERNEL_TABLE_CALLS, top: int = 12) -> dict:
+    """Profile `calls` calls of fn() (after one unprofiled call) and return, per call: the kernels'
+    total time and count, and the `top` kernels by time with their launches and ms. With `cuda` (fn
+    runs on a CUDA device) the rows are device kernels, CUDA-graph replays included; on CPU, where
+    there are none, the ATen ops' self times stand in.
+
+    Example: {"ms": 15.3, "count": 1376, "top": [["_attention_fwd_tma", 30.0, 5.68], ...]}
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    by_name: dict[str, list[float]] = {}
+    total_us, count = 0.0, 0
+    for event in prof.events():
+        if event.device_type != device_type:
+            continue
+        us = event.device_time if cuda else event.self_cpu_time_total
+        entry = by_name.setdefault(event.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += us
+        total_us += us
+        count += 1
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"ms": total_us / calls / 1000, "count": count / calls,
+            "top": [[name, n / calls, round(us / calls / 1000, 4)] for name, (n, us) in ranked]}
+
+
 def _frames(num: int, height: int, width: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
@@ -95,8 +144,9 @@ def _frames(num: int, height: int, width: int, seed: int) -> list[np.ndarray]:
 
 
 def bench_engine_config(engine, *, model: str, height: int, width: int, steps: int, vae: str,
-                        chunks: int, ttff_cold_ms: float) -> EngineRow:
-    """Measure one (resolution, steps, vae) configuration on a built engine."""
+                        chunks: int, ttff_cold_ms: float, kernels: int = 0) -> EngineRow:
+    """Measure one (resolution, steps, vae) configuration on a built engine; `kernels` > 0 also
+    profiles each stage's last call of the breakdown pass again (`kernel_table`, that many top rows)."""
     import torch
 
     from stages.config import StreamConfig
@@ -153,6 +203,14 @@ def bench_engine_config(engine, *, model: str, height: int, width: int, steps: i
             for _ in range(4):
                 engine.push_frame(sid, seq, frames[seq % len(frames)])
                 seq += 1
+    tables = None
+    if kernels > 0:  # the stream's state moves on with each call; it is closed right after
+        tables = {}
+        for stage, timer in (("encode", t_enc), ("dit", t_dit), ("decode", t_dec)):
+            if timer.last_call is not None:
+                args, kwargs = timer.last_call
+                call = functools.partial(timer.fn, *args, **kwargs)
+                tables[stage] = kernel_table(call, cuda=dev.type == "cuda", top=kernels)
     engine.close_stream(sid)
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
     return EngineRow(
@@ -162,7 +220,7 @@ def bench_engine_config(engine, *, model: str, height: int, width: int, steps: i
         dec_ms=statistics.median(t_dec.times), chunk_p50_ms=_percentile(chunk_ms, 50),
         chunk_p99_ms=_percentile(chunk_ms, 99), ttff_warm_ms=statistics.median(ttffs),
         ttff_cold_ms=ttff_cold_ms, peak_mem_gib=peak,
-        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", kernels=tables,
     )
 
 
@@ -228,6 +286,15 @@ def bench_capacity(engine, *, model: str, height: int, width: int, steps: int, v
                        dec_ms=dec)
 
 
+def print_kernel_tables(row: EngineRow) -> None:
+    """The row's kernel tables (--kernels), one block per stage."""
+    for stage, table in (row.kernels or {}).items():
+        print(f"# kernels {row.resolution} {row.vae} {row.steps} step(s), {stage}: "
+              f"{table['ms']:.2f} ms in {table['count']:.0f} per call")
+        for name, launches, ms in table["top"]:
+            print(f"#   {ms:8.3f} ms {launches:6.1f}x  {name[:100]}")
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns}
     print("  ".join(c.rjust(widths[c]) for c in columns))
@@ -257,6 +324,8 @@ def engine_main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-precision", action="store_true", help="bf16 vs fp32 DiT output error")
     p.add_argument("--streams", default="", help="capacity table for these stream counts, e.g. 1,2,4,8")
     p.add_argument("--input-fps", type=float, default=16.0, help="input frame rate of the capacity table")
+    p.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="also profile each stage and print its top N kernels (in the JSON too)")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="measure the first stream without the start-up warm-up")
     args = p.parse_args(argv)
@@ -287,8 +356,10 @@ def engine_main(argv: list[str] | None = None) -> int:
         for vae in vaes:
             for steps in [int(s) for s in args.steps.split(",")]:
                 row = bench_engine_config(engine, model=args.model, height=h, width=w, steps=steps, vae=vae,
-                                          chunks=args.chunks, ttff_cold_ms=ttff_cold_ms)
+                                          chunks=args.chunks, ttff_cold_ms=ttff_cold_ms, kernels=args.kernels)
                 rows.append(row)
+                if row.kernels:
+                    print_kernel_tables(row)
                 print(json.dumps(asdict(row)), file=sys.stderr)
     table = [asdict(r) for r in rows]
     print_table(table, ["resolution", "vae", "steps", "fps", "fps_p50", "dit_ms", "enc_ms", "dec_ms", "chunk_p50_ms",

@@ -37,3 +37,20 @@ def test_engine_row_times_a_steady_window_after_the_caches_fill():
     assert row.chunk_p50_ms <= row.chunk_p99_ms
     assert min(row.dit_ms, row.enc_ms, row.dec_ms, row.ttff_warm_ms) > 0
     assert engine.stats().active_streams == 0
+
+
+def test_engine_row_kernel_tables_profile_each_stage():
+    """`weir bench engine --kernels N`: each stage's table counts per call and ranks its top N."""
+    from cluster.bench import bench_engine_config
+
+    torch.set_num_threads(1)
+    engine = StreamEngine(EngineSpec(model="tiny", vae="taehv"))
+    row = bench_engine_config(engine, model="tiny", height=32, width=48, steps=1, vae="taehv", chunks=2,
+                              ttff_cold_ms=0.0, kernels=4)
+    assert set(row.kernels) == {"encode", "dit", "decode"}
+    for table in row.kernels.values():
+        assert table["ms"] > 0 and table["count"] >= len(table["top"]) == 4
+        times = [ms for _, _, ms in table["top"]]
+        assert times == sorted(times, reverse=True) and sum(times) <= table["ms"] * 1.0001
+    assert any("conv" in name for name, _, _ in row.kernels["decode"]["top"])
+    assert engine.stats().active_streams == 0
