@@ -92,7 +92,7 @@ class WanVAECache:
 
     slots: list[torch.Tensor | _FirstChunkSeen | None]
     num_calls: int = 0
-    windows: ConvWindows = field(default_factory=lambda: ConvWindows(), repr=False)
+    windows: ConvWindows = field(default_factory=lambda: ConvWindows(), repr=False)  # defined below
     """Scratch conv windows (`ConvWindows`), shared with the other streams of the same stage."""
     cursor: int = field(default=0, repr=False)
     """Next slot to hand out during a call; reset to 0 at the start of each call."""
@@ -155,8 +155,9 @@ class ConvWindows:
 
     A conv's window gets the stream's kept frames in front and the new frames, written there by
     the norm kernel that makes them (`VAEOps.*_into`), behind; the conv reads it whole, and its last
-    CACHE_T frames go back to the stream's slot. That moves 2 * CACHE_T frames per conv, where
-    concatenating kept and new frames and keeping a copy moved 2 * (CACHE_T + T) + 2 * CACHE_T.
+    CACHE_T frames go back to the stream's slot. That copies 2 * CACHE_T frames per conv (kept in,
+    last out), where concatenating kept and new frames and then keeping the last ones copied
+    CACHE_T + T + CACHE_T: 4 instead of 8 at the full-resolution levels (T = 4).
     """
 
     def __init__(self) -> None:
@@ -173,9 +174,6 @@ class ConvWindows:
                                  memory_format=layout)
             self._buffers[key] = window
         return window
-
-    def nbytes(self) -> int:
-        return sum(w.numel() * w.element_size() for w in self._buffers.values())
 
 
 def _open_window(cache: WanVAECache, index: int, like_BCTHW: torch.Tensor) -> torch.Tensor:
@@ -457,11 +455,13 @@ class WanVAE(nn.Module):
     def new_encode_cache(self, windows: ConvWindows | None = None) -> WanVAECache:
         """A fresh per-stream encoder cache (one slot per encoder CausalConv3d: 26 for the Wan layout);
         `windows` are the stage's shared scratch windows (None: the cache's own)."""
-        return WanVAECache(slots=[None] * _num_causal_convs(self.encoder), windows=windows if windows is not None else ConvWindows())
+        return WanVAECache(slots=[None] * _num_causal_convs(self.encoder),
+                           windows=windows if windows is not None else ConvWindows())
 
     def new_decode_cache(self, windows: ConvWindows | None = None) -> WanVAECache:
         """A fresh per-stream decoder cache (one slot per decoder CausalConv3d: 33 for the Wan layout)."""
-        return WanVAECache(slots=[None] * _num_causal_convs(self.decoder), windows=windows if windows is not None else ConvWindows())
+        return WanVAECache(slots=[None] * _num_causal_convs(self.decoder),
+                           windows=windows if windows is not None else ConvWindows())
 
     def stream_encode(self, frames_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
         """Encode the next chunk of a stream's frames (pixels in [-1, 1]) to raw mu [B, Z, T', H/8, W/8].
