@@ -28,11 +28,13 @@ zero padding, so chunked calls give what one long causal pass gives. Two layers 
 - a temporal upsample (decoder) does not double time on a stream's first call (latent 0 -> 1 frame);
   later calls run `time_conv` (C -> 2C) and interleave the halves into 2x frames.
 
-Windows. On the GPU path (`VAEOps.fold_bias`) a residual block's two convs do not concatenate their
-slot with the new frames: the norm kernel that makes the new frames writes them into a scratch
-window [B, C, CACHE_T + T, H, W] behind the slot's frames (zeros before the first call), the conv
-reads the window whole, and its last CACHE_T frames go back to the slot (`ConvWindows`, shared by
-the streams of one stage). Same values, fewer copies of the largest activations.
+Windows. On the GPU path (`VAEOps.fold_bias`) a residual block's two convs, and the encoder's and
+the decoder's head conv, do not concatenate their slot with the new frames. The norm kernel that
+makes the new frames writes them into a scratch window [B, C, CACHE_T + T, H, W] behind the slot's
+frames (zeros before the first call); the conv reads the window whole, and its last CACHE_T frames
+go back to the slot (`ConvWindows`, shared by the streams of one stage). Same values, fewer copies
+of the largest activations, and the heads' norm + SiLU is one compiled kernel instead of five eager
+passes.
 
 Worked example, encoder, frames 0 | 1..4 | 5..8: frame counts per call through the three stages are
 1 -> 1 -> 1 -> 1 latent, then 4 -> 4 -> 2 -> 1, then 4 -> 4 -> 2 -> 1: 9 frames -> 3 latents.
@@ -188,10 +190,12 @@ def _open_window(cache: WanVAECache, index: int, like_BCTHW: torch.Tensor) -> to
     return window
 
 
-def _window_conv(conv: CausalConv3d, window_BCTHW: torch.Tensor, cache: WanVAECache, index: int) -> torch.Tensor:
-    """`conv` over a full window (no bias: the caller's fused kernel adds it); the window's last
-    CACHE_T frames become slot `index`'s kept frames."""
-    out_BCTHW = F.conv3d(window_BCTHW, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+def _window_conv(conv: CausalConv3d, window_BCTHW: torch.Tensor, cache: WanVAECache, index: int, *,
+                 bias: bool = False) -> torch.Tensor:
+    """`conv` over a full window, without its bias unless `bias` (the caller's fused kernel adds it);
+    the window's last CACHE_T frames become slot `index`'s kept frames."""
+    out_BCTHW = F.conv3d(window_BCTHW, conv.weight, conv.bias if bias else None, conv.stride, conv.padding,
+                         conv.dilation, conv.groups)
     last_BCTHW = window_BCTHW[:, :, -CACHE_T:]
     kept = cache.slots[index]
     if isinstance(kept, torch.Tensor):
@@ -358,6 +362,19 @@ def _run_cached(layers: nn.Sequential, x_BCTHW: torch.Tensor, cache: WanVAECache
     return x_BCTHW
 
 
+def _run_head(head: nn.Sequential, x_BCTHW: torch.Tensor, cache: WanVAECache, ops: VAEOps) -> torch.Tensor:
+    """The encoder's or the decoder's head: RMSNorm, SiLU, causal conv. On the GPU path
+    (`ops.fold_bias`) the norm writes into the conv's window, as in a residual block, and the conv
+    adds its own bias (its output is narrow: 3 or 2Z channels)."""
+    if not ops.fold_bias:
+        return _run_cached(head, x_BCTHW, cache)
+    norm, _, conv = head
+    index = cache.take()
+    window_BCTHW = _open_window(cache, index, x_BCTHW)
+    ops.norm_silu_into(window_BCTHW[:, :, CACHE_T:], x_BCTHW, norm.gamma, norm.scale)
+    return _window_conv(conv, window_BCTHW, cache, index, bias=True)
+
+
 def _num_causal_convs(module: nn.Module) -> int:
     return sum(isinstance(m, CausalConv3d) for m in module.modules())
 
@@ -387,11 +404,14 @@ class Encoder3d(nn.Module):
             RMSNorm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, cfg.z_dim * 2, 3, padding=1)
         )
 
+    ops: VAEOps = EAGER_VAE_OPS
+    """The head's norm (`_run_head`); `WanVAE.use_ops` sets it with the residual blocks'."""
+
     def forward(self, x_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
         x_BCTHW = _cached_conv(self.conv1, x_BCTHW, cache)
         x_BCTHW = _run_cached(self.downsamples, x_BCTHW, cache)
         x_BCTHW = _run_cached(self.middle, x_BCTHW, cache)
-        return _run_cached(self.head, x_BCTHW, cache)
+        return _run_head(self.head, x_BCTHW, cache, self.ops)
 
 
 class Decoder3d(nn.Module):
@@ -420,11 +440,14 @@ class Decoder3d(nn.Module):
             RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1)
         )
 
+    ops: VAEOps = EAGER_VAE_OPS
+    """The head's norm (`_run_head`); `WanVAE.use_ops` sets it with the residual blocks'."""
+
     def forward(self, x_BZTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
         x_BCTHW = _cached_conv(self.conv1, x_BZTHW, cache)
         x_BCTHW = _run_cached(self.middle, x_BCTHW, cache)
         x_BCTHW = _run_cached(self.upsamples, x_BCTHW, cache)
-        return _run_cached(self.head, x_BCTHW, cache)
+        return _run_head(self.head, x_BCTHW, cache, self.ops)
 
 
 class WanVAE(nn.Module):
@@ -443,9 +466,9 @@ class WanVAE(nn.Module):
         self.decoder = Decoder3d(cfg)
 
     def use_ops(self, ops: VAEOps) -> None:
-        """Run every residual block's elementwise pieces through `ops` (stages.fused)."""
+        """Run every residual block's and both heads' elementwise pieces through `ops` (stages.fused)."""
         for module in self.modules():
-            if isinstance(module, ResidualBlock):
+            if isinstance(module, (ResidualBlock, Encoder3d, Decoder3d)):
                 module.ops = ops
 
     def use_compiled_ops(self) -> None:
