@@ -204,6 +204,41 @@ def bias_norm_silu_into(
     return out_BCTHW.copy_(bias_norm_silu(x_BCTHW, bias_C, gamma_C111, scale))
 
 
+def phase_kernels_2x(weight_OI33: torch.Tensor) -> torch.Tensor:
+    """2x nearest upsampling then a 3x3 conv (padding 1) as four 2x2 convs of the input, one per
+    output pixel phase (p, q) in {0, 1}^2: [O, I, 3, 3] -> [4 * O, I, 2, 2], phases major (p, q, o).
+
+    Output row 2i + p reads upsampled rows 2i + p - 1 .. 2i + p + 1, which are input rows i - 1, i, i
+    (p = 0) or i, i, i + 1 (p = 1): the 3 kernel rows fold into 2, (r0, r1 + r2) or (r0 + r1, r2);
+    columns alike. Summed in at least fp32, returned in the weight's dtype and memory layout.
+
+    Example: a 1-channel kernel of ones gives four kernels [[1, 2], [2, 4]], [[2, 1], [4, 2]], ...
+    """
+    w = weight_OI33.to(torch.promote_types(weight_OI33.dtype, torch.float32))
+
+    def fold(w_OIab: torch.Tensor, dim: int, phase: int) -> torch.Tensor:
+        t0, t1, t2 = w_OIab.unbind(dim)
+        return torch.stack((t0, t1 + t2) if phase == 0 else (t0 + t1, t2), dim)
+
+    phases = [fold(fold(w, -2, p), -1, q) for p in (0, 1) for q in (0, 1)]
+    out = torch.cat(phases, 0).to(weight_OI33.dtype)
+    return out.contiguous(memory_format=torch.channels_last) if is_channels_last(weight_OI33) else out.contiguous()
+
+
+def interleave_phases_2x(y_NKHW: torch.Tensor, bias_C: torch.Tensor) -> torch.Tensor:
+    """The four phase convs' output [N, 4C, H + 1, W + 1] (conv of the input with `phase_kernels_2x`,
+    padding 1) -> the upsampled conv's output [N, C, 2H, 2W], plus the conv's bias: pixel (2i + p,
+    2j + q) is phase (p, q)'s output at (i + p, j + q). Built in NHWC order: the output is
+    channels-last whatever the input's layout; one kernel when compiled."""
+    N, K, H1, W1 = y_NKHW.shape
+    C, H, W = K // 4, H1 - 1, W1 - 1
+    y_NHWpqC = y_NKHW.permute(0, 2, 3, 1).unflatten(-1, (2, 2, C))
+    rows = [torch.stack([y_NHWpqC[:, p:p + H, q:q + W, p, q] for q in (0, 1)], dim=3) for p in (0, 1)]
+    out_NHpWqC = torch.stack(rows, dim=2)  # [N, H, 2, W, 2, C]
+    out_NHWC = out_NHpWqC.reshape(N, 2 * H, 2 * W, C) + bias_C
+    return out_NHWC.permute(0, 3, 1, 2)
+
+
 @dataclass(frozen=True)
 class VAEOps:
     """The Wan VAE residual block's elementwise pieces (eager or compiled).
@@ -220,7 +255,11 @@ class VAEOps:
     bias_residual: Callable[..., torch.Tensor]
     norm_silu_into: Callable[..., torch.Tensor]
     bias_norm_silu_into: Callable[..., torch.Tensor]
+    interleave_phases: Callable[..., torch.Tensor] = interleave_phases_2x
     fold_bias: bool = False
+    subpixel_upsample: bool = False
+    """The decoder's upsample convs as four 2x2 phase convs of the input (`phase_kernels_2x`): 4/9
+    of the flops, no upsampled copy, and 4x the output channels per conv (stages.wan_vae Resample)."""
 
 
 EAGER_VAE_OPS = VAEOps(norm_silu, bias_norm_silu, bias_residual, norm_silu_into, bias_norm_silu_into)
@@ -230,14 +269,48 @@ EAGER_VAE_OPS = VAEOps(norm_silu, bias_norm_silu, bias_residual, norm_silu_into,
 def compiled_vae_ops() -> VAEOps:
     """The VAE pieces through torch.compile, biases folded: one kernel per piece instead of five
     passes (and a bias pass) over a full-resolution activation, the VAE's biggest tensors. The
-    kernels keep their input's memory layout (channels-last-3d on CUDA)."""
+    kernels keep their input's memory layout (channels-last-3d on CUDA). The phase interleave is
+    compiled for static shapes (a few per resolution): with symbolic ones Inductor fails on its
+    slices' bounds."""
     _raise_recompile_limit()
 
-    def c(fn):
-        return torch.compile(fn, fullgraph=True)
-
+    c = _compile
     return VAEOps(c(norm_silu), c(bias_norm_silu), c(bias_residual), c(norm_silu_into), c(bias_norm_silu_into),
-                  fold_bias=True)
+                  c(interleave_phases_2x, dynamic=False), fold_bias=True,
+                  subpixel_upsample=os.environ.get("WEIR_VAE_SUBPIXEL", "1") != "0")
+
+
+def _compile(fn: Callable[..., object], *, dynamic: bool | None = None) -> Callable[..., object]:
+    """torch.compile(fn) whole (fullgraph), for static shapes with `dynamic=False`.
+
+    A piece that meets one shape more than dynamo's recompile limit allows (a server that has seen
+    many resolutions) would raise. Instead it runs that call eagerly, with a warning the first time:
+    same values, slower. Already-compiled shapes stay compiled.
+    """
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    warned: list[bool] = []
+
+    @functools.wraps(fn)
+    def piece(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except _recompile_limit_errors():
+            if not warned:
+                warned.append(True)
+                LOG.warning("%s met more shapes than the recompile limit: new shapes run eagerly",
+                            getattr(fn, "__name__", fn))
+            return fn(*args, **kwargs)
+
+    return piece
+
+
+@functools.cache
+def _recompile_limit_errors() -> tuple[type[BaseException], ...]:
+    """What dynamo raises at the recompile limit under fullgraph (named differently across releases)."""
+    import torch._dynamo.exc as dynamo_exc
+
+    names = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+    return tuple(getattr(dynamo_exc, n) for n in names if hasattr(dynamo_exc, n))
 
 
 def _raise_recompile_limit() -> None:
@@ -286,7 +359,7 @@ def compiled_ops() -> BlockOps:
     _raise_recompile_limit()
 
     def c(fn):
-        return torch.compile(fn, fullgraph=True, dynamic=False)
+        return _compile(fn, dynamic=False)
 
     return BlockOps(
         _norm_kernel_or(triton_norms.modulate, c(modulate)), c(gated_residual),

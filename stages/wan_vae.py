@@ -52,7 +52,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.config import VAEConfig
-from stages.fused import EAGER_VAE_OPS, VAEOps, compiled_vae_ops, is_channels_last, nearest_upsample_2x
+from stages.fused import (
+    EAGER_VAE_OPS,
+    VAEOps,
+    compiled_vae_ops,
+    is_channels_last,
+    nearest_upsample_2x,
+    phase_kernels_2x,
+)
 
 CACHE_T = 2
 """Frames of input each causal conv keeps for the next call (its temporal kernel minus one)."""
@@ -241,12 +248,27 @@ class Resample(nn.Module):
         elif mode == "downsample3d":
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
 
+    ops: VAEOps = EAGER_VAE_OPS
+    """`subpixel_upsample` set: the upsample conv runs as four phase convs (`use_ops` prepares their
+    kernels, `phase_weight`)."""
+
+    def use_ops(self, ops: VAEOps) -> None:
+        """Take `ops`; with `subpixel_upsample`, fold the upsample conv's weights into the phase
+        kernels (a buffer outside the state dict: call this after the weights are loaded)."""
+        self.ops = ops
+        if ops.subpixel_upsample and self.mode in ("upsample2d", "upsample3d"):
+            self.register_buffer("phase_weight", phase_kernels_2x(self.resample[1].weight.detach()), persistent=False)
+
     def forward(self, x_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
         if self.mode == "upsample3d":
             x_BCTHW = self._upsample_time(x_BCTHW, cache)
         B, _, T, _, _ = x_BCTHW.shape
         x_BTCHW = x_BCTHW.transpose(1, 2).flatten(0, 1)
-        y_BTCHW = self.resample(x_BTCHW)
+        if self.ops.subpixel_upsample and self.mode in ("upsample2d", "upsample3d"):
+            phases_BKHW = F.conv2d(x_BTCHW, self.phase_weight, None, padding=1)
+            y_BTCHW = self.ops.interleave_phases(phases_BKHW, self.resample[1].bias)
+        else:
+            y_BTCHW = self.resample(x_BTCHW)
         y_BCTHW = y_BTCHW.unflatten(0, (B, T)).transpose(1, 2)
         if self.mode == "downsample3d":
             y_BCTHW = self._downsample_time(y_BCTHW, cache)
@@ -466,10 +488,13 @@ class WanVAE(nn.Module):
         self.decoder = Decoder3d(cfg)
 
     def use_ops(self, ops: VAEOps) -> None:
-        """Run every residual block's and both heads' elementwise pieces through `ops` (stages.fused)."""
+        """Run every residual block's and both heads' elementwise pieces through `ops` (stages.fused), and
+        the decoder's upsample convs as phase convs where `ops.subpixel_upsample` (after loading weights)."""
         for module in self.modules():
             if isinstance(module, (ResidualBlock, Encoder3d, Decoder3d)):
                 module.ops = ops
+            elif isinstance(module, Resample):
+                module.use_ops(ops)
 
     def use_compiled_ops(self) -> None:
         """Compiled residual-block pieces with the convs' biases folded in (CUDA)."""

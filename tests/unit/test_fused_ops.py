@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -59,6 +60,25 @@ def test_nearest_upsample_2x_equals_interpolate_in_both_layouts():
     torch.testing.assert_close(nearest_upsample_2x(x.bfloat16()), want.bfloat16(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_phase_convs_equal_nearest_upsample_then_conv(layout):
+    """The sub-pixel form of the Wan decoder's upsample conv: four 2x2 phase convs of the input,
+    interleaved, equal a 2x nearest upsample then the 3x3 conv (padding 1), borders included."""
+    from stages.fused import interleave_phases_2x, phase_kernels_2x
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 7, 9, dtype=torch.float64, generator=gen).contiguous(memory_format=layout)
+    weight = torch.randn(6, 5, 3, 3, dtype=torch.float64, generator=gen).contiguous(memory_format=layout)
+    bias = torch.randn(6, dtype=torch.float64, generator=gen)
+    want = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
+    phases = F.conv2d(x, phase_kernels_2x(weight), None, padding=1)
+    got = interleave_phases_2x(phases, bias)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    ones = phase_kernels_2x(torch.ones(1, 1, 3, 3))[:, 0]
+    assert ones.tolist() == [[[1, 2], [2, 4]], [[2, 1], [4, 2]], [[2, 4], [1, 2]], [[4, 2], [2, 1]]]
+
+
 def test_triton_attention_is_chosen_only_where_it_measured_faster():
     from stages.attention import triton_pays
 
@@ -67,3 +87,25 @@ def test_triton_attention_is_chosen_only_where_it_measured_faster():
     assert not triton_pays(1, 1560, 40, 9360, 132)  # 14B: 0.87x
     assert not triton_pays(1, 1560, 12, 512, 132)  # cross-attention: too few keys to split
     assert not triton_pays(1, 1024, 12, 6144, 132)  # 512x512: under one wave
+
+
+def test_a_compiled_piece_past_the_recompile_limit_runs_eagerly(caplog):
+    """A static-shape piece that meets more shapes than dynamo allows would raise under fullgraph (a
+    server that has seen many resolutions); it runs those shapes eagerly instead, warning once."""
+    import logging
+
+    import torch._dynamo
+
+    from stages.fused import _compile, _recompile_limit_errors
+
+    assert _recompile_limit_errors()  # this torch names the error
+
+    def scale_shift(x):
+        return x * 3 + 1
+
+    piece = _compile(scale_shift, dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level(logging.WARNING, logger="stages.fused"):
+        for n in range(1, 6):
+            x = torch.randn(n, 4)
+            torch.testing.assert_close(piece(x), scale_shift(x))
+    assert sum("recompile limit" in r.getMessage() for r in caplog.records) == 1

@@ -195,9 +195,11 @@ def test_bf16_runs_on_cpu():
 
 
 @torch.no_grad()
-def test_folded_biases_and_channels_last_give_the_plain_results(models):
+@pytest.mark.parametrize("subpixel", [False, True])
+def test_folded_biases_and_channels_last_give_the_plain_results(models, subpixel):
     """The GPU path (stages.fused.VAEOps with the biases folded into the elementwise kernels, weights
-    and activations channels-last-3d) computes what the plain path computes, call after call."""
+    and activations channels-last-3d, the upsample convs as phase convs or not) computes what the
+    plain path computes, call after call."""
     import copy
     import dataclasses
 
@@ -205,7 +207,9 @@ def test_folded_biases_and_channels_last_give_the_plain_results(models):
 
     _, ours = models
     fast = channels_last_weights_(copy.deepcopy(ours))
-    fast.use_ops(dataclasses.replace(EAGER_VAE_OPS, fold_bias=True))
+    fast.use_ops(dataclasses.replace(EAGER_VAE_OPS, fold_bias=True, subpixel_upsample=subpixel))
+    assert all(hasattr(m, "phase_weight") == (subpixel and m.mode.startswith("up"))
+               for m in fast.modules() if type(m).__name__ == "Resample")
     video = _video(13, seed=3)
     chunks = [video[:, :, :1]] + [video[:, :, i : i + 4] for i in range(1, 13, 4)]
     caches = [(m.new_encode_cache(), m.new_decode_cache()) for m in (ours, fast)]
