@@ -204,6 +204,56 @@ def bias_norm_silu_into(
     return out_BCTHW.copy_(bias_norm_silu(x_BCTHW, bias_C, gamma_C111, scale))
 
 
+INPUT_CHANNEL_MULTIPLE = 8
+"""cuDNN's tensor-core conv kernels want input channels in multiples of 8 (16 bytes in half precision);
+a 3-channel RGB input otherwise runs a generic kernel (2.1 ms for the Wan encoder's first conv at
+480x832 on an H200, with cuDNN's heuristics: BENCHMARKS.md)."""
+
+
+def padded_input_weight(weight_OI: torch.Tensor, multiple: int = INPUT_CHANNEL_MULTIPLE) -> torch.Tensor | None:
+    """A conv weight [O, I, *kernel] with zero input channels appended up to a multiple of `multiple`,
+    in the weight's memory layout; None when I already is one. With the input padded alike
+    (`pad_channels`) the conv computes the same values."""
+    channels = weight_OI.shape[1]
+    target = -(-channels // multiple) * multiple
+    if target == channels:
+        return None
+    return pad_channels(weight_OI, target)
+
+
+def pad_channels(x_NC: torch.Tensor, channels: int) -> torch.Tensor:
+    """x [N, C, ...] with zero channels appended up to `channels`, in x's memory layout (a channels-last
+    x gives a channels-last result)."""
+    layout = torch.contiguous_format
+    if is_channels_last(x_NC):
+        layout = torch.channels_last if x_NC.dim() == 4 else torch.channels_last_3d
+    out = torch.empty((x_NC.shape[0], channels, *x_NC.shape[2:]), dtype=x_NC.dtype, device=x_NC.device,
+                      memory_format=layout)
+    out[:, x_NC.shape[1]:].zero_()
+    out[:, : x_NC.shape[1]].copy_(x_NC)
+    return out
+
+
+def set_padded_input(conv: torch.nn.Module, enabled: bool) -> None:
+    """Give a conv (Conv2d or Conv3d) a channel-padded copy of its weight (`padded_weight`, a buffer
+    outside the state dict: set it after loading), or take it away; `padded_input_conv` uses it."""
+    conv._buffers.pop("padded_weight", None)
+    weight = padded_input_weight(conv.weight.detach()) if enabled else None
+    if weight is not None:
+        conv.register_buffer("padded_weight", weight, persistent=False)
+
+
+def padded_input_conv(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """conv(x) through its `padded_weight` with x's channels zero-padded alike, or None when the conv
+    has no padded weight. Same values as conv(x)."""
+    weight = conv._buffers.get("padded_weight")
+    if weight is None:
+        return None
+    conv_fn = F.conv2d if x.dim() == 4 else F.conv3d
+    return conv_fn(pad_channels(x, weight.shape[1]), weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                   conv.groups)
+
+
 def phase_kernels_2x(weight_OI33: torch.Tensor) -> torch.Tensor:
     """2x nearest upsampling then a 3x3 conv (padding 1) as four 2x2 convs of the input, one per
     output pixel phase (p, q) in {0, 1}^2: [O, I, 3, 3] -> [4 * O, I, 2, 2], phases major (p, q, o).

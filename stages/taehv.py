@@ -42,7 +42,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from stages.fused import channels_last_weights_, is_channels_last, nearest_upsample_2x
+from stages.fused import (
+    channels_last_weights_,
+    is_channels_last,
+    nearest_upsample_2x,
+    padded_input_conv,
+    set_padded_input,
+)
 
 FRAMES_PER_LATENT = 4
 """Temporal compression (2 x 2 from the two stride-2 TPools / TGrows)."""
@@ -75,8 +81,17 @@ TAEHV_PRESETS: dict[str, TAEHVConfig] = {
 }
 
 
+class _Conv2d(nn.Conv2d):
+    """nn.Conv2d that runs through a channel-padded weight once it has one (stages.fused
+    `set_padded_input`: the RGB input conv on the GPU layout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = padded_input_conv(self, x)
+        return super().forward(x) if padded is None else padded
+
+
 def _conv3x3(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
-    return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
+    return _Conv2d(n_in, n_out, 3, padding=1, **kwargs)
 
 
 class Upsample2x(nn.Module):
@@ -247,6 +262,7 @@ class TAEHV(nn.Module):
         conversions around cuDNN's kernels). Values are unchanged."""
         channels_last_weights_(self)
         self.channels_last = True
+        set_padded_input(self.encoder[0], True)  # 3 input channels: a generic cuDNN kernel otherwise
 
     # ---- one-shot (whole clip) ----
 

@@ -58,7 +58,9 @@ from stages.fused import (
     compiled_vae_ops,
     is_channels_last,
     nearest_upsample_2x,
+    padded_input_conv,
     phase_kernels_2x,
+    set_padded_input,
 )
 
 CACHE_T = 2
@@ -138,6 +140,8 @@ class CausalConv3d(nn.Conv3d):
             time_pad -= past_BCTHW.shape[2]
         if time_pad > 0:
             x_BCTHW = F.pad(x_BCTHW, (0, 0, 0, 0, time_pad, 0))
+        if bias and (padded := padded_input_conv(self, x_BCTHW)) is not None:
+            return padded
         if bias:
             return super().forward(x_BCTHW)
         return F.conv3d(x_BCTHW, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
@@ -488,13 +492,16 @@ class WanVAE(nn.Module):
         self.decoder = Decoder3d(cfg)
 
     def use_ops(self, ops: VAEOps) -> None:
-        """Run every residual block's and both heads' elementwise pieces through `ops` (stages.fused), and
-        the decoder's upsample convs as phase convs where `ops.subpixel_upsample` (after loading weights)."""
+        """Run every residual block's and both heads' elementwise pieces through `ops` (stages.fused), the
+        decoder's upsample convs as phase convs where `ops.subpixel_upsample`, and on the GPU path
+        (`ops.fold_bias`) the encoder's RGB input conv on channel-padded input. Call after loading."""
         for module in self.modules():
             if isinstance(module, (ResidualBlock, Encoder3d, Decoder3d)):
                 module.ops = ops
             elif isinstance(module, Resample):
                 module.use_ops(ops)
+        # the 3-channel input conv on a tensor-core kernel (stages.fused.INPUT_CHANNEL_MULTIPLE)
+        set_padded_input(self.encoder.conv1, ops.fold_bias)
 
     def use_compiled_ops(self) -> None:
         """Compiled residual-block pieces with the convs' biases folded in (CUDA)."""

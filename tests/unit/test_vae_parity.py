@@ -210,6 +210,8 @@ def test_folded_biases_and_channels_last_give_the_plain_results(models, subpixel
     fast.use_ops(dataclasses.replace(EAGER_VAE_OPS, fold_bias=True, subpixel_upsample=subpixel))
     assert all(hasattr(m, "phase_weight") == (subpixel and m.mode.startswith("up"))
                for m in fast.modules() if type(m).__name__ == "Resample")
+    assert fast.encoder.conv1.padded_weight.shape[1] == 8  # the RGB input conv on padded channels
+    assert fast.state_dict().keys() == ours.state_dict().keys()
     video = _video(13, seed=3)
     chunks = [video[:, :, :1]] + [video[:, :, i : i + 4] for i in range(1, 13, 4)]
     caches = [(m.new_encode_cache(), m.new_decode_cache()) for m in (ours, fast)]
