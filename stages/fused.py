@@ -210,17 +210,6 @@ a 3-channel RGB input otherwise runs a generic kernel (2.1 ms for the Wan encode
 480x832 on an H200, with cuDNN's heuristics: BENCHMARKS.md)."""
 
 
-def padded_input_weight(weight_OI: torch.Tensor, multiple: int = INPUT_CHANNEL_MULTIPLE) -> torch.Tensor | None:
-    """A conv weight [O, I, *kernel] with zero input channels appended up to a multiple of `multiple`,
-    in the weight's memory layout; None when I already is one. With the input padded alike
-    (`pad_channels`) the conv computes the same values."""
-    channels = weight_OI.shape[1]
-    target = -(-channels // multiple) * multiple
-    if target == channels:
-        return None
-    return pad_channels(weight_OI, target)
-
-
 def pad_channels(x_NC: torch.Tensor, channels: int) -> torch.Tensor:
     """x [N, C, ...] with zero channels appended up to `channels`, in x's memory layout (a channels-last
     x gives a channels-last result)."""
@@ -235,23 +224,27 @@ def pad_channels(x_NC: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def set_padded_input(conv: torch.nn.Module, enabled: bool) -> None:
-    """Give a conv (Conv2d or Conv3d) a channel-padded copy of its weight (`padded_weight`, a buffer
-    outside the state dict: set it after loading), or take it away; `padded_input_conv` uses it."""
+    """Give a conv (Conv2d or Conv3d) a copy of its weight with zero input channels appended up to a
+    multiple of INPUT_CHANNEL_MULTIPLE (`padded_weight`, a buffer outside the state dict: set it after
+    loading), or take it away; `conv_forward` uses it. A conv whose channels already are a multiple
+    gets none."""
     conv._buffers.pop("padded_weight", None)
-    weight = padded_input_weight(conv.weight.detach()) if enabled else None
-    if weight is not None:
-        conv.register_buffer("padded_weight", weight, persistent=False)
+    channels = conv.weight.shape[1]
+    target = -(-channels // INPUT_CHANNEL_MULTIPLE) * INPUT_CHANNEL_MULTIPLE
+    if enabled and target != channels:
+        conv.register_buffer("padded_weight", pad_channels(conv.weight.detach(), target), persistent=False)
 
 
-def padded_input_conv(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """conv(x) through its `padded_weight` with x's channels zero-padded alike, or None when the conv
-    has no padded weight. Same values as conv(x)."""
+def conv_forward(conv: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv's convolution of x (no padding_mode other than zeros) with `bias` (None: none); through
+    its `padded_weight`, x's channels zero-padded alike, when it has one. Same values either way."""
     weight = conv._buffers.get("padded_weight")
-    if weight is None:
-        return None
+    if weight is not None:
+        x = pad_channels(x, weight.shape[1])
+    else:
+        weight = conv.weight
     conv_fn = F.conv2d if x.dim() == 4 else F.conv3d
-    return conv_fn(pad_channels(x, weight.shape[1]), weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                   conv.groups)
+    return conv_fn(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def phase_kernels_2x(weight_OI33: torch.Tensor) -> torch.Tensor:

@@ -44,9 +44,9 @@ from torch import nn
 
 from stages.fused import (
     channels_last_weights_,
+    conv_forward,
     is_channels_last,
     nearest_upsample_2x,
-    padded_input_conv,
     set_padded_input,
 )
 
@@ -86,8 +86,7 @@ class _Conv2d(nn.Conv2d):
     `set_padded_input`: the RGB input conv on the GPU layout)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        padded = padded_input_conv(self, x)
-        return super().forward(x) if padded is None else padded
+        return conv_forward(self, x, self.bias)
 
 
 def _conv3x3(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:

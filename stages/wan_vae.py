@@ -56,9 +56,9 @@ from stages.fused import (
     EAGER_VAE_OPS,
     VAEOps,
     compiled_vae_ops,
+    conv_forward,
     is_channels_last,
     nearest_upsample_2x,
-    padded_input_conv,
     phase_kernels_2x,
     set_padded_input,
 )
@@ -140,11 +140,13 @@ class CausalConv3d(nn.Conv3d):
             time_pad -= past_BCTHW.shape[2]
         if time_pad > 0:
             x_BCTHW = F.pad(x_BCTHW, (0, 0, 0, 0, time_pad, 0))
-        if bias and (padded := padded_input_conv(self, x_BCTHW)) is not None:
-            return padded
-        if bias:
-            return super().forward(x_BCTHW)
-        return F.conv3d(x_BCTHW, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return self.over_time_padded(x_BCTHW, bias=bias)
+
+    def over_time_padded(self, x_BCTHW: torch.Tensor, *, bias: bool = True) -> torch.Tensor:
+        """The conv of frames whose causal past is already in front (a window, or `forward`'s input),
+        without its bias unless `bias`; through the channel-padded weight where the conv has one
+        (stages.fused.set_padded_input)."""
+        return conv_forward(self, x_BCTHW, self.bias if bias else None)
 
 
 def _cached_conv(conv: CausalConv3d, x_BCTHW: torch.Tensor, cache: WanVAECache, *, bias: bool = True) -> torch.Tensor:
@@ -205,8 +207,7 @@ def _window_conv(conv: CausalConv3d, window_BCTHW: torch.Tensor, cache: WanVAECa
                  bias: bool = False) -> torch.Tensor:
     """`conv` over a full window, without its bias unless `bias` (the caller's fused kernel adds it);
     the window's last CACHE_T frames become slot `index`'s kept frames."""
-    out_BCTHW = F.conv3d(window_BCTHW, conv.weight, conv.bias if bias else None, conv.stride, conv.padding,
-                         conv.dilation, conv.groups)
+    out_BCTHW = conv.over_time_padded(window_BCTHW, bias=bias)
     last_BCTHW = window_BCTHW[:, :, -CACHE_T:]
     kept = cache.slots[index]
     if isinstance(kept, torch.Tensor):
