@@ -9,12 +9,14 @@ Shape legend:
 Both functions are non-causal with softmax scale 1/sqrt(D). On CUDA with flash-attn installed and a
 half dtype they call `flash_attn_func` / `flash_attn_with_kvcache`; otherwise they use torch SDPA,
 except where Weir's Triton kernel (stages.triton_attention) is faster: unmasked attention whose
-(row, head, 128-query tile) programs fill less than two waves of the GPU's SMs and whose keys the
-kernel would split, i.e. one row of the 1.3B model's self-attention (12 heads x 13 tiles = 156
-programs on 132 SMs, 9360 keys in 5 splits). There cuDNN runs a second, mostly empty wave; the split
-kernel does not (1.26x, H200; BENCHMARKS.md). Unsplit, the Triton kernel is a few percent slower than
-cuDNN per SM, so with more rows or heads, or too few keys to split (the cross-attention), SDPA stays;
-so it does under one wave (512x512: 96 programs), where the cost model's gain is within that deficit.
+(row, head, 128-query tile) programs leave cuDNN a mostly empty last wave, and whose keys the kernel
+splits so that its waves come out fuller (`triton_pays`). That is the 1.3B model's self-attention at
+480x832 with one row (12 heads x 13 tiles = 156 programs on 132 SMs: cuDNN runs two waves for 1.18 of
+work; 9360 keys in 5 splits: 1.37x, H200) or two rows (312 programs, three waves for 2.36; 2 splits:
+1.08x), and two rows at 512x512 (1.06x). Unsplit, the Triton kernel is slower than cuDNN per SM
+(`TRITON_PER_SM`), so with fuller waves (three or four rows, the 14B model's 40 heads), too few keys
+to split (the cross-attention), or one wave (512x512, one row: 96 programs), SDPA stays;
+BENCHMARKS.md has the figures.
 The kernel runs with pinned tiles (`SPLIT_TILES`, the autotuner's choice for the split shapes on
 an H200), never autotuned at run time: a first stream at a new resolution would otherwise stall the
 GPU, and every stream on it, for seconds of benchmarking. `WEIR_ATTENTION=sdpa` turns the Triton
@@ -68,18 +70,28 @@ def _use_triton(q_BMND: torch.Tensor, k_BSND: torch.Tensor) -> bool:
     return triton_pays(b, m, n, k_BSND.shape[1], _num_sms(q_BMND.device))
 
 
-def triton_pays(rows: int, queries: int, heads: int, keys: int, num_sms: int) -> bool:
-    """Whether the split Triton kernel beats cuDNN for this shape (module docstring): its
-    (row, head, 128-query) programs leave cuDNN a mostly empty second wave, and it splits the keys.
+TRITON_PER_SM = 1.1
+"""How much slower per SM than cuDNN Weir's split kernel runs (1.07-1.09 measured on an H200)."""
 
-    Example (132 SMs): 1.3B at 480x832, one row: 1 * 12 * 13 = 156 programs, 9360 keys in 5 splits
-    -> True; two rows (312 programs) -> False; 512x512 (96 programs, under one wave) -> False; the
-    cross-attention (512 keys, no split) -> False.
+
+def triton_pays(rows: int, queries: int, heads: int, keys: int, num_sms: int) -> bool:
+    """Whether the split Triton kernel beats cuDNN for this shape (module docstring): over one wave of
+    T (row, head, 128-query) programs, cuDNN's ceil(T / SMs) waves against the split kernel's cost
+    (stages.triton_attention `split_cost`, at its best split count > 1) times TRITON_PER_SM.
+
+    Example (132 SMs, 1.3B at 480x832, 9360 keys): one row, T = 156: 1.35 x 1.1 = 1.48 < 2 waves ->
+    True (1.37x measured); two rows, T = 312: 2.62 x 1.1 = 2.89 < 3 -> True (1.08x); three and four
+    rows (0.92x, 0.90x), 14B (T = 520, 0.93x) and the cross-attention (512 keys, no split) -> False;
+    512x512: one row (T = 96, one wave) -> False (0.95x), two rows -> True (1.06x).
     """
     programs = rows * heads * -(-queries // 128)
-    if not num_sms < programs < 2 * num_sms:
+    if programs <= num_sms:  # one wave: 0.95x measured at 512x512 where the model gives 1.05x
         return False
-    return triton_attention.num_key_splits(programs, keys, num_sms) > 1
+    splits = triton_attention.num_key_splits(programs, keys, num_sms)
+    if splits == 1:
+        return False
+    cost = triton_attention.split_cost(programs, splits, keys, num_sms)
+    return cost * TRITON_PER_SM < -(-programs // num_sms)
 
 
 def attend(q_BMND: torch.Tensor, k_BSND: torch.Tensor, v_BSND: torch.Tensor) -> torch.Tensor:

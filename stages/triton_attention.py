@@ -212,8 +212,8 @@ if triton is not None:
     ):  # fmt: skip
         """Grid (ceil(M / BLOCK_M), B * N, P): program (i, b * N + h, p) attends its query tile to the
         p-th of P equal runs of key blocks. P == 1: writes Out through desc_o. P > 1: writes the
-        normalised partial output to Part_O [P, B*N, M, D] and its base-2 log-sum-exp to
-        Part_LSE [P, B*N, M] (fp32) for `_combine_splits`."""
+        normalised partial output to Part_O [P, B*N, M, D] (the input's dtype) and its base-2
+        log-sum-exp to Part_LSE [P, B*N, M] (fp32) for `_combine_splits`."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         split = tl.program_id(2)
@@ -255,7 +255,7 @@ if triton is not None:
             tl.store(Part_LSE + base + offs_m, lse, mask=offs_m < M)
             offs_d = tl.arange(0, HEAD_DIM)
             o_ptrs = Part_O + (base + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
-            tl.store(o_ptrs, acc / l_safe[:, None], mask=offs_m[:, None] < M)
+            tl.store(o_ptrs, (acc / l_safe[:, None]).to(Part_O.dtype.element_ty), mask=offs_m[:, None] < M)
         else:
             out = (acc / l_i[:, None]).to(desc_o.dtype)
             desc_o.store([row, pid_m * BLOCK_M, col], out.reshape([1, BLOCK_M, HEAD_DIM]))
@@ -286,7 +286,7 @@ if triton is not None:
             rows = (split * num_bh + pid_bh).to(tl.int64) * M + offs_m
             weight = tl.exp2(tl.load(Part_LSE + rows, mask=valid_m, other=float("-inf")) - lse_max)
             part_ptrs = Part_O + rows[:, None] * HEAD_DIM + offs_d[None, :]
-            part = tl.load(part_ptrs, mask=valid_m[:, None], other=0.0)
+            part = tl.load(part_ptrs, mask=valid_m[:, None], other=0.0).to(tl.float32)
             acc += weight[:, None] * part
             total += weight
         total = tl.where(valid_m, total, 1.0)
@@ -368,25 +368,35 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
     return all(_packed_view_strides(t) is not None for t in tensors)
 
 
+SPLIT_ROUND_TRIP = 1.35e-4
+"""`split_cost`'s price of one tile's partial output round trip, in tile key walks at S = 9360."""
+
+
+def split_cost(num_tiles: int, num_splits: int, num_keys: int, num_sms: int) -> float:
+    """Time of `num_tiles` (row, head, 128-query) tiles over `num_keys` keys in `num_splits` splits, in
+    units of one tile's full key walk on one SM (`num_key_splits` has the model and its numbers)."""
+    waves = math.ceil(num_tiles * num_splits / num_sms) / num_splits
+    if num_splits == 1:
+        return waves
+    return waves + SPLIT_ROUND_TRIP * num_splits * num_tiles * (9360 / num_keys) + 0.04
+
+
 def num_key_splits(num_tiles: int, num_keys: int, num_sms: int) -> int:
     """Key splits P for `num_tiles` (row, head, 128-query) tiles over `num_keys` keys on `num_sms` SMs.
 
     Cost in units of one tile's full key walk: ceil(T * P / SMs) / P waves (one program per SM), plus
-    for P > 1 the partial outputs' round trip, P * T * (2 * 128 * D * 4 bytes) at ~3.5 TB/s, against
-    a tile's 4 * 128 * S * D flops at ~4.4 TFLOP/s per SM (D cancels): 2.7e-4 * P * T * (9360 / S),
-    and a fixed 0.04 for the second launch. Take the cheapest P <= MAX_SPLITS.
+    for P > 1 the partial outputs' round trip, P * T * (2 * 128 * D * 2 bytes, in the input's half
+    dtype) at ~3.5 TB/s, against a tile's 4 * 128 * S * D flops at ~4.4 TFLOP/s per SM (D cancels):
+    1.35e-4 * P * T * (9360 / S), and a fixed 0.04 for the second launch (`split_cost`). Take the
+    cheapest P <= MAX_SPLITS.
 
     Example (H200, 132 SMs, S = 9360): T = 156 (1.3B, B = 1): P = 1 costs 2.00 (two waves for 1.18
-    of work), P = 4 costs 5/4 + 0.17 + 0.04 = 1.46, P = 5 costs 6/5 + 0.21 + 0.04 = 1.45 -> 5.
+    of work), P = 4 costs 5/4 + 0.08 + 0.04 = 1.37, P = 5 costs 6/5 + 0.11 + 0.04 = 1.35 -> 5.
+    T = 312 (B = 2): P = 1 costs 3 waves for 2.36 of work, P = 2 costs 5/2 + 0.08 + 0.04 = 2.62 -> 2.
     T = 624 (B = 4): P = 1 costs 5 waves for 4.73 of work -> 1. S = 512 (cross-attention): the
     round trip outweighs any gain -> 1.
     """
-
-    def cost(p: int) -> float:
-        waves = math.ceil(num_tiles * p / num_sms) / p
-        return waves if p == 1 else waves + 2.7e-4 * p * num_tiles * (9360 / num_keys) + 0.04
-
-    return min(range(1, MAX_SPLITS + 1), key=cost)
+    return min(range(1, MAX_SPLITS + 1), key=lambda p: split_cost(num_tiles, p, num_keys, num_sms))
 
 
 def attention_bsnd(
@@ -477,7 +487,8 @@ def _launch_tma(q_BMND, k_BSND, v_BSND, out_BMND, qk_scale_log2, tiles, num_spli
     block_m, block_n = (64, 64) if tiles is None else (tiles.block_m, tiles.block_n)  # boxes: pre-hook
     split = num_splits > 1
     if split:
-        part_o = torch.empty((num_splits, B * N, M, D), dtype=torch.float32, device=q_BMND.device)
+        # half-precision partials: half the round trip, and 0.94x the call (H200, 1560 x 9360, P = 5)
+        part_o = torch.empty((num_splits, B * N, M, D), dtype=q_BMND.dtype, device=q_BMND.device)
         part_lse = torch.empty((num_splits, B * N, M), dtype=torch.float32, device=q_BMND.device)
     else:
         part_o = part_lse = out_BMND  # not read
