@@ -261,7 +261,7 @@ class TAEHV(nn.Module):
         conversions around cuDNN's kernels). Values are unchanged."""
         channels_last_weights_(self)
         self.channels_last = True
-        set_padded_input(self.encoder[0], True)  # 3 input channels: a generic cuDNN kernel otherwise
+        set_padded_input(self.encoder[0], True)  # 3 input channels: a slow cuDNN kernel otherwise
 
     # ---- one-shot (whole clip) ----
 

@@ -32,6 +32,14 @@ stream. Its first call runs eager as always (it writes the memory in place), and
 replays the closed stream's graph instead of capturing one (about 17 ms of a 480x832 stream's
 start-up on an H200). The reference's re-decode
 mode (`taehv_context_latents`) keeps latents outside the memory and is not recycled.
+
+CUDA graphs (`cuda_graphs`, on CUDA). A stream's steady calls replay a CUDA graph of the whole call
+(stages.cuda_graphs CallGraphRunner): the call's hundreds of kernels launch as one, and the GPU does
+not wait on the host between them. A TAEHV stream's calls from its second on go through the graphs;
+a Wan VAE stream's once its previous call allocated no cache slot (WanVAECache `new_slots`): from its
+fourth, as its first two calls change the slots' frame counts and later ones overwrite them in place.
+Wan VAE graphs also read and write the stage's shared conv windows, which replays, like eager calls,
+use one call at a time.
 """
 
 from __future__ import annotations
@@ -156,9 +164,9 @@ class _VAEStage:
         self._mean_1C111 = self._mean_1C111.view(1, -1, 1, 1, 1)
         self._inv_std_1C111 = (1.0 / std_C).view(1, -1, 1, 1, 1)
         self.graphs: CallGraphRunner | None = None
-        """TAEHV on CUDA with cuda_graphs: a stream's steady calls replay CUDA graphs (its eager calls
-        are many short kernels, and the GPU idles between their launches: BENCHMARKS.md)."""
-        if cuda_graphs and vae_kind == "taehv" and self.device.type == "cuda":
+        """On CUDA with cuda_graphs: a stream's steady calls replay CUDA graphs (module docstring; the
+        eager calls are many kernels, and the GPU idles between their launches: BENCHMARKS.md)."""
+        if cuda_graphs and self.device.type == "cuda":
             self.graphs = CallGraphRunner(self.device, max_graphs=64 + 2 * spare_streams)
         self.spares = SparePool(spare_streams, self.graphs)
         """Closed TAEHV streams' caches, keyed by their first call's (batch, height, width) (module docstring)."""
@@ -215,11 +223,15 @@ class _VAEStage:
         self._streams.replace(stream_id, spare)
         return spare
 
-    def _taehv_call(self, stream_id: str, cache: TAEHVCache, fn, x: torch.Tensor) -> torch.Tensor:
-        """fn(x) for a TAEHV stream: from the stream's CUDA graphs after its first call (which fills
-        every MemBlock's memory; later calls only overwrite it in place), eager before. The cache's
-        call count is set here, as a replay does not run fn's host code."""
-        if self.graphs is None or cache.num_calls == 0:
+    def _graph_call(self, stream_id: str, cache: WanVAECache | TAEHVCache, fn, x: torch.Tensor) -> torch.Tensor:
+        """fn(x) for a stream, from its CUDA graphs once its calls only overwrite its cache in place
+        (module docstring), eager before. The cache's call count is set here, as a replay does not
+        run fn's host code."""
+        if isinstance(cache, WanVAECache):
+            steady = cache.num_calls > 0 and cache.new_slots == 0
+        else:  # the first call fills every MemBlock's memory; later calls overwrite it
+            steady = cache.num_calls > 0
+        if self.graphs is None or not steady:
             return fn(x)
         calls = cache.num_calls
         out = self.graphs.run(stream_id, fn, x)
@@ -257,8 +269,16 @@ class VAEEncodeStage(_VAEStage):
         with torch.inference_mode():
             if self.vae_kind == "wan":
                 assert isinstance(cache, WanVAECache)
-                mu_BZTHW = self.model.stream_encode(frames_BCTHW, cache)
-                return self._normalise(mu_BZTHW) if self.latent_scaling == "symmetric" else mu_BZTHW
+
+                def encode_wan(frames_BCTHW: torch.Tensor) -> torch.Tensor:
+                    mu_BZTHW = self.model.stream_encode(frames_BCTHW, cache)
+                    if self.latent_scaling == "symmetric":
+                        return self._normalise(mu_BZTHW)
+                    # dense (mu is a channel slice of the moments): an eager call's latents and a
+                    # replay's (cloned out of the graph) then have one layout, so decode sees one key
+                    return mu_BZTHW.contiguous()
+
+                return self._graph_call(stream_id, cache, encode_wan, frames_BCTHW)
             assert isinstance(cache, TAEHVCache)
             if cache.num_calls == 0:
                 cache = self._first_call_cache(stream_id, cache, frames_BCTHW)
@@ -268,7 +288,7 @@ class VAEEncodeStage(_VAEStage):
                 z_BZTHW = self.model.stream_encode(unit_BTCHW, cache).transpose(1, 2).contiguous()
                 return self._denormalise(z_BZTHW) if self.latent_scaling == "reference" else z_BZTHW
 
-            return self._taehv_call(stream_id, cache, encode_BCTHW, frames_BCTHW)
+            return self._graph_call(stream_id, cache, encode_BCTHW, frames_BCTHW)
 
 
 class VAEDecodeStage(_VAEStage):
@@ -317,8 +337,12 @@ class VAEDecodeStage(_VAEStage):
         with torch.inference_mode():
             if self.vae_kind == "wan":
                 assert isinstance(cache, WanVAECache)
-                frames_BCTHW = self.model.stream_decode(self._denormalise(z_BZTHW), cache)
-                return frames_BCTHW.float().clamp_(-1.0, 1.0)
+
+                def decode_wan(z_BZTHW: torch.Tensor) -> torch.Tensor:
+                    frames_BCTHW = self.model.stream_decode(self._denormalise(z_BZTHW), cache)
+                    return frames_BCTHW.float().clamp_(-1.0, 1.0)
+
+                return self._graph_call(stream_id, cache, decode_wan, z_BZTHW)
             assert isinstance(cache, TAEHVCache)
             if cache.num_calls == 0 and self.taehv_context_latents is None:
                 cache = self._first_call_cache(stream_id, cache, z_BZTHW)
@@ -334,4 +358,4 @@ class VAEDecodeStage(_VAEStage):
 
             if self.taehv_context_latents is not None:  # the reference's re-decode window grows: eager
                 return decode_BCTHW(z_BZTHW)
-            return self._taehv_call(stream_id, cache, decode_BCTHW, z_BZTHW)
+            return self._graph_call(stream_id, cache, decode_BCTHW, z_BZTHW)

@@ -99,6 +99,10 @@ class WanVAECache:
     `slots[i]` belongs to the i-th CausalConv3d visited in a call: None before the stream's first
     call, then a [B, C, <=CACHE_T, H, W] tensor (or FIRST_CHUNK_SEEN for a temporal upsample after
     call 0). `num_calls` counts completed calls; call 0 takes the special first-chunk path.
+
+    A slot whose new frames have its tensor's shape is overwritten in place (`_keep`), so from a
+    stream's third call on (its first two change the slots' frame counts) a call allocates no cache
+    tensor and a CUDA graph of it stays valid; `new_slots` counts the slots the last call allocated.
     """
 
     slots: list[torch.Tensor | _FirstChunkSeen | None]
@@ -107,6 +111,8 @@ class WanVAECache:
     """Scratch conv windows (`ConvWindows`), shared with the other streams of the same stage."""
     cursor: int = field(default=0, repr=False)
     """Next slot to hand out during a call; reset to 0 at the start of each call."""
+    new_slots: int = field(default=0, repr=False)
+    """Slot tensors the last call allocated rather than overwrote (0: its graph may be captured)."""
 
     def take(self) -> int:
         index = self.cursor
@@ -149,6 +155,17 @@ class CausalConv3d(nn.Conv3d):
         return conv_forward(self, x_BCTHW, self.bias if bias else None)
 
 
+def _keep(cache: WanVAECache, index: int, frames_BCTHW: torch.Tensor) -> None:
+    """Store `frames_BCTHW` as slot `index`'s kept frames: into its tensor when the shapes match, else
+    as a new tensor (counted in `new_slots`)."""
+    kept = cache.slots[index]
+    if isinstance(kept, torch.Tensor) and kept.shape == frames_BCTHW.shape:
+        kept.copy_(frames_BCTHW)
+    else:
+        cache.slots[index] = frames_BCTHW.clone()
+        cache.new_slots += 1
+
+
 def _cached_conv(conv: CausalConv3d, x_BCTHW: torch.Tensor, cache: WanVAECache, *, bias: bool = True) -> torch.Tensor:
     """Run `conv` with its cache slot as the causal past, then store the last CACHE_T input frames."""
     index = cache.take()
@@ -160,7 +177,7 @@ def _cached_conv(conv: CausalConv3d, x_BCTHW: torch.Tensor, cache: WanVAECache, 
     elif keep_BCTHW.shape[2] < CACHE_T and past is FIRST_CHUNK_SEEN:
         keep_BCTHW = torch.cat([torch.zeros_like(keep_BCTHW), keep_BCTHW], dim=2)
     out_BCTHW = conv(x_BCTHW, past_BCTHW, bias=bias)
-    cache.slots[index] = keep_BCTHW.clone()
+    _keep(cache, index, keep_BCTHW)  # after the conv, which read the old frames
     return out_BCTHW
 
 
@@ -208,12 +225,7 @@ def _window_conv(conv: CausalConv3d, window_BCTHW: torch.Tensor, cache: WanVAECa
     """`conv` over a full window, without its bias unless `bias` (the caller's fused kernel adds it);
     the window's last CACHE_T frames become slot `index`'s kept frames."""
     out_BCTHW = conv.over_time_padded(window_BCTHW, bias=bias)
-    last_BCTHW = window_BCTHW[:, :, -CACHE_T:]
-    kept = cache.slots[index]
-    if isinstance(kept, torch.Tensor):
-        kept.copy_(last_BCTHW)
-    else:
-        cache.slots[index] = last_BCTHW.clone()
+    _keep(cache, index, window_BCTHW[:, :, -CACHE_T:])
     return out_BCTHW
 
 
@@ -290,11 +302,13 @@ class Resample(nn.Module):
     def _downsample_time(self, x_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
         index = cache.take()
         past = cache.slots[index]
-        cache.slots[index] = x_BCTHW[:, :, -1:].clone()
         if past is None:  # the stream's first call: frame 0 passes through alone
+            _keep(cache, index, x_BCTHW[:, :, -1:])
             return x_BCTHW
         assert isinstance(past, torch.Tensor)
-        return self.time_conv(torch.cat([past.to(x_BCTHW.device), x_BCTHW], dim=2))
+        y_BCTHW = self.time_conv(torch.cat([past, x_BCTHW], dim=2))
+        _keep(cache, index, x_BCTHW[:, :, -1:])  # after the cat, which read the old frame
+        return y_BCTHW
 
 
 def interleave_time_halves(y_BDTHW: torch.Tensor) -> torch.Tensor:
@@ -540,6 +554,7 @@ class WanVAE(nn.Module):
                 )
             chunks.append(frames_BCTHW)
         outs: list[torch.Tensor] = []
+        cache.new_slots = 0
         for chunk_BCTHW in chunks:
             cache.cursor = 0
             outs.append(self.encoder(chunk_BCTHW, cache))
@@ -560,6 +575,7 @@ class WanVAE(nn.Module):
         x_BZTHW = self.conv2(z_BZTHW)
         chunks = [x_BZTHW[:, :, :1], x_BZTHW[:, :, 1:]] if cache.num_calls == 0 else [x_BZTHW]
         outs: list[torch.Tensor] = []
+        cache.new_slots = 0
         for chunk_BZTHW in chunks:
             if chunk_BZTHW.shape[2] == 0:
                 continue

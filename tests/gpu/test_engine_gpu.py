@@ -230,12 +230,9 @@ def _taehv_stages() -> dict[bool, tuple]:
                 VAEDecodeStage("taehv", model, DEVICE, torch.float16, cuda_graphs=g)) for g in (False, True)}
 
 
-def test_taehv_stage_graphs_equal_eager_over_a_stream():
-    """The TAEHV stages' CUDA graphs (steady calls) give the eager calls' values, chunk after chunk,
-    and a second stream captured after the first does not disturb it (the graphs share one pool)."""
-    stages = _taehv_stages()
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    chunks = [torch.rand(1, 3, 1 if i == 0 else 4, 96, 160, generator=gen, device=DEVICE) * 2 - 1 for i in range(7)]
+def _two_streams_through(stages: dict, chunks: list, second=lambda x: x) -> dict:
+    """{cuda_graphs: [(latents, frames) per chunk and stream]}: streams "a" and "b" interleaved chunk
+    by chunk through each (encode, decode) stage pair; "b" gets second(chunk)."""
     outs = {}
     for g, (enc, dec) in stages.items():
         for sid in ("a", "b"):
@@ -244,14 +241,23 @@ def test_taehv_stage_graphs_equal_eager_over_a_stream():
         outs[g] = []
         for x in chunks:
             for sid in ("a", "b"):
-                frames = dec.decode(sid, enc.encode(sid, x))
-                if sid == "a":
-                    outs[g].append(frames.clone())
+                z = enc.encode(sid, x if sid == "a" else second(x))
+                outs[g].append((z.clone(), dec.decode(sid, z).clone()))
         torch.cuda.synchronize()
+    return outs
+
+
+def test_taehv_stage_graphs_equal_eager_over_a_stream():
+    """The TAEHV stages' CUDA graphs (steady calls) give the eager calls' values, chunk after chunk,
+    and a second stream captured after the first does not disturb it (the graphs share one pool)."""
+    stages = _taehv_stages()
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    chunks = [torch.rand(1, 3, 1 if i == 0 else 4, 96, 160, generator=gen, device=DEVICE) * 2 - 1 for i in range(7)]
+    outs = _two_streams_through(stages, chunks)
     enc, dec = stages[True]
     assert enc.graphs.num_replays > 0 and dec.graphs.num_replays > 0 and enc.graphs.enabled
     for eager, graphed in zip(outs[False], outs[True]):
-        assert torch.equal(eager, graphed)
+        assert torch.equal(eager[0], graphed[0]) and torch.equal(eager[1], graphed[1])
 
 
 def test_a_spare_taehv_cache_replays_the_closed_streams_graphs():
@@ -323,3 +329,35 @@ def test_wan_vae_gpu_path_matches_the_plain_path():
             for got, want in zip(outs["fast"], outs["plain"]):
                 rel_l2, _ = compare([got], [want])
                 assert rel_l2 <= 5e-3, (sid, i, rel_l2)
+
+
+def test_wan_vae_stage_graphs_equal_eager_over_a_stream():
+    """The Wan VAE stages' CUDA graphs (a stream's calls from its fourth on) give the eager calls'
+    values, chunk after chunk, for two interleaved streams sharing the stage's conv windows and one
+    graph pool; closing a stream drops its graphs."""
+    from stages.config import VAE_PRESETS
+    from stages.fused import channels_last_weights_
+    from stages.vae_stage import VAEDecodeStage, VAEEncodeStage
+    from stages.wan_vae import WanVAE
+
+    torch.manual_seed(0)
+    model = channels_last_weights_(WanVAE(VAE_PRESETS["wan"]).eval()).to(DEVICE, torch.bfloat16)
+    model.use_compiled_ops()
+    stages = {g: (VAEEncodeStage("wan", model, DEVICE, torch.bfloat16, cuda_graphs=g),
+                  VAEDecodeStage("wan", model, DEVICE, torch.bfloat16, cuda_graphs=g)) for g in (False, True)}
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    chunks = [(torch.rand(1, 3, 1 if i == 0 else 4, 64, 96, generator=gen, device=DEVICE) * 2 - 1)
+              .contiguous(memory_format=torch.channels_last_3d) for i in range(7)]
+    outs = _two_streams_through(stages, chunks, lambda x: x.flip(-1))
+    enc, dec = stages[True]
+    stats = (enc.graphs.stats(), dec.graphs.stats())
+    assert enc.graphs.enabled and dec.graphs.enabled, stats
+    # from each stream's 4th call: "a" runs its first eager (new shapes in this thread), captures its
+    # 5th; "b" captures its 4th (shapes warm); every capture is replayed at once
+    assert enc.graphs.num_captures == dec.graphs.num_captures == 2, stats
+    assert enc.graphs.num_replays == dec.graphs.num_replays == 3 + 4, stats
+    for i, (eager, graphed) in enumerate(zip(outs[False], outs[True])):
+        for want, got in zip(eager, graphed):
+            assert torch.equal(want, got), (i, compare([got], [want]))
+    enc.close_stream("a")
+    assert enc.graphs.num_graphs == 1

@@ -117,8 +117,8 @@ def test_a_compiled_piece_past_the_recompile_limit_runs_eagerly(caplog):
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_an_rgb_input_conv_on_padded_channels_gives_the_same_values(dims):
-    """The VAEs' 3-channel input convs run on 8 zero-padded channels on the GPU layout (cuDNN's
-    tensor-core kernels); a conv whose channels are already a multiple of 8 keeps its weight."""
+    """The VAEs' 3-channel input convs run on 16 zero-padded channels on the GPU layout (cuDNN's
+    tensor-core kernels); a conv whose channels are already a multiple of 16 keeps its weight."""
     from stages.fused import conv_forward, set_padded_input
 
     conv = (torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d)(3, 5, 3, padding=1).double()
@@ -126,11 +126,11 @@ def test_an_rgb_input_conv_on_padded_channels_gives_the_same_values(dims):
     layout = torch.channels_last if dims == 2 else torch.channels_last_3d
     assert "padded_weight" not in conv._buffers
     set_padded_input(conv, True)
-    assert conv.padded_weight.shape[1] == 8 and "padded_weight" not in conv.state_dict()
+    assert conv.padded_weight.shape[1] == 16 and "padded_weight" not in conv.state_dict()
     for xin in (x, x.contiguous(memory_format=layout)):
         torch.testing.assert_close(conv_forward(conv, xin, conv.bias), conv._conv_forward(xin, conv.weight, conv.bias))
     set_padded_input(conv, False)
     assert "padded_weight" not in conv._buffers
-    wide = torch.nn.Conv2d(8, 4, 3)
+    wide = torch.nn.Conv2d(16, 4, 3)
     set_padded_input(wide, True)
     assert "padded_weight" not in wide._buffers

@@ -176,7 +176,7 @@ def test_channels_last_gives_the_plain_results():
         torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
     assert fast.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)
     # the RGB input conv runs on 8 zero-padded channels (tensor-core kernels); the state dict is unchanged
-    assert fast.encoder[0].padded_weight.shape[1] == 8 and fast.state_dict().keys() == plain.state_dict().keys()
+    assert fast.encoder[0].padded_weight.shape[1] == 16 and fast.state_dict().keys() == plain.state_dict().keys()
 
 
 @torch.no_grad()

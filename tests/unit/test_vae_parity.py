@@ -210,7 +210,7 @@ def test_folded_biases_and_channels_last_give_the_plain_results(models, subpixel
     fast.use_ops(dataclasses.replace(EAGER_VAE_OPS, fold_bias=True, subpixel_upsample=subpixel))
     assert all(hasattr(m, "phase_weight") == (subpixel and m.mode.startswith("up"))
                for m in fast.modules() if type(m).__name__ == "Resample")
-    assert fast.encoder.conv1.padded_weight.shape[1] == 8  # the RGB input conv on padded channels
+    assert fast.encoder.conv1.padded_weight.shape[1] == 16  # the RGB input conv on padded channels
     assert fast.state_dict().keys() == ours.state_dict().keys()
     video = _video(13, seed=3)
     chunks = [video[:, :, :1]] + [video[:, :, i : i + 4] for i in range(1, 13, 4)]
@@ -268,3 +268,33 @@ def test_streams_sharing_a_stages_conv_windows_stay_isolated(models):
             torch.testing.assert_close(got, expected[sid][k], rtol=1e-5, atol=1e-5)
     assert enc.cache_nbytes("a") == plain_enc.cache_nbytes("a")
     assert dec.cache_nbytes("b") == plain_dec.cache_nbytes("b")
+
+
+@pytest.mark.parametrize("fold_bias", [False, True])
+@torch.no_grad()
+def test_steady_calls_overwrite_the_cache_slots_in_place(models, fold_bias):
+    """From a stream's third call on, encode and decode allocate no cache slot: every slot keeps its
+    tensor (what a CUDA graph of the call bakes in), on the plain path and the windowed one. The first
+    two calls do allocate (they change the slots' frame counts), so a graph is never captured there."""
+    import copy
+    import dataclasses
+
+    from stages.fused import EAGER_VAE_OPS
+
+    _, ours = models
+    model = copy.deepcopy(ours)
+    if fold_bias:
+        model.use_ops(dataclasses.replace(EAGER_VAE_OPS, fold_bias=True))
+    enc, dec = _stages(model)
+    enc.open_stream("s")
+    dec.open_stream("s")
+    video = _video(17, seed=7)
+    seen = []
+    for i, j in ((0, 1), (1, 5), (5, 9), (9, 13), (13, 17)):
+        dec.decode("s", enc.encode("s", video[:, :, i:j]))
+        caches = (enc._streams.get("s"), dec._streams.get("s"))
+        seen.append(([c.new_slots for c in caches],
+                     [[s.data_ptr() for s in c.slots if isinstance(s, torch.Tensor)] for c in caches]))
+    assert all(n > 0 for n in seen[0][0]) and all(n > 0 for n in seen[1][0])
+    assert seen[2][0] == seen[3][0] == seen[4][0] == [0, 0]
+    assert seen[2][1] == seen[3][1] == seen[4][1]
