@@ -185,8 +185,11 @@ async def _stream_once(address: str, frames: Iterable[np.ndarray], opts: OpenOpt
         stub = weir_pb2_grpc.WeirStub(ch)
         opened = asyncio.Event()
 
-        async def requests():
-            yield opts.message()
+        async def write_requests() -> None:
+            """The client's side of the call, written by this task (not a request generator: gRPC
+            closes one when the call ends, which fails while it waits inside, on `opened` or a pacing
+            sleep; a writing task is cancelled here instead)."""
+            await call.write(opts.message())
             await opened.wait()
             t0 = time.monotonic()
             for i, frame in enumerate(frames):
@@ -194,19 +197,22 @@ async def _stream_once(address: str, frames: Iterable[np.ndarray], opts: OpenOpt
                     call.cancel()
                     return
                 for extra in extra_messages(i) if extra_messages else []:
-                    yield extra
+                    await call.write(extra)
                 if pace:
                     delay = t0 + i / opts.fps - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
                 ts = time.time_ns() // 1000
                 capture_us[i] = ts
-                yield codec.frame_message(i, frame, ts, jpeg=opts.jpeg_in)
+                await call.write(codec.frame_message(i, frame, ts, jpeg=opts.jpeg_in))
                 result.sent += 1
-            yield weir_pb2.ClientMessage(control=weir_pb2.Control(end=weir_pb2.End()))
+            await call.write(weir_pb2.ClientMessage(control=weir_pb2.Control(end=weir_pb2.End())))
+            await call.done_writing()
 
         result.started_s = time.monotonic()
-        call = stub.Stream(requests(), metadata=metadata(app_name))
+        call = stub.Stream(metadata=metadata(app_name))
+        writer = asyncio.create_task(write_requests())
+        writer.add_done_callback(lambda task: _cancel_on_failure(task, call))
         try:
             async for msg in call:
                 kind = msg.WhichOneof("kind")
@@ -240,8 +246,32 @@ async def _stream_once(address: str, frames: Iterable[np.ndarray], opts: OpenOpt
         except asyncio.CancelledError:
             if stop_after is None:
                 raise
+        finally:
+            await _finish_writer(writer)
         result.finished_s = time.monotonic()
     return result
+
+
+_CALL_ENDED = (asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
+"""What a stream's writing task fails with when its call ends under it."""
+
+
+def _cancel_on_failure(writer: asyncio.Task, call) -> None:
+    """A writing task that failed on its own (its frames, say) cancels the call, so the reading side
+    stops waiting for a server that waits for frames; `_finish_writer` then raises the failure."""
+    if not writer.cancelled() and writer.exception() is not None and not isinstance(writer.exception(), _CALL_ENDED):
+        call.cancel()
+
+
+async def _finish_writer(writer: asyncio.Task) -> None:
+    """Stop a stream's writing task once its call has ended, and raise what it failed with, unless
+    that is the call having ended under it (the call's own status says how it ended)."""
+    if not writer.done():
+        writer.cancel()
+    try:
+        await writer
+    except _CALL_ENDED:
+        pass
 
 
 async def unary(address: str, method: str, request, *, app_name: str = "weir"):

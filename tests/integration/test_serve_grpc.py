@@ -10,6 +10,7 @@ rightly be refused.)
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 import urllib.request
@@ -123,8 +124,13 @@ def test_stream_over_capacity_is_refused_with_retry_hint(weir):
     from stages.errors import AdmissionRefusedError
 
     n = 24
+    loop_errors = []
 
     async def run():
+        # a refused call must end the client's request side cleanly: no task left failing in the
+        # background ("aclose(): asynchronous generator is already running" when gRPC closed a request
+        # generator that was waiting inside)
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: loop_errors.append(context))
         holders = [asyncio.create_task(stream_frames(_address(weir), _clip(n, seed=i), _opts()))
                    for i in range(SLOTS)]
         deadline = time.monotonic() + 20
@@ -140,9 +146,13 @@ def test_stream_over_capacity_is_refused_with_retry_hint(weir):
         waiter = asyncio.create_task(stream_frames(_address(weir), _clip(4), _opts(), retry_for_s=60.0,
                                                    on_refused=lambda err, wait_s: told.append(wait_s)))
         results = await asyncio.gather(*holders)
-        return refused.value, results, await waiter, told
+        waited = await waiter
+        await asyncio.sleep(0.5)
+        gc.collect()
+        return refused.value, results, waited, told
 
     refused, results, waited, told = asyncio.run(run())
+    assert not loop_errors, loop_errors
     assert waited.admission_retries == len(told) >= 1 and all(t > 0 for t in told)
     assert waited.admission_wait_s > 0
     assert waited.seqs == list(range(4))
@@ -265,4 +275,22 @@ def test_recordings_and_a_blended_prompt_change_over_grpc(weir, tmp_path):
     with pytest.raises(RecordingNotFoundError) as missing:
         asyncio.run(fetch_recording(_address(weir), "0" * 32, str(tmp_path / "none.mp4")))
     assert missing.value.__cause__.code() == grpc.StatusCode.NOT_FOUND
+    asyncio.run(_wait_idle(weir))
+
+
+def test_a_failing_frame_source_ends_the_stream_with_its_error(weir):
+    """The client's frame source failing mid-stream (a camera unplugged) cancels the call and raises
+    that error, instead of leaving the client waiting on a server that waits for frames; the stream's
+    slot comes back."""
+    from cluster.client import stream_frames
+
+    def frames():
+        yield from _clip(3)
+        raise OSError("camera unplugged")
+
+    async def run():
+        with pytest.raises(OSError, match="camera unplugged"):
+            await asyncio.wait_for(stream_frames(_address(weir), frames(), _opts()), timeout=60)
+
+    asyncio.run(run())
     asyncio.run(_wait_idle(weir))
