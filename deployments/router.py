@@ -162,7 +162,7 @@ class RouterAdmission:
             if sid not in placed and sid not in self.reserved and sid not in self.released_s:
                 # running there but unknown here: this router restarted (or lost a reservation).
                 # Count it, so new streams are admitted against the real load and quota.
-                if self.admission.adopt(key, sid, stream_spec(req)):
+                if self.admission.adopt(key, sid, stream_spec(req, self.pools[pool].model)):
                     self.quota.adopt(req.tenant, sid)
                     log.info("adopted stream %s running on %s", sid, key)
         for sid in self.admission.streams_on(key):
@@ -210,7 +210,7 @@ class RouterAdmission:
         if stream_id in self.reserved or stream_id in self.placement():
             raise StreamExistsError(f"stream {stream_id!r} is already admitted", stream_id=stream_id)
         self.quota.acquire(req.tenant, stream_id)
-        request = StreamRequest(stream_id, self._nominal_shape(model, req.vae), stream_spec(req))
+        request = StreamRequest(stream_id, self._nominal_shape(model, req.vae), stream_spec(req, model))
         try:
             decision = self.admission.admit(request, self.clock(), retry_after_s=self.service.retry_after_s)
         except BaseException:

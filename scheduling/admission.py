@@ -330,7 +330,8 @@ class AdmissionController:
         best = min(fitting, key=self._placement_key(fitting))
         replica = self._replicas[best.replica_id]
         replica.streams[request.stream_id] = request.spec
-        startup_s = self.profiles.get(replica.info.gpu_class, replica.info.shape).startup_s()
+        profile = self.profiles.get(replica.info.gpu_class, replica.info.shape)
+        startup_s = profile.startup_s() * request.spec.dit_scale
         replica.warming[request.stream_id] = Warming(startup_s, STARTUP_CHUNKS * request.spec.chunk_period_s)
         self._placement[request.stream_id] = best.replica_id
         self._admitted += 1
@@ -484,7 +485,7 @@ class AdmissionController:
         warming = replica.warming.values()
         ahead_s = sum(w.work_s for w in warming)  # start-up work the replica still has to do
         ttff += ahead_s
-        startup_s = ahead_s + profile.startup_s()
+        startup_s = ahead_s + profile.startup_s() * spec.dit_scale
         numbers = {
             "ttff_s": ttff,
             "latency_s": latency,

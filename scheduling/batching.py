@@ -106,6 +106,10 @@ class StreamSpec:
     """TTFF and per-frame deadline."""
     first_chunk_frames: int = 1
     """Frames in the first chunk: 1 (Weir) or 5 (the reference's 1 + 4)."""
+    dit_scale: float = 1.0
+    """A DiT row's work against the profile's nominal shape (scheduling.priors `work_scales`)."""
+    vae_scale: float = 1.0
+    """An encoded or decoded chunk's work against the profile's nominal shape (its pixel ratio)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_steps <= 4:
@@ -114,6 +118,8 @@ class StreamSpec:
             raise ValueError(f"input_fps={self.input_fps} must be in (0, 120]")
         if self.first_chunk_frames not in (1, 5):
             raise ValueError(f"first_chunk_frames={self.first_chunk_frames} must be 1 or 5")
+        if not (self.dit_scale > 0.0 and self.vae_scale > 0.0):
+            raise ValueError(f"dit_scale={self.dit_scale} and vae_scale={self.vae_scale} must be > 0")
 
     @property
     def chunk_period_s(self) -> float:
@@ -358,7 +364,8 @@ def estimate_load(profile: StageProfile, num_blocks: int, streams: Sequence[Stre
 
     ρ = Σ λ (n B + C); utilization = min(1, ρ + A * forwards/s) with forwards/s = Σ λ over stream-batch
     streams + Σ n λ over step-by-step ones (no sharing assumed); tick = (A + r_max B + C) / (1 - ρ) where
-    r_max is the most rows one stream adds to a forward (n in stream batch, 1 step by step).
+    r_max is the most rows one stream adds to a forward (n in stream batch, 1 step by step). A stream's
+    B and C are scaled by its `dit_scale` and `vae_scale` (its shape against the profile's).
     Correction: tick = max(A + r_max B + C, A / (1 - ρ)) — every forward serves all chunks that arrived
     during the previous one (T = A + ρ T), and holds at least one stream's rows; dividing the whole
     one-stream cost by (1 - ρ) double-counts the work and refused a lone stream an idle GPU could serve.
@@ -368,16 +375,21 @@ def estimate_load(profile: StageProfile, num_blocks: int, streams: Sequence[Stre
     for a 0.25 s chunk period, which admission catches through the latencies.
     """
     fixed, per_row, per_chunk = tick_coefficients(profile, num_blocks)
-    row_load = sum(s.spec.chunk_rate * (s.spec.num_steps * per_row + per_chunk) for s in streams)
+
+    def chunk_work(s: StreamLoad, rows: int) -> float:  # B and C scaled to the stream's shape
+        return rows * per_row * s.spec.dit_scale + per_chunk * s.spec.vae_scale
+
+    row_load = sum(s.spec.chunk_rate * chunk_work(s, s.spec.num_steps) for s in streams)
     forwards = sum(
         s.spec.chunk_rate * (s.spec.num_steps if s.mode is BatchMode.STEP_BY_STEP else 1) for s in streams
     )
-    max_rows = max((s.spec.num_steps if s.mode is BatchMode.STREAM_BATCH else 1 for s in streams), default=1)
+    largest = max((chunk_work(s, s.spec.num_steps if s.mode is BatchMode.STREAM_BATCH else 1) for s in streams),
+                  default=per_row + per_chunk)
     if row_load >= 1.0:
         return LoadEstimate(row_load, 1.0, math.inf, False)
     # each forward serves every chunk that arrived during the previous one: T = A + rho * T, and a
     # forward holds at least one stream's rows and chunk (periodic arrivals, not Poisson)
-    tick = max(fixed + max_rows * per_row + per_chunk, fixed / (1.0 - row_load))
+    tick = max(fixed + largest, fixed / (1.0 - row_load))
     keeps_up = all(
         s.spec.num_steps * tick <= s.spec.chunk_period_s for s in streams if s.mode is BatchMode.STEP_BY_STEP
     )
@@ -415,13 +427,14 @@ def alone_floor_s(spec: StreamSpec, profile: StageProfile, num_blocks: int) -> t
     latency floor is 0.1875 + 0.085 = 0.2725 s.
     """
     n = spec.num_steps
-    one_row = profile.dit_s(1, num_blocks)
-    processing = profile.encode_s(1) + n * one_row + profile.decode_s(1)
+    d, v = spec.dit_scale, spec.vae_scale
+    one_row = profile.dit_s(d, num_blocks)
+    processing = profile.encode_s(v) + n * one_row + profile.decode_s(v)
     ttff = (spec.first_chunk_frames - 1) / spec.input_fps + processing
-    if n * (one_row + profile.encode_s(1) + profile.decode_s(1)) <= spec.chunk_period_s or n == 1:
+    if n * (one_row + profile.encode_s(v) + profile.decode_s(v)) <= spec.chunk_period_s or n == 1:
         latency = spec.buffering_s + processing
     else:
-        latency = spec.buffering_s + (n - 1) * spec.chunk_period_s + profile.tick_s(n, 1, 1, num_blocks)
+        latency = spec.buffering_s + (n - 1) * spec.chunk_period_s + profile.tick_s(n * d, v, v, num_blocks)
     return ttff, latency
 
 
@@ -888,10 +901,24 @@ class BatchingScheduler:
         return waiting_finish > oldest.deadline_s
 
     def _predict(self, members: Sequence[_Candidate]) -> float:
-        rows = sum(c.rows for c in members)
-        admitted = sum(1 for c in members if c.work.admitted is not None)
-        emitted = sum(len(c.work.emitted) for c in members)
+        """The forward's time, each member's rows and chunks counted at its shape's work."""
+        rows = sum(c.rows * c.stream.spec.dit_scale for c in members)
+        admitted = sum(c.stream.spec.vae_scale for c in members if c.work.admitted is not None)
+        emitted = sum(len(c.work.emitted) * c.stream.spec.vae_scale for c in members)
         return self.profile.tick_s(rows, admitted, emitted, self.config.num_blocks)
+
+    def _nominal_share(self, plan: BatchPlan) -> tuple[float, float, float]:
+        """(rows, admitted, emitted) of the plan over the same counted at the members' shapes' work: the
+        factor that turns the forward's measured stage times into the profile's nominal shape's."""
+        def scales(sid: str) -> StreamSpec:
+            stream = self._streams.get(sid)
+            return stream.spec if stream is not None else StreamSpec()
+
+        rows = sum(r.latent_frames * scales(w.stream_id).dit_scale for w in plan.work for r in w.rows)
+        admitted = sum(scales(w.stream_id).vae_scale for w in plan.work if w.admitted is not None)
+        emitted = sum(len(w.emitted) * scales(w.stream_id).vae_scale for w in plan.work)
+        return (plan.num_rows / rows if rows else 1.0, plan.num_admitted / admitted if admitted else 1.0,
+                plan.num_emitted / emitted if emitted else 1.0)
 
     def _fits(self, members: Sequence[_Candidate], now: float) -> bool:
         forward = self._predict(members) * self.config.safety_factor
@@ -928,12 +955,13 @@ class BatchingScheduler:
         return members
 
     def _observe(self, plan: BatchPlan, output: BatchOutput) -> None:
+        rows, admitted, emitted = self._nominal_share(plan)
         if output.encode_s > 0.0 and plan.num_admitted:
-            self.profile.observe(Stage.ENCODE, plan.num_admitted, output.encode_s)
+            self.profile.observe(Stage.ENCODE, plan.num_admitted, output.encode_s * admitted)
         if output.dit_s > 0.0 and plan.num_rows:
-            self.profile.observe_dit(plan.num_rows, self.config.num_blocks, output.dit_s)
+            self.profile.observe_dit(plan.num_rows, self.config.num_blocks, output.dit_s * rows)
         if output.decode_s > 0.0 and plan.num_emitted:
-            self.profile.observe(Stage.DECODE, plan.num_emitted, output.decode_s)
+            self.profile.observe(Stage.DECODE, plan.num_emitted, output.decode_s * emitted)
         duration = output.finished_s - output.started_s
         if plan.work:
             a = self.config.tick_ema

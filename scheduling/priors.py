@@ -36,8 +36,10 @@ The tiny CPU model (tests, demo) was timed on the 2-core development box, one to
     (Both VAE kinds get these: on CPU the tiny TAEHV is not much cheaper than the tiny Wan VAE.)
 
 Profiles are keyed by (GPU class, pipeline's nominal shape = model, 480x832 (64x64 for tiny), the
-pipeline's default VAE): streams of other resolutions or the other VAE on the same pipeline are
-scheduled with the nominal profile (measurements of every stream feed it alike).
+pipeline's default VAE). A stream of another resolution is priced with the nominal profile scaled by
+its work (`work_scales`: its VAE chunks by its pixel count, its DiT rows by its tokens, the self-
+attention's share quadratically), and its measured times feed the nominal curves divided by the same
+factors. A stream with the pipeline's other VAE kind is priced as the default kind.
 """
 
 from __future__ import annotations
@@ -99,6 +101,30 @@ def prior_of(model: str, vae: str = "wan") -> ProfilePrior:
         models = sorted({m for m, _ in PRIORS})
         raise ValueError(f"no profile prior for model {model!r} with VAE {vae!r}; known models {models}, "
                          f"VAEs {list(VAE_KINDS)}") from None
+
+
+def work_scales(model: str, height: int, width: int) -> tuple[float, float]:
+    """(DiT, VAE) work of a stream at height x width against the model's nominal shape, for pricing it
+    with the nominal profile.
+
+    VAE: the pixel ratio r. DiT: per row, the linear work (projections, FFN, cross-attention) grows as
+    r and the self-attention over the KV caches, whose keys grow with the tokens too, as r^2. At the
+    nominal shape attention's share of a block's flops is f = S / (3 D + F + S + text_len) per token
+    (S = cache keys, D = width, F = FFN width: 4 S D against 2 (6 D^2 + 2 D F) + 4 text_len D), so the
+    DiT factor is (1 - f) r + f r^2.
+
+    Example: wan-1.3b (D = 1536, F = 8960, S = 6 * 1560 = 9360): f = 0.40; 512x512 has r = 262144 /
+    399360 = 0.656 -> (0.566, 0.656); 720x1280 has r = 2.31 -> (3.52, 2.31).
+    """
+    from stages.config import DIT_PRESETS, StreamConfig
+
+    prior = prior_of(model)
+    cfg = DIT_PRESETS[model]
+    r = (height * width) / (prior.shape.height * prior.shape.width)
+    tokens = (prior.shape.height // 16) * (prior.shape.width // 16)
+    keys = StreamConfig().num_kv_cache_frames * tokens
+    f = keys / (3 * cfg.dim + cfg.ffn_dim + keys + cfg.text_len)
+    return (1.0 - f) * r + f * r * r, r
 
 
 def class_time_factor(gpu_class: str) -> float:

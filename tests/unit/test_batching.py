@@ -364,6 +364,30 @@ def test_every_deadline_met_at_a_load_the_model_accepts():
     assert all(s.latency.p99_s <= 1.0 for s in stats.streams)
 
 
+def test_a_smaller_streams_times_feed_the_profile_at_the_nominal_shape():
+    """A stream priced at a quarter of the profile's shape (its rows and chunks at dit_scale and
+    vae_scale 0.25) is predicted at a quarter of the nominal per-item work, and the times measured on
+    it feed the nominal curves scaled back up: the profile keeps describing its own shape."""
+    import dataclasses
+
+    profile = make_profile()
+    sched = BatchingScheduler(BatchingConfig(num_blocks=BLOCKS), profile)
+    small = dataclasses.replace(spec(num_steps=1, deadline=5.0), dit_scale=0.25, vae_scale=0.25)
+    now = open_prefilled(sched, {"a": small})
+    nominal_dit, nominal_enc = profile.dit_s(1, BLOCKS), profile.encode_s(1)
+    for seq in range(1, 5):
+        sched.add_chunk("a", chunk(seq, now))
+        plan = sched.schedule(now + 0.1875)
+        assert plan.predicted_s == pytest.approx(profile.tick_s(0.25, 0.25, 0.25, BLOCKS))
+        out = BatchOutput(plan.plan_id, now + 0.1875, now + 0.3, encode_s=nominal_enc * 0.25,
+                          dit_s=nominal_dit * 0.25)
+        sched.update_from_output(plan, out)
+        now += 1.0
+    assert profile.dit_s(1, BLOCKS) == pytest.approx(nominal_dit)
+    assert profile.encode_s(1) == pytest.approx(nominal_enc)
+    assert profile.curve(Stage.DIT_BLOCK).num_samples >= 3
+
+
 def test_profile_fit_is_robust_and_seeded():
     fit = fit_affine([(1, 0.010), (1, 0.011), (1, 0.500), (2, 0.012), (4, 0.016)])
     assert fit.fixed_s == pytest.approx(0.009333, abs=1e-6) and fit.per_item_s == pytest.approx(

@@ -365,11 +365,27 @@ def test_a_pipeline_whose_measured_profile_is_slow_refuses():
     slow = StageProfile("cpu", PRIORS[("tiny", "wan")].shape, encode=AffineTime(0.02, 0.02),
                         dit_block=AffineTime(0.01, 0.03), decode=AffineTime(0.02, 0.03))
     ctl.update("Pipeline-0-tiny", _load([], slow))
-    ctl.admit("s1", _req(input_fps=8.0))  # row load 2 chunks/s * (2 rows * 4 blocks * 0.03 + 0.05) = 0.58
+    nominal = dict(height=64, width=64)  # the tiny model's profile shape: work scales 1
+    ctl.admit("s1", _req(input_fps=8.0, **nominal))  # row load 2 chunks/s * (2 rows * 4 blocks * 0.03 + 0.05) = 0.58
     with pytest.raises(AdmissionRefusedError, match="row load") as err:
-        ctl.admit("s2", _req(input_fps=8.0))  # 1.16 > 0.85
+        ctl.admit("s2", _req(input_fps=8.0, **nominal))  # 1.16 > 0.85
     assert err.value.retry_after_s == 3.0
-    ctl.admit("s3", _req(input_fps=2.0))  # a 2 s chunk period adds only 0.145
+    ctl.admit("s3", _req(input_fps=2.0, **nominal))  # a 2 s chunk period adds only 0.145
+
+
+def test_a_streams_resolution_sets_its_price():
+    """Admission prices a stream by its shape's work on the profile's nominal one (scheduling.priors
+    work_scales): with the profile above, a 128x128 stream is more than even an idle replica can run
+    (DiT rows x4.61, chunks x4: row load 2 * (0.24 * 4.61 + 0.05 * 4) = 2.61), and two 32x32 streams
+    fit where two 64x64 did not (0.14 each, against 0.58)."""
+    ctl, _ = _controller()
+    slow = StageProfile("cpu", PRIORS[("tiny", "wan")].shape, encode=AffineTime(0.02, 0.02),
+                        dit_block=AffineTime(0.01, 0.03), decode=AffineTime(0.02, 0.03))
+    ctl.update("Pipeline-0-tiny", _load([], slow))
+    with pytest.raises(SLOUnattainableError, match="row load 2.61"):
+        ctl.admit("big", _req(input_fps=8.0, height=128, width=128))
+    for i in range(2):
+        ctl.admit(f"small{i}", _req(input_fps=8.0, height=32, width=32))
 
 
 def test_an_slo_below_the_latency_floor_is_unattainable():
