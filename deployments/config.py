@@ -34,6 +34,10 @@ class PipelineSpec:
     """Bounded metrics label and accelerator_type request (e.g. 'H100'); 'cpu' on CPU."""
     max_streams: int = 8
     """Stream slots: the router never places more streams here (1..256)."""
+    cold_shape_s: float | None = None
+    """Seconds of device time a stream of a resolution the pipeline has not run costs first (its
+    compiles); the router prices it into that stream's start-up. None: scheduling.priors'
+    estimate for the model and GPU class."""
     warm_streams: int | None = None
     """GPU only: streams of each warm step count (1 and 2) whose DiT states and CUDA graphs the replica
     prepares before it takes clients, so that many clients start without eager calls or captures
@@ -100,6 +104,8 @@ class PipelineSpec:
             raise ValueError(f"device={self.device!r}: choose 'cpu' or 'cuda'")
         if not 1 <= self.max_streams <= 256:
             raise ValueError(f"max_streams={self.max_streams} must be in 1..256")
+        if self.cold_shape_s is not None and not self.cold_shape_s >= 0.0:
+            raise ValueError(f"cold_shape_s={self.cold_shape_s} must be >= 0 seconds")
         if self.warm_streams is not None and not 0 <= self.warm_streams <= self.max_streams:
             raise ValueError(f"warm_streams={self.warm_streams} must be in 0..max_streams={self.max_streams}")
         if not self.gpu_type:

@@ -525,6 +525,8 @@ class PipelineCore:
         self.scheduler = scheduler or build_scheduler(spec)
         self.clock = clock
         self.streams: dict[str, _StreamSlot] = {}
+        self.warm_shapes: set[tuple[int, int]] = set()
+        """(height, width) this pipeline has run: the warm-up's and every opened stream's."""
         self._wake = asyncio.Event()
         self._engine_lock = asyncio.Lock()
         """Held while a plan runs and by controls that reshape a stream (one engine user at a time)."""
@@ -617,6 +619,7 @@ class PipelineCore:
         opened_us = opened_us or now_us()
         self.scheduler.add_stream(stream_id, spec, self._to_clock(opened_us))
         self.streams[stream_id] = _StreamSlot(stream_id, req, opened_us, events=asyncio.Queue())
+        self.warm_shapes.add((req.height, req.width))
 
     async def push(self, stream_id: str, frames: list[InFrame]) -> int:
         """Queue input frames; returns the stream's queued frames. Out-of-order seqs are BadFrameError."""
@@ -769,6 +772,7 @@ class PipelineCore:
             num_blocks=self.scheduler.config.num_blocks,
             profile=self.scheduler.profile.snapshot(),
             warming=self._warming(),
+            warm_shapes=sorted(self.warm_shapes),
         )
         if drain_samples:
             sm = self._samples
@@ -1112,6 +1116,7 @@ class Pipeline:
             await warm_up_executor(executor, 480, 832, steps=(1, 2), vae=spec.vae, ticks=ticks,
                                    streams=spec.resolved_warm_streams, startups=startups)
             self.core.calibrate(ticks, startups)
+            self.core.warm_shapes.add((480, 832))
         # the long-lived heap (models, compiled pieces, graphs) out of the collector's way: a full
         # collection over it is a stall every stream waits through (stages.engine.freeze_heap)
         from stages.engine import freeze_heap

@@ -44,7 +44,7 @@ from deployments.messages import AdmissionGrant, OpenRequest, PipelineStats
 from deployments.pipeline import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, stream_spec
 from deployments.tenants import StreamQuota
 from scheduling.admission import AdmissionController, ReplicaInfo, StreamRequest
-from scheduling.priors import prior_of, seed_profile
+from scheduling.priors import cold_shape_s, prior_of, seed_profile
 from scheduling.profile import ProfileBook, StageProfile
 from stages.errors import AdmissionRefusedError, BadRequestError, StreamExistsError, StreamNotFoundError
 
@@ -97,8 +97,9 @@ class RouterAdmission:
         prior = prior_of(spec.model, spec.vae)
         gpu_class = gpu_class_of(spec.gpu_type)
         cost = gpu_class.cost_per_hour if gpu_class is not None else 1.0
+        cold_s = spec.cold_shape_s if spec.cold_shape_s is not None else cold_shape_s(spec.model, spec.gpu_type)
         self.admission.add_replica(ReplicaInfo(key, spec.gpu_type, prior.shape, prior.num_blocks,
-                                               max(1, max_streams), cost_per_hour=cost))
+                                               max(1, max_streams), cost_per_hour=cost, cold_shape_s=cold_s))
         self.pool_of[key] = pool
 
     def _remove_replica(self, key: str) -> None:
@@ -143,6 +144,8 @@ class RouterAdmission:
         reported = set(stats.active_stream_ids)
         unseen = [sid for sid, (owner, _) in self.reserved.items() if owner == key and sid not in reported]
         self.admission.set_warming(key, stats.warming, keep=unseen)
+        if stats.warm_shapes:
+            self.admission.set_warm_shapes(key, stats.warm_shapes)
         if stats.profile is not None:
             snap = stats.profile
             self.book.put(StageProfile(snap.gpu_class, snap.shape, encode=snap.encode,
@@ -210,7 +213,8 @@ class RouterAdmission:
         if stream_id in self.reserved or stream_id in self.placement():
             raise StreamExistsError(f"stream {stream_id!r} is already admitted", stream_id=stream_id)
         self.quota.acquire(req.tenant, stream_id)
-        request = StreamRequest(stream_id, self._nominal_shape(model, req.vae), stream_spec(req, model))
+        request = StreamRequest(stream_id, self._nominal_shape(model, req.vae), stream_spec(req, model),
+                                resolution=(req.height, req.width))
         try:
             decision = self.admission.admit(request, self.clock(), retry_after_s=self.service.retry_after_s)
         except BaseException:

@@ -15,7 +15,10 @@ and checks, with a safety margin:
       waits through. The start-up work still ahead of the replica's warming streams plus the new
       stream's must fit in the smallest slack of the streams there; otherwise the stream is refused
       with a retry hint of when the warming streams are through (streams join one after the other
-      instead of all at once, which would overflow every queue on the replica).
+      instead of all at once, which would overflow every queue on the replica). A stream of a
+      resolution the replica has not run adds the replica's `cold_shape_s` (the new shape's compiles)
+      to that start-up and to its TTFF: it goes where that stalls nobody, an idle replica or one
+      whose streams have the slack, and a replica already warm for it is preferred by the same test.
 
 Among the replicas that pass, it picks the cheapest GPU class for this stream: the replica's price times
 the share of its capacity the stream takes, cost_per_hour * Δρ / max_row_load. Within that class it fills
@@ -75,6 +78,9 @@ class StreamRequest:
     stream_id: str
     shape: ShapeKey
     spec: StreamSpec
+    resolution: tuple[int, int] | None = None
+    """The stream's (height, width); None: the profile's nominal one. A replica that has not run it
+    yet prices its compiles (`ReplicaInfo.cold_shape_s`)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,10 @@ class ReplicaInfo:
     """Stream slots (memory for per-stream caches), >= 1."""
     cost_per_hour: float = 1.0
     """Price of the replica, >= 0, in any consistent unit."""
+    cold_shape_s: float = 0.0
+    """Device time a stream of a resolution the replica has not run costs on top of its start-up (the
+    compiles, cuDNN's autotuning and graph captures of the new shapes), >= 0; every stream there waits
+    through it (scheduling.priors `cold_shape_s`)."""
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -102,6 +112,8 @@ class ReplicaInfo:
             raise ValueError(f"max_streams={self.max_streams} must be >= 1")
         if self.cost_per_hour < 0.0:
             raise ValueError(f"cost_per_hour={self.cost_per_hour} must be >= 0")
+        if self.cold_shape_s < 0.0:
+            raise ValueError(f"cold_shape_s={self.cold_shape_s} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -223,6 +235,12 @@ class _Replica:
     draining: bool = False
     warming: dict[str, Warming] = field(default_factory=dict)
     """Streams still in their start-up (reported by the replica, or admitted since its last report)."""
+    warm_shapes: set[tuple[int, int]] | None = None
+    """(height, width) the replica has run (reported, plus those admitted since); None: not reported,
+    taken as warm for every shape."""
+
+    def is_cold(self, resolution: tuple[int, int] | None) -> bool:
+        return resolution is not None and self.warm_shapes is not None and resolution not in self.warm_shapes
 
 
 @dataclass(frozen=True)
@@ -295,7 +313,7 @@ class AdmissionController:
 
     def estimate(self, request: StreamRequest) -> tuple[ReplicaEstimate, ...]:
         """Every replica's estimate for the request, without changing anything."""
-        return tuple(self._estimate(r, request.spec, request.shape) for r in self._replicas.values())
+        return tuple(self._estimate(r, request) for r in self._replicas.values())
 
     def admit(
         self, request: StreamRequest, now: float, retry_after_s: float | None = None
@@ -332,6 +350,9 @@ class AdmissionController:
         replica.streams[request.stream_id] = request.spec
         profile = self.profiles.get(replica.info.gpu_class, replica.info.shape)
         startup_s = profile.startup_s() * request.spec.dit_scale
+        if replica.is_cold(request.resolution):
+            startup_s += replica.info.cold_shape_s
+            replica.warm_shapes.add(request.resolution)
         replica.warming[request.stream_id] = Warming(startup_s, STARTUP_CHUNKS * request.spec.chunk_period_s)
         self._placement[request.stream_id] = best.replica_id
         self._admitted += 1
@@ -375,6 +396,13 @@ class AdmissionController:
         replica = self._replica(replica_id)
         kept = {sid: replica.warming[sid] for sid in keep if sid in replica.warming and sid not in warming}
         replica.warming = {sid: w for sid, w in warming.items() if sid in replica.streams} | kept
+
+    def set_warm_shapes(self, replica_id: str, shapes: Sequence[tuple[int, int]]) -> None:
+        """The resolutions the replica reports it has run; those admitted there since stay warm (their
+        streams are compiling them). Raises ValueError for an unknown replica."""
+        replica = self._replica(replica_id)
+        admitted = replica.warm_shapes or set()
+        replica.warm_shapes = {tuple(s) for s in shapes} | admitted
 
     def warming_on(self, replica_id: str) -> dict[str, Warming]:
         """The replica's streams still in their start-up."""
@@ -448,8 +476,8 @@ class AdmissionController:
             if predicted_latency_s(s, m, tick) > s.slo.frame_deadline_s * margin
         ]
 
-    def _estimate(self, replica: _Replica, spec: StreamSpec, shape: ShapeKey) -> ReplicaEstimate:
-        info = replica.info
+    def _estimate(self, replica: _Replica, request: StreamRequest) -> ReplicaEstimate:
+        info, spec, shape = replica.info, request.spec, request.shape
         inf = float("inf")
 
         def refuse(reason: str, retry_after_s: float | None = None, **numbers: float) -> ReplicaEstimate:
@@ -484,8 +512,10 @@ class AdmissionController:
         worst = min(slacks, default=inf)
         warming = replica.warming.values()
         ahead_s = sum(w.work_s for w in warming)  # start-up work the replica still has to do
-        ttff += ahead_s
-        startup_s = ahead_s + profile.startup_s() * spec.dit_scale
+        # a resolution new to the replica: its compiles, which every stream there waits through
+        cold_s = info.cold_shape_s if replica.is_cold(request.resolution) else 0.0
+        ttff += ahead_s + cold_s
+        startup_s = ahead_s + profile.startup_s() * spec.dit_scale + cold_s
         numbers = {
             "ttff_s": ttff,
             "latency_s": latency,

@@ -103,6 +103,18 @@ def prior_of(model: str, vae: str = "wan") -> ProfilePrior:
                          f"VAEs {list(VAE_KINDS)}") from None
 
 
+COLD_SHAPE_S: dict[str, float] = {"tiny": 0.0, "wan-1.3b": 10.0, "wan-14b": 20.0}
+"""model -> seconds of device time (H200) a pipeline spends on the first stream of a resolution it has
+not run: torch.compile's pieces for the new shapes, cuDNN's autotuning of the VAE convs, the CUDA-graph
+captures. An estimate, not yet measured (the engine's whole start-up warm-up, both VAEs and four step
+counts at one resolution, took 25 s on an H200); the tiny CPU model compiles nothing."""
+
+
+def cold_shape_s(model: str, gpu_class: str) -> float:
+    """COLD_SHAPE_S of the model scaled to the GPU class (0 for a model without an entry)."""
+    return COLD_SHAPE_S.get(model, 0.0) * class_time_factor(gpu_class)
+
+
 def work_scales(model: str, height: int, width: int) -> tuple[float, float]:
     """(DiT, VAE) work of a stream at height x width against the model's nominal shape, for pricing it
     with the nominal profile.

@@ -83,6 +83,7 @@ def test_two_streams_share_the_loop_and_get_every_frame_in_order(engine):
     assert fa == list(range(9)) and fb == list(range(9))
     assert sa.frames_out == 9 and sa.frames_skipped == 0 and sa.ttff_ms > 0
     assert core.load().tick_ms_by_batch, "ticks were measured"
+    assert core.load().warm_shapes == [(H, W)]  # the resolution its streams ran, for admission
     assert not core.streams
 
 
@@ -264,11 +265,13 @@ def _controller(max_streams: int = 2, retry_after_s: float = 3.0) -> tuple[Route
 
 
 def _load(active: list[str], profile: StageProfile | None = None,
-          requests: dict[str, OpenRequest] | None = None) -> PipelineStats:
-    return PipelineStats(pipeline="Pipeline-0-tiny", model="tiny", gpu_type="cpu", max_streams=2,
+          requests: dict[str, OpenRequest] | None = None, max_streams: int = 2,
+          warm_shapes: list[tuple[int, int]] | None = None) -> PipelineStats:
+    return PipelineStats(pipeline="Pipeline-0-tiny", model="tiny", gpu_type="cpu", max_streams=max_streams,
                          active_streams=len(active), active_stream_ids=list(active),
                          active_requests=requests or {},
-                         profile=(profile or seed_profile("tiny", "cpu")).snapshot())
+                         profile=(profile or seed_profile("tiny", "cpu")).snapshot(),
+                         warm_shapes=warm_shapes or [])
 
 
 def test_every_model_has_a_profile_prior_per_vae():
@@ -386,6 +389,30 @@ def test_a_streams_resolution_sets_its_price():
         ctl.admit("big", _req(input_fps=8.0, height=128, width=128))
     for i in range(2):
         ctl.admit(f"small{i}", _req(input_fps=8.0, height=32, width=32))
+
+
+def test_a_new_resolution_goes_where_its_compiles_stall_nobody():
+    """A stream of a resolution the replica has not run costs its compiles first (cold_shape_s, 5 s
+    here), which every stream there waits through: refused beside a stream with 2 s deadlines, a
+    stream of the warm resolution still admitted; on an idle replica admitted, its TTFF priced with
+    the compiles, and the next stream of that shape waits for them but is not charged them twice."""
+    def controller():
+        service = ServiceConfig(pipelines=(PipelineSpec(max_streams=3, cold_shape_s=5.0),), retry_after_s=3.0)
+        ctl = RouterAdmission(service, clock=_Clock())
+        ctl.update("Pipeline-0-tiny", _load([], max_streams=3, warm_shapes=[(32, 32)]))
+        return ctl
+
+    ctl = controller()
+    ctl.admit("tight", _req(frame_deadline_ms=2000))
+    with pytest.raises(AdmissionRefusedError, match="start-up"):
+        ctl.admit("cold", _req(height=48, width=48))
+    ctl.admit("warm", _req())
+    idle = controller()
+    grant = idle.admit("cold", _req(height=48, width=48))
+    assert grant.predicted_ttff_ms >= 5000
+    # a second stream of that shape waits for the compiles in progress, but is not charged them again
+    second = idle.admit("same-shape", _req(height=48, width=48))
+    assert grant.predicted_ttff_ms <= second.predicted_ttff_ms < grant.predicted_ttff_ms + 5000
 
 
 def test_an_slo_below_the_latency_floor_is_unattainable():
