@@ -240,6 +240,7 @@ class _Replica:
     taken as warm for every shape."""
 
     def is_cold(self, resolution: tuple[int, int] | None) -> bool:
+        """Whether a stream of `resolution` would be the replica's first of it (never for None)."""
         return resolution is not None and self.warm_shapes is not None and resolution not in self.warm_shapes
 
 
@@ -398,8 +399,9 @@ class AdmissionController:
         replica.warming = {sid: w for sid, w in warming.items() if sid in replica.streams} | kept
 
     def set_warm_shapes(self, replica_id: str, shapes: Sequence[tuple[int, int]]) -> None:
-        """The resolutions the replica reports it has run; those admitted there since stay warm (their
-        streams are compiling them). Raises ValueError for an unknown replica."""
+        """The resolutions the replica reports it has run, added to those known: a pipeline never
+        forgets a shape, and one admitted there since the report is being compiled by its stream.
+        Raises ValueError for an unknown replica."""
         replica = self._replica(replica_id)
         admitted = replica.warm_shapes or set()
         replica.warm_shapes = {tuple(s) for s in shapes} | admitted
