@@ -85,11 +85,24 @@ def service_from_args(args: argparse.Namespace):
         checkpoint_dir=args.checkpoint_dir,
         gpu_type=args.gpu_type or ("cpu" if device == "cpu" else detected_gpu_type()),
         max_streams=args.max_streams, warm_streams=args.warm_streams, num_cpus=args.pipeline_cpus,
+        warm_resolutions=args.warm_resolutions,
         executor=args.executor,
         num_gpus=args.gpus_per_pipeline,
     )
     return ServiceConfig(pipelines=(spec,) * args.pipelines, grpc_port=args.grpc_port, http_port=args.http_port,
                          recordings_dir=args.recordings_dir)
+
+
+def _resolutions(text: str) -> tuple[tuple[int, int], ...]:
+    """'512x512,720x1280' -> ((512, 512), (720, 1280)); '' -> (). Raises argparse.ArgumentTypeError."""
+    shapes = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            height, width = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"resolution {item!r}: write HEIGHTxWIDTH, e.g. 512x512") from None
+        shapes.append((height, width))
+    return tuple(shapes)
 
 
 def _add_service_args(p: argparse.ArgumentParser, *, grpc_port: int | None = 9000, http_port: int | None = 8000) -> None:
@@ -102,6 +115,9 @@ def _add_service_args(p: argparse.ArgumentParser, *, grpc_port: int | None = 900
     p.add_argument("--max-streams", type=int, default=8, help="stream slots per pipeline")
     p.add_argument("--warm-streams", type=int, default=None,
                    help="GPU: streams per warm step count prepared before clients arrive (default: --max-streams)")
+    p.add_argument("--warm-resolutions", default="", type=_resolutions,
+                   help="HxW,... warmed up before clients arrive besides 480x832 on a GPU (their first streams "
+                        "skip the new shape's compiles), e.g. 512x512,720x1280")
     p.add_argument("--pipeline-cpus", type=float, default=1.0, help="CPUs each pipeline replica reserves")
     p.add_argument("--executor", default="auto", choices=["auto", "graph", "inprocess"],
                    help="auto: stage actors on a compiled graph on GPUs, the engine in process on CPU")

@@ -38,6 +38,10 @@ class PipelineSpec:
     """Seconds of device time a stream of a resolution the pipeline has not run costs first (its
     compiles); the router prices it into that stream's start-up. None: scheduling.priors'
     estimate for the model and GPU class."""
+    warm_resolutions: tuple[tuple[int, int], ...] = ()
+    """(height, width) the replica warms up before it takes clients, besides 480x832 on a GPU: the
+    first stream of each starts without the new shape's compiles, and admission prices no
+    `cold_shape_s` for it. Each side a multiple of 16 in [16, 1280]; a start-up warm-up per shape."""
     warm_streams: int | None = None
     """GPU only: streams of each warm step count (1 and 2) whose DiT states and CUDA graphs the replica
     prepares before it takes clients, so that many clients start without eager calls or captures
@@ -106,6 +110,11 @@ class PipelineSpec:
             raise ValueError(f"max_streams={self.max_streams} must be in 1..256")
         if self.cold_shape_s is not None and not self.cold_shape_s >= 0.0:
             raise ValueError(f"cold_shape_s={self.cold_shape_s} must be >= 0 seconds")
+        object.__setattr__(self, "warm_resolutions", tuple(tuple(int(v) for v in r) for r in self.warm_resolutions))
+        for shape in self.warm_resolutions:
+            if len(shape) != 2 or any(v % 16 or not 16 <= v <= 1280 for v in shape):
+                raise ValueError(f"warm_resolutions: {shape} must be (height, width), each a multiple of 16 "
+                                 "in [16, 1280]")
         if self.warm_streams is not None and not 0 <= self.warm_streams <= self.max_streams:
             raise ValueError(f"warm_streams={self.warm_streams} must be in 0..max_streams={self.max_streams}")
         if not self.gpu_type:

@@ -451,6 +451,27 @@ def build_scheduler(spec: PipelineSpec, profile: StageProfile | None = None) -> 
 # ---- per-stream state ------------------------------------------------------------------------------------
 
 
+async def warm_up_pipeline(core: PipelineCore) -> None:
+    """Before a replica takes clients: on a GPU, warm up and calibrate at 480x832 (the first client's
+    TTFF must not pay for kernels, cuDNN tuning and graph captures, and the router's first admissions
+    should see this GPU's own times, not only the priors); then warm up each of the spec's
+    `warm_resolutions` (their compiles, on any device; one stream, no calibration: the profile is the
+    nominal shape's). Every shape warmed joins the replica's warm shapes."""
+    spec, executor = core.spec, core.executor
+    if spec.device == "cuda":
+        ticks: list[tuple[int, float, object]] = []
+        startups: list[float] = []
+        await warm_up_executor(executor, 480, 832, steps=(1, 2), vae=spec.vae, ticks=ticks,
+                               streams=spec.resolved_warm_streams, startups=startups)
+        core.calibrate(ticks, startups)
+        core.warm_shapes.add((480, 832))
+    for height, width in spec.warm_resolutions:
+        if (height, width) not in core.warm_shapes:
+            seconds = await warm_up_executor(executor, height, width, steps=(1, 2), vae=spec.vae)
+            log.info("pipeline %s warmed %dx%d in %.1f s", core.name, height, width, seconds)
+            core.warm_shapes.add((height, width))
+
+
 @dataclass
 class _StreamSlot:
     stream_id: str
@@ -1108,15 +1129,8 @@ class Pipeline:
             executor = build_engine_executor(spec)
         self.executor = executor
         self.core = PipelineCore(name, spec, executor, service=service)
-        if spec.device == "cuda" and executor_factory is None:
-            # the first client's TTFF must not pay for kernels, cuDNN tuning and graph capture, and the
-            # router's first admissions should see this GPU's own times, not only the priors
-            ticks: list[tuple[int, float, object]] = []
-            startups: list[float] = []
-            await warm_up_executor(executor, 480, 832, steps=(1, 2), vae=spec.vae, ticks=ticks,
-                                   streams=spec.resolved_warm_streams, startups=startups)
-            self.core.calibrate(ticks, startups)
-            self.core.warm_shapes.add((480, 832))
+        if executor_factory is None:
+            await warm_up_pipeline(self.core)
         # the long-lived heap (models, compiled pieces, graphs) out of the collector's way: a full
         # collection over it is a stall every stream waits through (stages.engine.freeze_heap)
         from stages.engine import freeze_heap

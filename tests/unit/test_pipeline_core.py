@@ -470,3 +470,26 @@ def test_step_each_steps_the_streams_back_to_back_and_reports_each_in_order(engi
     got, seen, threads = asyncio.run(run())
     assert got == [("p", [0], True), ("q", [0], True)] and seen == got
     assert set(threads) == {threading.main_thread().ident}  # on the event loop's thread
+
+
+def test_warm_resolutions_are_warmed_before_clients_and_reported(engine, caplog):
+    """A pipeline with warm_resolutions runs a throwaway stream at each before clients arrive and
+    reports them as warm (admission then prices no compiles for them); the CLI writes them HxW."""
+    import argparse
+
+    from cluster.cli import _resolutions
+    from deployments.pipeline import warm_up_pipeline
+
+    spec = PipelineSpec(model="tiny", max_streams=2, num_cpus=0, warm_resolutions=[[32, 48]])
+    assert spec.warm_resolutions == ((32, 48),)
+    core = PipelineCore("p0", spec, InProcessExecutor(engine), service=ServiceConfig(stats_interval_s=0.2))
+    with caplog.at_level("INFO", logger="weir.pipeline"):
+        asyncio.run(warm_up_pipeline(core))
+    assert core.load().warm_shapes == [(32, 48)] and not core.streams
+    assert any("warmed 32x48" in r.getMessage() for r in caplog.records)
+    assert not any("failed" in r.getMessage() for r in caplog.records)
+    assert _resolutions("512x512, 720x1280") == ((512, 512), (720, 1280)) and _resolutions("") == ()
+    with pytest.raises(argparse.ArgumentTypeError, match="HEIGHTxWIDTH"):
+        _resolutions("512")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        PipelineSpec(warm_resolutions=((500, 832),))
