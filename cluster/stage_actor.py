@@ -253,8 +253,8 @@ class StageWorker:
             (benchmarks); off in serving.
         deterministic: cuDNN deterministic kernels (exactness tests on GPU); otherwise cuDNN
             benchmark mode, as the single-process engine.
-        cuda_graphs: the DiT shard replays steady-state micro-steps from CUDA graphs, and so do the
-            TAEHV encode and decode of steady stream calls (CUDA only).
+        cuda_graphs: the DiT shard replays steady-state micro-steps from CUDA graphs, and so do both
+            VAEs' encode and decode of steady stream calls (CUDA only; stages.vae_stage).
     """
 
     def __init__(
