@@ -72,7 +72,7 @@ from scheduling.batching import (
     SkipReason,
     StreamSpec,
 )
-from scheduling.priors import prior_of, seed_profile, work_scales
+from scheduling.priors import prior_of, seed_profile, vae_kind_ratio, work_scales
 from scheduling.profile import Stage, StageProfile
 from scheduling.slo import MAX_FRAME_DEADLINE_S, MAX_TTFF_S, LatencyWindow, StreamSLO, percentile
 from stages.errors import (
@@ -424,10 +424,12 @@ def stream_params(req: OpenRequest):
     )
 
 
-def stream_spec(req: OpenRequest, model: str) -> StreamSpec:
-    """The scheduler's view of a stream of `model`. SLOs beyond the scheduler's bounds (TTFF 60 s,
-    deadline 10 s) are clamped to them: such a stream is never skipped for lateness short of that. Its
-    work is scaled from the model's nominal shape to its resolution (scheduling.priors `work_scales`).
+def stream_spec(req: OpenRequest, model: str, profile_vae: str) -> StreamSpec:
+    """The scheduler's view of a stream of `model` on a pipeline whose profile measures VAE kind
+    `profile_vae`. SLOs beyond the scheduler's bounds (TTFF 60 s, deadline 10 s) are clamped to them:
+    such a stream is never skipped for lateness short of that. Its work is scaled from the model's
+    nominal shape to its resolution (scheduling.priors `work_scales`), and its chunks to its VAE kind
+    (`vae_kind_ratio`).
 
     Example: OpenRequest(num_steps=2, input_fps=8, ttff_ms=3000, frame_deadline_ms=60000, height=64,
     width=64) of "tiny" -> StreamSpec(2, 8.0, StreamSLO(3.0, 10.0), first_chunk_frames=1) (64x64 is
@@ -436,6 +438,7 @@ def stream_spec(req: OpenRequest, model: str) -> StreamSpec:
     slo = StreamSLO(ttff_s=min(req.ttff_ms / 1000, MAX_TTFF_S),
                     frame_deadline_s=min(req.frame_deadline_ms / 1000, MAX_FRAME_DEADLINE_S))
     dit_scale, vae_scale = work_scales(model, req.height, req.width)
+    vae_scale *= vae_kind_ratio(model, req.vae, profile_vae)
     return StreamSpec(num_steps=req.num_steps, input_fps=min(req.input_fps, 120.0), slo=slo,
                       first_chunk_frames=FIRST_CHUNK_FRAMES, dit_scale=dit_scale, vae_scale=vae_scale)
 
@@ -635,7 +638,7 @@ class PipelineCore:
         if req.model and req.model != self.spec.model:
             raise AdmissionRefusedError(f"pipeline {self.name} serves {self.spec.model}, not {req.model}",
                                         retry_after_s=self.service.retry_after_s)
-        spec = stream_spec(req, self.spec.model)
+        spec = stream_spec(req, self.spec.model, self.spec.vae)
         await self.executor.open_stream(stream_id, stream_params(req))
         opened_us = opened_us or now_us()
         self.scheduler.add_stream(stream_id, spec, self._to_clock(opened_us))
@@ -675,7 +678,7 @@ class PipelineCore:
             self._deliver(s, out)
             self.scheduler.finish_stream(stream_id)  # queued chunks are re-queued below, not skipped
             s.req = _replace_steps(s.req, num_steps)
-            self.scheduler.add_stream(stream_id, stream_spec(s.req, self.spec.model), self.clock())
+            self.scheduler.add_stream(stream_id, stream_spec(s.req, self.spec.model, self.spec.vae), self.clock())
             for seq in sorted(s.chunks):
                 self.scheduler.add_chunk(stream_id, Chunk(seq, s.arrivals[seq]))
             if s.input_ended:

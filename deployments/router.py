@@ -165,7 +165,7 @@ class RouterAdmission:
             if sid not in placed and sid not in self.reserved and sid not in self.released_s:
                 # running there but unknown here: this router restarted (or lost a reservation).
                 # Count it, so new streams are admitted against the real load and quota.
-                if self.admission.adopt(key, sid, stream_spec(req, self.pools[pool].model)):
+                if self.admission.adopt(key, sid, stream_spec(req, self.pools[pool].model, self.pools[pool].vae)):
                     self.quota.adopt(req.tenant, sid)
                     log.info("adopted stream %s running on %s", sid, key)
         for sid in self.admission.streams_on(key):
@@ -213,8 +213,8 @@ class RouterAdmission:
         if stream_id in self.reserved or stream_id in self.placement():
             raise StreamExistsError(f"stream {stream_id!r} is already admitted", stream_id=stream_id)
         self.quota.acquire(req.tenant, stream_id)
-        request = StreamRequest(stream_id, self._nominal_shape(model, req.vae), stream_spec(req, model),
-                                resolution=(req.height, req.width))
+        shape = self._nominal_shape(model, req.vae)
+        request = StreamRequest(stream_id, shape, stream_spec(req, model, shape.vae), resolution=(req.height, req.width))
         try:
             decision = self.admission.admit(request, self.clock(), retry_after_s=self.service.retry_after_s)
         except BaseException:

@@ -39,7 +39,8 @@ Profiles are keyed by (GPU class, pipeline's nominal shape = model, 480x832 (64x
 pipeline's default VAE). A stream of another resolution is priced with the nominal profile scaled by
 its work (`work_scales`: its VAE chunks by its pixel count, its DiT rows by its tokens, the self-
 attention's share quadratically), and its measured times feed the nominal curves divided by the same
-factors. A stream with the pipeline's other VAE kind is priced as the default kind.
+factors. A stream with the pipeline's other VAE kind has its chunks priced by the priors' ratio of
+the two kinds' per-chunk times (`vae_kind_ratio`: a Wan VAE chunk is 5.2 TAEHV chunks on a GPU).
 """
 
 from __future__ import annotations
@@ -108,6 +109,19 @@ COLD_SHAPE_S: dict[str, float] = {"tiny": 0.0, "wan-1.3b": 10.0, "wan-14b": 20.0
 not run: torch.compile's pieces for the new shapes, cuDNN's autotuning of the VAE convs, the CUDA-graph
 captures. An estimate, not yet measured (the engine's whole start-up warm-up, both VAEs and four step
 counts at one resolution, took 25 s on an H200); the tiny CPU model compiles nothing."""
+
+
+def vae_kind_ratio(model: str, vae: str, profile_vae: str) -> float:
+    """A chunk's encode + decode work with VAE kind `vae` against one with `profile_vae` (the kind its
+    profile measures), from the priors' per-chunk times; 1.0 for the same kind or '' (the default).
+
+    Example: vae_kind_ratio("wan-1.3b", "wan", "taehv") -> (0.027 + 0.054) / (0.0065 + 0.009) = 5.23.
+    """
+    if not vae or vae == profile_vae:
+        return 1.0
+    mine, theirs = prior_of(model, vae), prior_of(model, profile_vae)
+    return ((mine.encode.per_item_s + mine.decode.per_item_s)
+            / (theirs.encode.per_item_s + theirs.decode.per_item_s))
 
 
 def cold_shape_s(model: str, gpu_class: str) -> float:

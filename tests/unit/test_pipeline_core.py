@@ -493,3 +493,17 @@ def test_warm_resolutions_are_warmed_before_clients_and_reported(engine, caplog)
         _resolutions("512")
     with pytest.raises(ValueError, match="multiple of 16"):
         PipelineSpec(warm_resolutions=((500, 832),))
+
+
+def test_a_stream_of_the_other_vae_kind_is_priced_at_its_kind():
+    """On a pipeline whose profile measures TAEHV, a Wan VAE stream's chunks count 5.2 TAEHV chunks
+    (the priors' per-chunk ratio), and the other way round; the default kind counts 1."""
+    from deployments.pipeline import stream_spec
+
+    on_taehv = stream_spec(_req(vae="wan", height=480, width=832), "wan-1.3b", "taehv")
+    assert on_taehv.vae_scale == pytest.approx((0.027 + 0.054) / (0.0065 + 0.009))
+    assert on_taehv.dit_scale == 1.0
+    on_wan = stream_spec(_req(vae="taehv", height=480, width=832), "wan-1.3b", "wan")
+    assert on_wan.vae_scale == pytest.approx(1 / on_taehv.vae_scale)
+    assert stream_spec(_req(vae="", height=480, width=832), "wan-1.3b", "taehv").vae_scale == 1.0
+    assert stream_spec(_req(vae="wan", height=512, width=512), "wan-1.3b", "wan").vae_scale == pytest.approx(0.6564, abs=1e-4)
