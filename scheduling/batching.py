@@ -109,7 +109,8 @@ class StreamSpec:
     dit_scale: float = 1.0
     """A DiT row's work against the profile's nominal shape (scheduling.priors `work_scales`)."""
     vae_scale: float = 1.0
-    """An encoded or decoded chunk's work against the profile's nominal shape (its pixel ratio)."""
+    """An encoded or decoded chunk's work against the profile's (its pixel ratio, times its VAE kind's
+    cost against the profile's kind: scheduling.priors `vae_kind_ratio`)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_steps <= 4:
