@@ -161,6 +161,8 @@ class RouterAdmission:
             if now - t > RESERVATION_GRACE_S:
                 del self.released_s[sid]
         placed = self.placement()
+        # released here, still running there (closing): their slots are not free yet
+        self.admission.set_closing(key, sum(1 for sid in reported if sid in self.released_s and sid not in placed))
         for sid, req in stats.active_requests.items():
             if sid not in placed and sid not in self.reserved and sid not in self.released_s:
                 # running there but unknown here: this router restarted (or lost a reservation).

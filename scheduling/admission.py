@@ -235,6 +235,9 @@ class _Replica:
     draining: bool = False
     warming: dict[str, Warming] = field(default_factory=dict)
     """Streams still in their start-up (reported by the replica, or admitted since its last report)."""
+    closing: int = 0
+    """Streams the replica reported still running that the controller no longer counts (released,
+    still closing there): they hold slots until the replica lets them go."""
     warm_shapes: set[tuple[int, int]] | None = None
     """(height, width) the replica has run (reported, plus those admitted since); None: not reported,
     taken as warm for every shape."""
@@ -398,6 +401,11 @@ class AdmissionController:
         kept = {sid: replica.warming[sid] for sid in keep if sid in replica.warming and sid not in warming}
         replica.warming = {sid: w for sid, w in warming.items() if sid in replica.streams} | kept
 
+    def set_closing(self, replica_id: str, count: int) -> None:
+        """How many released streams the replica last reported still running (they keep their slots
+        until it closes them). Raises ValueError for an unknown replica."""
+        self._replica(replica_id).closing = max(0, count)
+
     def set_warm_shapes(self, replica_id: str, shapes: Sequence[tuple[int, int]]) -> None:
         """The resolutions the replica reports it has run, added to those known: a pipeline never
         forgets a shape, and one admitted there since the report is being compiled by its stream.
@@ -421,7 +429,7 @@ class AdmissionController:
             return 0
         specs = list(replica.streams.values())
         free = 0
-        while len(specs) + free < replica.info.max_streams:
+        while len(specs) + replica.closing + free < replica.info.max_streams:
             if self._violations(replica.info, [*specs, *([template] * (free + 1))]):
                 break
             free += 1
@@ -498,6 +506,8 @@ class AdmissionController:
             return refuse("draining")
         if len(replica.streams) >= info.max_streams:
             return refuse(f"all {info.max_streams} stream slots taken")
+        if len(replica.streams) + replica.closing >= info.max_streams:
+            return refuse(f"all {info.max_streams} stream slots taken ({replica.closing} by streams still closing)")
         profile = self.profiles.get(info.gpu_class, info.shape)
         existing = list(replica.streams.values())
         _, before = assign_modes(profile, info.num_blocks, existing, self.config)

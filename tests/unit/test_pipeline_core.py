@@ -507,3 +507,20 @@ def test_a_stream_of_the_other_vae_kind_is_priced_at_its_kind():
     assert on_wan.vae_scale == pytest.approx(1 / on_taehv.vae_scale)
     assert stream_spec(_req(vae="", height=480, width=832), "wan-1.3b", "taehv").vae_scale == 1.0
     assert stream_spec(_req(vae="wan", height=512, width=512), "wan-1.3b", "wan").vae_scale == pytest.approx(0.6564, abs=1e-4)
+
+
+def test_a_released_stream_still_closing_on_its_replica_keeps_its_slot():
+    """The router released a stream (its client left) that the replica still reports running: its slot
+    is not free until the replica lets it go, so a new stream is not granted a slot the replica would
+    refuse; once the replica stops reporting it, the slot is free."""
+    ctl, _ = _controller(max_streams=2)
+    ctl.update("Pipeline-0-tiny", _load([]))
+    ctl.admit("a", _req())
+    ctl.admit("b", _req())
+    ctl.update("Pipeline-0-tiny", _load(["a", "b"]))
+    ctl.release("a")
+    ctl.update("Pipeline-0-tiny", _load(["a", "b"]))  # "a" is still closing there
+    with pytest.raises(AdmissionRefusedError, match="still closing"):
+        ctl.admit("c", _req())
+    ctl.update("Pipeline-0-tiny", _load(["b"]))
+    ctl.admit("c", _req())
