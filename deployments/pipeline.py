@@ -811,8 +811,7 @@ class PipelineCore:
         """The streams still in their start-up: the profile's start-up cost less what they have paid,
         and their start-up chunks left at their input rate."""
         startup_s = self.scheduler.profile.startup_s()
-        return {sid: Warming(max(0.0, startup_s * work_scales(self.spec.model, s.req.height, s.req.width)[0]
-                                 - s.startup_excess_s),
+        return {sid: Warming(max(0.0, startup_s * self.scheduler.spec_of(sid).dit_scale - s.startup_excess_s),
                              s.startup_left * CHUNK_FRAMES / s.req.input_fps)
                 for sid, s in self.streams.items() if s.startup_left > 0}
 

@@ -353,9 +353,8 @@ class AdmissionController:
         replica = self._replicas[best.replica_id]
         replica.streams[request.stream_id] = request.spec
         profile = self.profiles.get(replica.info.gpu_class, replica.info.shape)
-        startup_s = profile.startup_s() * request.spec.dit_scale
+        startup_s = self._startup_s(replica, request, profile)
         if replica.is_cold(request.resolution):
-            startup_s += replica.info.cold_shape_s
             replica.warm_shapes.add(request.resolution)
         replica.warming[request.stream_id] = Warming(startup_s, STARTUP_CHUNKS * request.spec.chunk_period_s)
         self._placement[request.stream_id] = best.replica_id
@@ -486,6 +485,13 @@ class AdmissionController:
             if predicted_latency_s(s, m, tick) > s.slo.frame_deadline_s * margin
         ]
 
+    @staticmethod
+    def _startup_s(replica: _Replica, request: StreamRequest, profile: StageProfile) -> float:
+        """The device work of the stream's start-up on the replica: the profile's, scaled to its DiT
+        work, plus the replica's cold_shape_s when its resolution is new there."""
+        cold_s = replica.info.cold_shape_s if replica.is_cold(request.resolution) else 0.0
+        return profile.startup_s() * request.spec.dit_scale + cold_s
+
     def _estimate(self, replica: _Replica, request: StreamRequest) -> ReplicaEstimate:
         info, spec, shape = replica.info, request.spec, request.shape
         inf = float("inf")
@@ -525,9 +531,8 @@ class AdmissionController:
         warming = replica.warming.values()
         ahead_s = sum(w.work_s for w in warming)  # start-up work the replica still has to do
         # a resolution new to the replica: its compiles, which every stream there waits through
-        cold_s = info.cold_shape_s if replica.is_cold(request.resolution) else 0.0
-        ttff += ahead_s + cold_s
-        startup_s = ahead_s + profile.startup_s() * spec.dit_scale + cold_s
+        ttff += ahead_s + (info.cold_shape_s if replica.is_cold(request.resolution) else 0.0)
+        startup_s = ahead_s + self._startup_s(replica, request, profile)
         numbers = {
             "ttff_s": ttff,
             "latency_s": latency,

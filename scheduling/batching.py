@@ -736,6 +736,10 @@ class BatchingScheduler:
         """The stream's current mode. Raises StreamNotFoundError."""
         return self._stream(stream_id).mode
 
+    def spec_of(self, stream_id: str) -> StreamSpec:
+        """The stream's spec (its SLO, steps and work scales). Raises StreamNotFoundError."""
+        return self._stream(stream_id).spec
+
     # -- internals ----------------------------------------------------------------------------------
 
     def _stream(self, stream_id: str) -> _Stream:
