@@ -54,7 +54,13 @@ from stages.engine import encode_noisy
 from stages.errors import BadRequestError, StreamExistsError, StreamNotFoundError, WeirError
 from stages.flow_match import FlowMatchSchedule, denoising_steps
 from stages.kv_cache import BlockKVCache, upload_long
-from stages.loading import _default_dtype, build_dit_shard, build_vae_models, random_init_
+from stages.loading import (
+    _default_dtype,
+    build_dit_shard,
+    build_vae_models,
+    random_init_,
+    use_cudnn_autotuning,
+)
 from stages.prompt_blend import PromptBlend, encode_mix
 from stages.prompts import PromptMix, check_blend_chunks
 from stages.stream_batch import GeneratorNoise, StreamBatchState
@@ -278,7 +284,7 @@ class StageWorker:
         self.dtype: torch.dtype = getattr(torch, plan.dtype)
         if self.device.type == "cuda":
             torch.backends.cudnn.deterministic = deterministic
-            torch.backends.cudnn.benchmark = not deterministic
+            use_cudnn_autotuning(not deterministic)
         self.sync_timing = sync_timing and self.device.type == "cuda"
         self._lock = threading.RLock()
         self._timings: dict[str, deque] = {}

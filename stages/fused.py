@@ -282,6 +282,44 @@ def interleave_phases_2x(y_NKHW: torch.Tensor, bias_C: torch.Tensor) -> torch.Te
     return out_NHWC.permute(0, 3, 1, 2)
 
 
+def fold_output_pixels(weight_OIk33: torch.Tensor, factor: int) -> torch.Tensor:
+    """A conv (3x3 spatial kernel, padding 1, any temporal kernel k) as a conv that computes factor x
+    factor output pixels per position: [O, I, k, 3, 3] -> [f*f*O, I, k, f+2, f+2], output channels
+    (a, b, o) major to minor, to run with spatial stride f and padding 1. Output pixel (f*i + a,
+    f*j + b) reads input rows f*i + a - 1 .. f*i + a + 1, which are rows a .. a + 2 of the folded
+    kernel at position i; the rest of its kernel is zero. Same sums, in f*f as many output channels:
+    a narrow conv (the Wan decoder's 96 -> 3 head) then runs on a wide tile instead of padding 3
+    outputs to cuDNN's narrowest (BENCHMARKS.md: 1.07 -> 0.64 ms at 480x832, f = 2). Built in at
+    least fp32, returned in the weight's dtype and memory layout; `unfold_output_pixels` undoes it.
+
+    Example: f = 2, a 1x1-channel kernel K: four 4x4 kernels with K at rows/cols (0, 0), (0, 1),
+    (1, 0) and (1, 1).
+    """
+    outs, ins, k, kh, kw = weight_OIk33.shape
+    assert (kh, kw) == (3, 3), f"fold_output_pixels takes a 3x3 spatial kernel, got {kh}x{kw}"
+    size = factor + 2
+    w = weight_OIk33.to(torch.promote_types(weight_OIk33.dtype, torch.float32))
+    out = w.new_zeros(factor, factor, outs, ins, k, size, size)
+    for a in range(factor):
+        for b in range(factor):
+            out[a, b, :, :, :, a:a + 3, b:b + 3] = w
+    out = out.reshape(factor * factor * outs, ins, k, size, size).to(weight_OIk33.dtype)
+    if is_channels_last(weight_OIk33):
+        return out.contiguous(memory_format=torch.channels_last_3d)
+    return out
+
+
+def unfold_output_pixels(y_BKThw: torch.Tensor, bias_O: torch.Tensor, factor: int) -> torch.Tensor:
+    """The folded conv's output [B, f*f*O, T, h, w] (`fold_output_pixels`) -> the conv's output [B, O,
+    T, f*h, f*w], plus its bias: pixel (f*i + a, f*j + b), channel o <- position (i, j), channel
+    (a, b, o). Built in NTHWC order: the output is channels-last-3d; one kernel when compiled."""
+    B, K, T, h, w = y_BKThw.shape
+    outs = K // (factor * factor)
+    y_BThwabO = y_BKThw.permute(0, 2, 3, 4, 1).unflatten(-1, (factor, factor, outs))
+    out_BTHWO = y_BThwabO.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, T, factor * h, factor * w, outs) + bias_O
+    return out_BTHWO.permute(0, 4, 1, 2, 3)
+
+
 @dataclass(frozen=True)
 class VAEOps:
     """The Wan VAE residual block's elementwise pieces (eager or compiled).
@@ -299,10 +337,14 @@ class VAEOps:
     norm_silu_into: Callable[..., torch.Tensor]
     bias_norm_silu_into: Callable[..., torch.Tensor]
     interleave_phases: Callable[..., torch.Tensor] = interleave_phases_2x
+    unfold_pixels: Callable[..., torch.Tensor] = unfold_output_pixels
     fold_bias: bool = False
     subpixel_upsample: bool = False
     """The decoder's upsample convs as four 2x2 phase convs of the input (`phase_kernels_2x`): 4/9
     of the flops, no upsampled copy, and 4x the output channels per conv (stages.wan_vae Resample)."""
+    head_pixel_fold: int = 1
+    """> 1: the decoder's head conv (96 -> 3) computes that many output pixels squared per position
+    (`fold_output_pixels`); 1: as it is."""
 
 
 EAGER_VAE_OPS = VAEOps(norm_silu, bias_norm_silu, bias_residual, norm_silu_into, bias_norm_silu_into)
@@ -319,8 +361,9 @@ def compiled_vae_ops() -> VAEOps:
 
     c = _compile
     return VAEOps(c(norm_silu), c(bias_norm_silu), c(bias_residual), c(norm_silu_into), c(bias_norm_silu_into),
-                  c(interleave_phases_2x, dynamic=False), fold_bias=True,
-                  subpixel_upsample=os.environ.get("WEIR_VAE_SUBPIXEL", "1") != "0")
+                  c(interleave_phases_2x, dynamic=False), c(unfold_output_pixels, dynamic=False), fold_bias=True,
+                  subpixel_upsample=os.environ.get("WEIR_VAE_SUBPIXEL", "1") != "0",
+                  head_pixel_fold=int(os.environ.get("WEIR_VAE_HEAD_FOLD", "2")))
 
 
 def _compile(fn: Callable[..., object], *, dynamic: bool | None = None) -> Callable[..., object]:

@@ -8,6 +8,7 @@ DiT output its input and hide bugs).
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +24,22 @@ from stages.wan_vae import WanVAE
 
 if TYPE_CHECKING:
     from stages.engine import EngineComponents, EngineSpec
+
+
+CUDNN_BENCHMARK_LIMIT = int(os.environ.get("WEIR_CUDNN_BENCHMARK_LIMIT", "0"))
+"""cuDNN algorithms autotuning tries per conv shape (0: all; PyTorch's default is 10; the environment
+variable WEIR_CUDNN_BENCHMARK_LIMIT sets another). The Wan VAE's
+full-resolution 96 -> 96 3x3x3 conv (4 frames at 480x832) takes 1.45 ms with every algorithm tried
+and 1.94 ms with the first ten, on an H200 (BENCHMARKS.md); the wider convs gain 0-8%. The cost is a
+longer first call per shape, which warm-up at start pays."""
+
+
+def use_cudnn_autotuning(enabled: bool = True) -> None:
+    """Let cuDNN time its conv algorithms per shape and keep the fastest (all of them:
+    CUDNN_BENCHMARK_LIMIT), or go by its heuristics (`enabled` False, as deterministic runs need)."""
+    torch.backends.cudnn.benchmark = enabled
+    if enabled:
+        torch.backends.cudnn.benchmark_limit = CUDNN_BENCHMARK_LIMIT
 
 
 @contextlib.contextmanager
@@ -125,7 +142,7 @@ def build_models(spec: EngineSpec, dit_cfg: DiTConfig) -> EngineComponents:
 
     device, dtype = torch.device(spec.device), spec.torch_dtype
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        use_cudnn_autotuning()
     checkpoint = None
     if spec.checkpoint_dir is not None:
         checkpoint = str(find_checkpoints(spec.checkpoint_dir, dit=spec.model).dit_checkpoint(spec.model))

@@ -57,6 +57,7 @@ from stages.fused import (
     VAEOps,
     compiled_vae_ops,
     conv_forward,
+    fold_output_pixels,
     is_channels_last,
     nearest_upsample_2x,
     phase_kernels_2x,
@@ -406,14 +407,31 @@ def _run_cached(layers: nn.Sequential, x_BCTHW: torch.Tensor, cache: WanVAECache
 def _run_head(head: nn.Sequential, x_BCTHW: torch.Tensor, cache: WanVAECache, ops: VAEOps) -> torch.Tensor:
     """The encoder's or the decoder's head: RMSNorm, SiLU, causal conv. On the GPU path
     (`ops.fold_bias`) the norm writes into the conv's window, as in a residual block, and the conv
-    adds its own bias (its output is narrow: 3 or 2Z channels)."""
+    adds its own bias (its output is narrow: 3 or 2Z channels); a conv with a `folded_weight` (the
+    decoder's, `set_folded_head`) computes `ops.head_pixel_fold` squared pixels per position and the
+    unfold adds the bias."""
     if not ops.fold_bias:
         return _run_cached(head, x_BCTHW, cache)
     norm, _, conv = head
     index = cache.take()
     window_BCTHW = _open_window(cache, index, x_BCTHW)
     ops.norm_silu_into(window_BCTHW[:, :, CACHE_T:], x_BCTHW, norm.gamma, norm.scale)
-    return _window_conv(conv, window_BCTHW, cache, index, bias=True)
+    folded = conv._buffers.get("folded_weight")
+    if folded is None:
+        return _window_conv(conv, window_BCTHW, cache, index, bias=True)
+    factor = ops.head_pixel_fold
+    y_BKThw = F.conv3d(window_BCTHW, folded, None, (1, factor, factor), (0, 1, 1))
+    _keep(cache, index, window_BCTHW[:, :, -CACHE_T:])
+    return ops.unfold_pixels(y_BKThw, conv.bias, factor)
+
+
+def set_folded_head(conv: CausalConv3d, factor: int) -> None:
+    """Give the decoder's head conv a weight folded to `factor` x `factor` output pixels per position
+    (`folded_weight`, a buffer outside the state dict: set it after loading; stages.fused
+    .fold_output_pixels), or take it away (`factor` 1)."""
+    conv._buffers.pop("folded_weight", None)
+    if factor > 1:
+        conv.register_buffer("folded_weight", fold_output_pixels(conv.weight.detach(), factor), persistent=False)
 
 
 def _num_causal_convs(module: nn.Module) -> int:
@@ -509,7 +527,8 @@ class WanVAE(nn.Module):
     def use_ops(self, ops: VAEOps) -> None:
         """Run every residual block's and both heads' elementwise pieces through `ops` (stages.fused), the
         decoder's upsample convs as phase convs where `ops.subpixel_upsample`, and on the GPU path
-        (`ops.fold_bias`) the encoder's RGB input conv on channel-padded input. Call after loading."""
+        (`ops.fold_bias`) the encoder's RGB input conv on channel-padded input and the decoder's RGB
+        output conv folded over `ops.head_pixel_fold` squared pixels. Call after loading."""
         for module in self.modules():
             if isinstance(module, (ResidualBlock, Encoder3d, Decoder3d)):
                 module.ops = ops
@@ -517,6 +536,8 @@ class WanVAE(nn.Module):
                 module.use_ops(ops)
         # the 3-channel input conv on a tensor-core kernel (stages.fused.INPUT_CHANNEL_MULTIPLE)
         set_padded_input(self.encoder.conv1, ops.fold_bias)
+        # the 3-channel output conv on a wide tile (stages.fused.fold_output_pixels)
+        set_folded_head(self.decoder.head[2], ops.head_pixel_fold if ops.fold_bias else 1)
 
     def use_compiled_ops(self) -> None:
         """Compiled residual-block pieces with the convs' biases folded in (CUDA)."""

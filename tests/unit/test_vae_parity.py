@@ -195,11 +195,11 @@ def test_bf16_runs_on_cpu():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("subpixel", [False, True])
-def test_folded_biases_and_channels_last_give_the_plain_results(models, subpixel):
+@pytest.mark.parametrize(("subpixel", "head_fold"), [(False, 1), (True, 1), (True, 2), (False, 4)])
+def test_folded_biases_and_channels_last_give_the_plain_results(models, subpixel, head_fold):
     """The GPU path (stages.fused.VAEOps with the biases folded into the elementwise kernels, weights
-    and activations channels-last-3d, the upsample convs as phase convs or not) computes what the
-    plain path computes, call after call."""
+    and activations channels-last-3d, the upsample convs as phase convs or not, the decoder's head
+    folded over output pixels or not) computes what the plain path computes, call after call."""
     import copy
     import dataclasses
 
@@ -207,7 +207,12 @@ def test_folded_biases_and_channels_last_give_the_plain_results(models, subpixel
 
     _, ours = models
     fast = channels_last_weights_(copy.deepcopy(ours))
-    fast.use_ops(dataclasses.replace(EAGER_VAE_OPS, fold_bias=True, subpixel_upsample=subpixel))
+    fast.use_ops(dataclasses.replace(EAGER_VAE_OPS, fold_bias=True, subpixel_upsample=subpixel,
+                                     head_pixel_fold=head_fold))
+    head_weight = fast.decoder.head[2]._buffers.get("folded_weight")
+    assert (head_weight is None) == (head_fold == 1)
+    if head_weight is not None:
+        assert head_weight.shape == (3 * head_fold**2, fast.decoder.head[2].in_channels, 3, head_fold + 2, head_fold + 2)
     assert all(hasattr(m, "phase_weight") == (subpixel and m.mode.startswith("up"))
                for m in fast.modules() if type(m).__name__ == "Resample")
     assert fast.encoder.conv1.padded_weight.shape[1] == 16  # the RGB input conv on padded channels
@@ -224,6 +229,26 @@ def test_folded_biases_and_channels_last_give_the_plain_results(models, subpixel
         (z_plain, y_plain), (z_fast, y_fast) = outs
         torch.testing.assert_close(z_fast, z_plain, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_a_conv_folded_over_output_pixels_gives_the_conv(factor):
+    """stages.fused.fold_output_pixels / unfold_output_pixels: the folded conv (stride f, f*f as many
+    outputs) then the unfold equal the 3x3 conv with its bias, in fp64, channels-last out."""
+    import torch.nn.functional as F
+
+    from stages.fused import fold_output_pixels, unfold_output_pixels
+
+    g = torch.Generator().manual_seed(factor)
+    x = torch.randn(1, 5, 4, 8, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 5, 3, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(3, generator=g, dtype=torch.float64)
+    expected = F.conv3d(x, w, bias, 1, (0, 1, 1))
+    folded = F.conv3d(x, fold_output_pixels(w, factor), None, (1, factor, factor), (0, 1, 1))
+    assert folded.shape == (1, 3 * factor**2, 2, 8 // factor, 12 // factor)
+    got = unfold_output_pixels(folded, bias, factor)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_time_interleave_keeps_channels_last_and_values():
