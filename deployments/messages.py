@@ -157,6 +157,8 @@ class PipelineStats:
     frames_out_total: int = 0
     frames_skipped_total: int = 0
     deadline_misses_total: int = 0
+    slow_ticks_total: int = 0
+    """Ticks slower than their prediction by far (deployments.pipeline.SLOW_TICK_FACTOR): stalls."""
     gpu_memory_bytes: int = 0
     cuda_graphs_disabled: int = 0
     """CUDA-graph runners of the engine that stopped capturing after failed captures (they run eager,

@@ -50,6 +50,8 @@ class MetricsExporter:
         self.modes = Gauge("weir_streams_by_mode", "Open streams per batching mode (stream_batch, step_by_step).",
                            (*mg, "mode"), registry=r)
         self.frames_out = Counter("weir_frames_out", "Frames sent back.", mg, registry=r)
+        self.slow_ticks = Counter("weir_slow_ticks", "Pipeline ticks that took several times their predicted "
+                                  "time (stalls: compiles, captures, host hiccups).", mg, registry=r)
         self.stage = Histogram("weir_stage_seconds", "Wall time of one pipeline stage call.", (*mg, "stage"),
                                buckets=STAGE_BUCKETS_S, registry=r)
         self.queue_depth = Gauge("weir_queue_depth", "Input frames waiting in pipelines.", mg, registry=r)
@@ -95,6 +97,8 @@ class MetricsExporter:
         prev = self._latest.get((s.pipeline, s.replica_id))  # one series per replica of a pool
         delta = s.frames_out_total - (prev.frames_out_total if prev else 0)
         self.frames_out.labels(*mg).inc(delta if delta >= 0 else s.frames_out_total)  # negative: restarted
+        slow = s.slow_ticks_total - (prev.slow_ticks_total if prev else 0)
+        self.slow_ticks.labels(*mg).inc(slow if slow >= 0 else s.slow_ticks_total)
         for reason, total in s.skipped_by_reason.items():  # cumulative per pipeline: count the increase
             before = prev.skipped_by_reason.get(reason, 0) if prev else 0
             self.skipped_reason.labels(*mg, reason).inc(total - before if total >= before else total)

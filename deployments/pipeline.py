@@ -98,6 +98,13 @@ ROUTER_DEPLOYMENT = "Router"
 """Name of the Router deployment each pipeline replica reports its load to."""
 DRAIN_AFTER_S = 5 * ROUTING_STATS_PERIOD_S
 """A replica whose routing stats Serve has not pulled for this long says it is draining (class Pipeline)."""
+SLOW_TICK_FACTOR = 3.0
+SLOW_TICK_MIN_S = 0.25
+"""A tick slower than SLOW_TICK_FACTOR times its plan's prediction and than SLOW_TICK_MIN_S is a stall
+(a compile, a capture, a collection, a host hiccup): counted (`weir_slow_ticks`) and logged with what
+the tick held (`PipelineCore._note_slow_tick`)."""
+SLOW_TICK_LOG_EVERY_S = 10.0
+"""At most one slow-tick warning per this many seconds; the ones between are counted in the next."""
 
 
 def now_us() -> int:
@@ -564,6 +571,9 @@ class PipelineCore:
         self._skipped_total = 0
         self._skipped_by_reason: dict[str, int] = {}
         self._misses_total = 0
+        self._slow_ticks_total = 0
+        self._slow_ticks_unlogged = 0
+        self._slow_tick_logged_s: float | None = None
         self._samples = PipelineStats(pipeline=name, model=spec.model, gpu_type=spec.gpu_type)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -787,6 +797,7 @@ class PipelineCore:
             frames_out_total=self._frames_out_total,
             frames_skipped_total=self._skipped_total,
             deadline_misses_total=self._misses_total,
+            slow_ticks_total=self._slow_ticks_total,
             gpu_memory_bytes=self.executor.memory_bytes(),
             cuda_graphs_disabled=getattr(self.executor, "graphs_disabled", lambda: 0)(),
             active_stream_ids=sorted(self.streams),
@@ -947,6 +958,32 @@ class PipelineCore:
             plan.plan_id, started, finished, *stages, emitted_s=emitted_s))
         if step_ids or flush_ids:
             self._record_tick(plan.num_rows, (finished - started) * 1000)
+            self._note_slow_tick(plan, finished - started, times, step_ids, flush_ids)
+
+    def _note_slow_tick(self, plan: BatchPlan, tick_s: float, times, step_ids: list[str],
+                        flush_ids: list[str]) -> bool:
+        """Count and log a stall: a tick slower than SLOW_TICK_FACTOR x its prediction and SLOW_TICK_MIN_S.
+        The warning names what the tick held (streams, rows, first chunks, flushes, the measured stage
+        times), so that a stall seen by clients as a late first frame can be traced to its tick."""
+        if tick_s <= max(SLOW_TICK_MIN_S, SLOW_TICK_FACTOR * plan.predicted_s):
+            return False
+        self._slow_ticks_total += 1
+        now = self.clock()
+        if self._slow_tick_logged_s is not None and now - self._slow_tick_logged_s < SLOW_TICK_LOG_EVERY_S:
+            self._slow_ticks_unlogged += 1
+            return True
+        stages = "not measured"
+        if times is not None:
+            stages = (f"encode {times.encode_s * 1000:.0f} ms, DiT {times.dit_s * 1000:.0f} ms, "
+                      f"decode {times.decode_s * 1000:.0f} ms")
+        first = sum(1 for w in plan.work if w.prefill)
+        log.warning("%s: a tick took %.0f ms, predicted %.0f (%d stepped streams, %d rows, %d first chunks, "
+                    "%d flushes; stages: %s); %d more slow ticks since the last warning", self.name,
+                    tick_s * 1000, plan.predicted_s * 1000, len(step_ids), plan.num_rows, first, len(flush_ids),
+                    stages, self._slow_ticks_unlogged)
+        self._slow_tick_logged_s = now
+        self._slow_ticks_unlogged = 0
+        return True
 
     def _time_startups(self, stepped: list[str], step_s: float) -> None:
         """Count a step against the start-up of the streams in it still starting: a one-stream step's

@@ -28,10 +28,10 @@ if TYPE_CHECKING:
 
 CUDNN_BENCHMARK_LIMIT = int(os.environ.get("WEIR_CUDNN_BENCHMARK_LIMIT", "0"))
 """cuDNN algorithms autotuning tries per conv shape (0: all; PyTorch's default is 10; the environment
-variable WEIR_CUDNN_BENCHMARK_LIMIT sets another). The Wan VAE's
-full-resolution 96 -> 96 3x3x3 conv (4 frames at 480x832) takes 1.45 ms with every algorithm tried
-and 1.94 ms with the first ten, on an H200 (BENCHMARKS.md); the wider convs gain 0-8%. The cost is a
-longer first call per shape, which warm-up at start pays."""
+variable WEIR_CUDNN_BENCHMARK_LIMIT sets another). The Wan VAE's full-resolution 96 -> 96 3x3x3 conv
+(4 frames at 480x832) takes 1.45 ms with every algorithm tried and 1.94 ms with the first ten, on an
+H200 (BENCHMARKS.md); the wider convs gain 0-8%. The cost is a longer first call per shape, which
+warm-up at start pays."""
 
 
 def use_cudnn_autotuning(enabled: bool = True) -> None:

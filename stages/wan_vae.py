@@ -428,7 +428,10 @@ def _run_head(head: nn.Sequential, x_BCTHW: torch.Tensor, cache: WanVAECache, op
 def set_folded_head(conv: CausalConv3d, factor: int) -> None:
     """Give the decoder's head conv a weight folded to `factor` x `factor` output pixels per position
     (`folded_weight`, a buffer outside the state dict: set it after loading; stages.fused
-    .fold_output_pixels), or take it away (`factor` 1)."""
+    .fold_output_pixels), or take it away (`factor` 1). The decoder's output is 8x its latent size,
+    so `factor` is one of 1, 2, 4, 8."""
+    if factor not in (1, 2, 4, 8):
+        raise ValueError(f"head pixel fold {factor}: choose 1, 2, 4 or 8 (a divisor of the VAE's 8x upscale)")
     conv._buffers.pop("folded_weight", None)
     if factor > 1:
         conv.register_buffer("folded_weight", fold_output_pixels(conv.weight.detach(), factor), persistent=False)

@@ -214,7 +214,7 @@ def test_unary_rpcs_and_metrics_endpoint(weir):
                  "weir_deadline_misses", "weir_frames_skipped", "weir_queue_depth", "weir_active_streams",
                  "weir_admitted_streams", "weir_streams_refused_total", "weir_pipeline_fps", "weir_stage_seconds",
                  "weir_gpu_memory_bytes", "weir_stream_opens_total", "weir_streams_starting",
-                 "weir_cuda_graphs_disabled",
+                 "weir_cuda_graphs_disabled", "weir_slow_ticks_total",
                  "weir_stream_startup_seconds"):
         assert name in text, name
     assert 'weir_ttff_seconds_count{gpu_type="cpu",model="tiny",tier="standard"}' in text

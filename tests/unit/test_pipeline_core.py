@@ -524,3 +524,49 @@ def test_a_released_stream_still_closing_on_its_replica_keeps_its_slot():
         ctl.admit("c", _req())
     ctl.update("Pipeline-0-tiny", _load(["b"]))
     ctl.admit("c", _req())
+
+
+class _StallsOnce(InProcessExecutor):
+    """The engine stalls once, for 0.6 s, in its `stall_at`-th step (a compile, a collection...)."""
+
+    def __init__(self, engine, stall_at: int) -> None:
+        super().__init__(engine)
+        self.steps, self.stall_at = 0, stall_at
+
+    def _step_now(self, stream_ids):
+        import time
+
+        self.steps += 1
+        if self.steps == self.stall_at:
+            time.sleep(0.6)
+        return super()._step_now(stream_ids)
+
+
+def test_a_stalled_tick_is_counted_logged_and_costs_no_frame(engine, caplog):
+    from deployments.metrics import MetricsExporter
+
+    async def run():
+        core = PipelineCore("p0", PipelineSpec(model="tiny", max_streams=4, num_cpus=0),
+                            _StallsOnce(engine, stall_at=3), service=ServiceConfig(stats_interval_s=0.2))
+        await core.open("a", _req(seed=1))
+        task = asyncio.create_task(_collect(core, "a"))
+        for first in (0, 1, 5, 9, 13):
+            await core.push("a", _frames([first] if first == 0 else range(first, first + 4)))
+            await asyncio.sleep(0.05)
+        await core.end("a")
+        frames, _ = await task
+        await core.stop()
+        return frames, core.load()
+
+    with caplog.at_level("WARNING", logger="weir.pipeline"):
+        frames, stats = asyncio.run(run())
+    assert frames == list(range(17))
+    assert stats.slow_ticks_total >= 1  # the stall; a slow machine may add its own
+    took = [float(r.getMessage().split("a tick took ")[1].split(" ms")[0]) for r in caplog.records
+            if "a tick took" in r.getMessage()]
+    # one warning per 10 s: the stall's, unless a slow machine's own slow tick came first
+    assert took and (max(took) >= 600 or stats.slow_ticks_total > 1), took
+    exporter = MetricsExporter()
+    exporter.record_pipeline(stats)
+    exporter.record_pipeline(stats)  # the same cumulative total again adds nothing
+    assert exporter.slow_ticks.labels("tiny", stats.gpu_type)._value.get() == stats.slow_ticks_total

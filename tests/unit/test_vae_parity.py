@@ -323,3 +323,14 @@ def test_steady_calls_overwrite_the_cache_slots_in_place(models, fold_bias):
     assert all(n > 0 for n in seen[0][0]) and all(n > 0 for n in seen[1][0])
     assert seen[2][0] == seen[3][0] == seen[4][0] == [0, 0]
     assert seen[2][1] == seen[3][1] == seen[4][1]
+
+
+def test_a_head_fold_that_does_not_divide_the_upscale_is_refused(models):
+    import copy
+    import dataclasses
+
+    from stages.fused import EAGER_VAE_OPS
+
+    fast = copy.deepcopy(models[1])
+    with pytest.raises(ValueError, match="head pixel fold 3"):
+        fast.use_ops(dataclasses.replace(EAGER_VAE_OPS, fold_bias=True, head_pixel_fold=3))
