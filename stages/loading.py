@@ -26,20 +26,23 @@ if TYPE_CHECKING:
     from stages.engine import EngineComponents, EngineSpec
 
 
-CUDNN_BENCHMARK_LIMIT = int(os.environ.get("WEIR_CUDNN_BENCHMARK_LIMIT", "0"))
-"""cuDNN algorithms autotuning tries per conv shape (0: all; PyTorch's default is 10; the environment
-variable WEIR_CUDNN_BENCHMARK_LIMIT sets another). The Wan VAE's full-resolution 96 -> 96 3x3x3 conv
-(4 frames at 480x832) takes 1.45 ms with every algorithm tried and 1.94 ms with the first ten, on an
-H200 (BENCHMARKS.md); the wider convs gain 0-8%. The cost is a longer first call per shape, which
-warm-up at start pays."""
+CUDNN_BENCHMARK_LIMIT = 0
+"""cuDNN algorithms autotuning tries per conv shape (0: all; PyTorch's default is 10). The Wan VAE's
+full-resolution 96 -> 96 3x3x3 conv (4 frames at 480x832) takes 1.45 ms with every algorithm tried
+and 1.94 ms with the first ten, on an H200 (BENCHMARKS.md); the wider convs gain 0-8%. The cost is a
+longer first call per shape, which warm-up at start pays."""
 
 
 def use_cudnn_autotuning(enabled: bool = True) -> None:
     """Let cuDNN time its conv algorithms per shape and keep the fastest (all of them:
-    CUDNN_BENCHMARK_LIMIT), or go by its heuristics (`enabled` False, as deterministic runs need)."""
+    CUDNN_BENCHMARK_LIMIT, or the environment's WEIR_CUDNN_BENCHMARK_LIMIT, read at each call), or go
+    by its heuristics (`enabled` False, as deterministic runs need)."""
     torch.backends.cudnn.benchmark = enabled
     if enabled:
-        torch.backends.cudnn.benchmark_limit = CUDNN_BENCHMARK_LIMIT
+        limit = os.environ.get("WEIR_CUDNN_BENCHMARK_LIMIT", str(CUDNN_BENCHMARK_LIMIT))
+        if not limit.isdigit():
+            raise ValueError(f"WEIR_CUDNN_BENCHMARK_LIMIT={limit!r}: give a count of algorithms (0: all)")
+        torch.backends.cudnn.benchmark_limit = int(limit)
 
 
 @contextlib.contextmanager

@@ -134,3 +134,27 @@ def test_an_rgb_input_conv_on_padded_channels_gives_the_same_values(dims):
     wide = torch.nn.Conv2d(16, 4, 3)
     set_padded_input(wide, True)
     assert "padded_weight" not in wide._buffers
+
+
+def test_cudnn_autotuning_tries_every_algorithm_unless_told(monkeypatch):
+    """stages.loading.use_cudnn_autotuning: benchmark on with every algorithm (limit 0), or the
+    environment's count; a count that is not one is a ValueError naming it; off leaves the limit."""
+    import torch
+
+    from stages.loading import use_cudnn_autotuning
+
+    before = torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit
+    try:
+        monkeypatch.delenv("WEIR_CUDNN_BENCHMARK_LIMIT", raising=False)
+        use_cudnn_autotuning()
+        assert torch.backends.cudnn.benchmark and torch.backends.cudnn.benchmark_limit == 0
+        monkeypatch.setenv("WEIR_CUDNN_BENCHMARK_LIMIT", "10")
+        use_cudnn_autotuning()
+        assert torch.backends.cudnn.benchmark_limit == 10
+        use_cudnn_autotuning(False)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.benchmark_limit == 10
+        monkeypatch.setenv("WEIR_CUDNN_BENCHMARK_LIMIT", "all")
+        with pytest.raises(ValueError, match="WEIR_CUDNN_BENCHMARK_LIMIT='all'"):
+            use_cudnn_autotuning()
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit = before
