@@ -429,7 +429,8 @@ def bench_serve_main(args: argparse.Namespace) -> int:
                "aggregate_fps": round(total / wall_s, 2) if wall_s > 0 else 0.0, "wall_s": round(wall_s, 2),
                "admission_retries": sum(r.get("admission_retries", 0) for r in rows),
                "height": args.height, "width": args.width, "input_fps": args.fps, "steps": args.steps}
-    cols = ["stream", "status", "admission_wait_s", "frames", "ttff_ms", "p50_ms", "p99_ms", "p99_after_joins_ms",
+    cols = ["stream", "status", "admission_wait_s", "frames", "open_ms", "ttff_ms", "p50_ms", "p99_ms",
+            "p99_after_joins_ms",
             "max_ms", "deadline_misses", "skipped", "fps"]
     print(" ".join(f"{c:>15}" for c in cols))
     for r in rows:
@@ -471,7 +472,7 @@ def stream_rows(results: list) -> list[dict]:
         ss = r.server_stats
         rows.append({
             "stream": i, "status": "ok", "frames": len(r.frames), "sent": r.sent,
-            "ttff_ms": round(r.ttff_ms, 1),
+            "open_ms": round(r.open_ms, 1), "ttff_ms": round(r.ttff_ms, 1),
             "p50_ms": round(percentile(r.latencies_ms, 50), 1), "p99_ms": round(percentile(r.latencies_ms, 99), 1),
             "p99_after_joins_ms": _p99_or_none([lat for lat, ts in zip(r.latencies_ms, r.capture_us)
                                                 if ts >= joined_us]),

@@ -3,6 +3,7 @@
     result = await stream_frames("localhost:9000", frames, OpenOptions(prompt="a watercolor city"))
     result.frames          # [(seq, uint8 HxWx3)] in arrival order
     result.ttff_ms         # open sent -> first output frame received, client clock
+    result.open_ms         # open sent -> the server's "opened" (admission, placement), within ttff_ms
     result.latencies_ms    # per frame: capture (client clock) -> output received
 
 Live controls go in through `extra_messages` (set_prompt_message, start_recording_message, ...); a
@@ -103,6 +104,9 @@ class StreamResult:
     stream_id: str = ""
     frames: list[tuple[int, np.ndarray]] = field(default_factory=list)
     ttff_ms: float = 0.0
+    open_ms: float = 0.0
+    """Open sent -> the server's `opened` reply (admission and placement; the first frame is sent
+    after it), client clock: the part of ttff_ms before frame 0 left."""
     latencies_ms: list[float] = field(default_factory=list)
     capture_us: list[int] = field(default_factory=list)
     """Per frame received, in order: its capture timestamp (client wall clock, microseconds)."""
@@ -218,6 +222,7 @@ async def _stream_once(address: str, frames: Iterable[np.ndarray], opts: OpenOpt
                 kind = msg.WhichOneof("kind")
                 if kind == "opened":
                     result.stream_id = msg.opened.stream_id
+                    result.open_ms = (time.monotonic() - result.started_s) * 1000
                     opened.set()
                 elif kind == "frame":
                     now = time.monotonic()

@@ -45,7 +45,9 @@ def test_the_steady_p99_leaves_out_the_frames_captured_while_a_stream_was_joinin
 
     early = _result(0, [900.0, 800.0] + [200.0] * 20)  # a join's backlog, then steady
     late = _result(1_000_000, [300.0] + [250.0] * 20)  # joins at 1 s, first frame back at 1.3 s
+    late.open_ms, late.ttff_ms = 40.0, 340.0
     rows = stream_rows([early, late, AdmissionRefusedError("full")])
+    assert (rows[1]["open_ms"], rows[1]["ttff_ms"]) == (40.0, 340.0)  # the open's part of the TTFF
     assert rows[0]["p99_ms"] > 800.0 and rows[0]["max_ms"] == 900.0
     # frames of `early` captured before 1.3 s (the first 21) are left out of its steady p99
     assert rows[0]["p99_after_joins_ms"] == 200.0
