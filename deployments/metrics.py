@@ -29,6 +29,12 @@ def _tier(tier: str) -> str:
     return tier if tier in TIERS else "standard"
 
 
+def _increase(total: int, before: int) -> int:
+    """What a pipeline's cumulative count added since its last report: total - before, or all of
+    total when it fell (the pipeline restarted and counts from 0 again)."""
+    return total - before if total >= before else total
+
+
 class MetricsExporter:
     """Owns a private CollectorRegistry; every method takes plain stats, never Prometheus types."""
 
@@ -95,13 +101,11 @@ class MetricsExporter:
         for tier, n in s.misses_by_tier.items():
             self.misses.labels(*mg, _tier(tier)).inc(n)
         prev = self._latest.get((s.pipeline, s.replica_id))  # one series per replica of a pool
-        delta = s.frames_out_total - (prev.frames_out_total if prev else 0)
-        self.frames_out.labels(*mg).inc(delta if delta >= 0 else s.frames_out_total)  # negative: restarted
-        slow = s.slow_ticks_total - (prev.slow_ticks_total if prev else 0)
-        self.slow_ticks.labels(*mg).inc(slow if slow >= 0 else s.slow_ticks_total)
+        self.frames_out.labels(*mg).inc(_increase(s.frames_out_total, prev.frames_out_total if prev else 0))
+        self.slow_ticks.labels(*mg).inc(_increase(s.slow_ticks_total, prev.slow_ticks_total if prev else 0))
         for reason, total in s.skipped_by_reason.items():  # cumulative per pipeline: count the increase
             before = prev.skipped_by_reason.get(reason, 0) if prev else 0
-            self.skipped_reason.labels(*mg, reason).inc(total - before if total >= before else total)
+            self.skipped_reason.labels(*mg, reason).inc(_increase(total, before))
         self._latest[(s.pipeline, s.replica_id)] = s
         group = [p for p in self._latest.values() if (p.model, p.gpu_type) == mg]
         self.queue_depth.labels(*mg).set(sum(p.queue_depth for p in group))

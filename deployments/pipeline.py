@@ -961,17 +961,17 @@ class PipelineCore:
             self._note_slow_tick(plan, finished - started, times, step_ids, flush_ids)
 
     def _note_slow_tick(self, plan: BatchPlan, tick_s: float, times, step_ids: list[str],
-                        flush_ids: list[str]) -> bool:
+                        flush_ids: list[str]) -> None:
         """Count and log a stall: a tick slower than SLOW_TICK_FACTOR x its prediction and SLOW_TICK_MIN_S.
         The warning names what the tick held (streams, rows, first chunks, flushes, the measured stage
         times), so that a stall seen by clients as a late first frame can be traced to its tick."""
         if tick_s <= max(SLOW_TICK_MIN_S, SLOW_TICK_FACTOR * plan.predicted_s):
-            return False
+            return
         self._slow_ticks_total += 1
         now = self.clock()
         if self._slow_tick_logged_s is not None and now - self._slow_tick_logged_s < SLOW_TICK_LOG_EVERY_S:
             self._slow_ticks_unlogged += 1
-            return True
+            return
         stages = "not measured"
         if times is not None:
             stages = (f"encode {times.encode_s * 1000:.0f} ms, DiT {times.dit_s * 1000:.0f} ms, "
@@ -983,7 +983,6 @@ class PipelineCore:
                     stages, self._slow_ticks_unlogged)
         self._slow_tick_logged_s = now
         self._slow_ticks_unlogged = 0
-        return True
 
     def _time_startups(self, stepped: list[str], step_s: float) -> None:
         """Count a step against the start-up of the streams in it still starting: a one-stream step's

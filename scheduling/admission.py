@@ -486,11 +486,15 @@ class AdmissionController:
         ]
 
     @staticmethod
-    def _startup_s(replica: _Replica, request: StreamRequest, profile: StageProfile) -> float:
+    def _cold_s(replica: _Replica, request: StreamRequest) -> float:
+        """The replica's cold_shape_s when the stream's resolution is new there, else 0."""
+        return replica.info.cold_shape_s if replica.is_cold(request.resolution) else 0.0
+
+    @classmethod
+    def _startup_s(cls, replica: _Replica, request: StreamRequest, profile: StageProfile) -> float:
         """The device work of the stream's start-up on the replica: the profile's, scaled to its DiT
-        work, plus the replica's cold_shape_s when its resolution is new there."""
-        cold_s = replica.info.cold_shape_s if replica.is_cold(request.resolution) else 0.0
-        return profile.startup_s() * request.spec.dit_scale + cold_s
+        work, plus the new resolution's compiles (`_cold_s`)."""
+        return profile.startup_s() * request.spec.dit_scale + cls._cold_s(replica, request)
 
     def _estimate(self, replica: _Replica, request: StreamRequest) -> ReplicaEstimate:
         info, spec, shape = replica.info, request.spec, request.shape
@@ -510,10 +514,9 @@ class AdmissionController:
             )
         if replica.draining:
             return refuse("draining")
-        if len(replica.streams) >= info.max_streams:
-            return refuse(f"all {info.max_streams} stream slots taken")
         if len(replica.streams) + replica.closing >= info.max_streams:
-            return refuse(f"all {info.max_streams} stream slots taken ({replica.closing} by streams still closing)")
+            closing = f" ({replica.closing} by streams still closing)" if replica.closing else ""
+            return refuse(f"all {info.max_streams} stream slots taken{closing}")
         profile = self.profiles.get(info.gpu_class, info.shape)
         existing = list(replica.streams.values())
         _, before = assign_modes(profile, info.num_blocks, existing, self.config)
@@ -531,7 +534,7 @@ class AdmissionController:
         warming = replica.warming.values()
         ahead_s = sum(w.work_s for w in warming)  # start-up work the replica still has to do
         # a resolution new to the replica: its compiles, which every stream there waits through
-        ttff += ahead_s + (info.cold_shape_s if replica.is_cold(request.resolution) else 0.0)
+        ttff += ahead_s + self._cold_s(replica, request)
         startup_s = ahead_s + self._startup_s(replica, request, profile)
         numbers = {
             "ttff_s": ttff,

@@ -408,8 +408,7 @@ def _run_head(head: nn.Sequential, x_BCTHW: torch.Tensor, cache: WanVAECache, op
     """The encoder's or the decoder's head: RMSNorm, SiLU, causal conv. On the GPU path
     (`ops.fold_bias`) the norm writes into the conv's window, as in a residual block, and the conv
     adds its own bias (its output is narrow: 3 or 2Z channels); a conv with a `folded_weight` (the
-    decoder's, `set_folded_head`) computes `ops.head_pixel_fold` squared pixels per position and the
-    unfold adds the bias."""
+    decoder's, `set_folded_head`) computes f x f pixels per position and the unfold adds the bias."""
     if not ops.fold_bias:
         return _run_cached(head, x_BCTHW, cache)
     norm, _, conv = head
@@ -419,7 +418,7 @@ def _run_head(head: nn.Sequential, x_BCTHW: torch.Tensor, cache: WanVAECache, op
     folded = conv._buffers.get("folded_weight")
     if folded is None:
         return _window_conv(conv, window_BCTHW, cache, index, bias=True)
-    factor = ops.head_pixel_fold
+    factor = folded.shape[-1] - 2  # a (f + 2)-wide kernel (stages.fused.fold_output_pixels)
     y_BKThw = F.conv3d(window_BCTHW, folded, None, (1, factor, factor), (0, 1, 1))
     _keep(cache, index, window_BCTHW[:, :, -CACHE_T:])
     return ops.unfold_pixels(y_BKThw, conv.bias, factor)
