@@ -64,7 +64,13 @@ from stages.loading import (
 from stages.prompt_blend import PromptBlend, encode_mix
 from stages.prompts import PromptMix, check_blend_chunks
 from stages.stream_batch import GeneratorNoise, StreamBatchState
-from stages.vae_stage import VAEDecodeStage, VAEEncodeStage, frames_model_to_uint8, frames_uint8_to_model
+from stages.vae_stage import (
+    VAEDecodeStage,
+    VAEEncodeStage,
+    frames_model_to_uint8,
+    frames_uint8_to_model,
+    to_host,
+)
 
 KV_FIELDS = BlockKVCache.TENSOR_FIELDS
 """The tensors of a BlockKVCache (moved whole by a block rebalance)."""
@@ -654,7 +660,7 @@ class StageWorker:
             if params is None:
                 raise StreamNotFoundError(f"stream {item.stream_id!r} is not open on actor {self.index}")
             frames_BCTHW = self.decoders[params.vae].decode(item.stream_id, x0)
-            item.frames_out_THWC = frames_model_to_uint8(frames_BCTHW)[0].cpu()
+            item.frames_out_THWC = to_host(frames_model_to_uint8(frames_BCTHW)[0])
 
     # ---- block rebalancing (control calls, graph torn down) -------------------------------------------
 

@@ -1,7 +1,7 @@
 """Motion-aware noise controller (StreamDiffusionV2 §C), one per stream. Pure Python floats.
 
 Each new chunk of frames is scored by how much it moves (`motion` in [0, 1], measured by
-stages.motion.motion_distance); fast motion lowers the noise strength so the output follows the input,
+stages.motion.motion_score); fast motion lowers the noise strength so the output follows the input,
 a still scene raises it toward the initial strength so the style takes over:
 
     s_new = 0.9 * (s_init - 0.1 * motion) + 0.1 * s_prev

