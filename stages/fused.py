@@ -268,6 +268,20 @@ def phase_kernels_2x(weight_OI33: torch.Tensor) -> torch.Tensor:
     return out.contiguous(memory_format=torch.channels_last) if is_channels_last(weight_OI33) else out.contiguous()
 
 
+def one_sided_pad_kernel(weight_OI33: torch.Tensor) -> torch.Tensor:
+    """A 3x3 stride-2 conv of an input zero-padded by one row and column on the bottom and right only
+    (the Wan encoder's downsample) as a conv with the symmetric padding 1 that cuDNN takes: a 4x4
+    kernel whose first row and column are zero, [O, I, 3, 3] -> [O, I, 4, 4], in the weight's layout.
+    No padded copy of the input is made then.
+
+    Output (i, j) of the padded conv reads input rows 2i .. 2i + 2 (row H is the pad); with padding 1
+    and the 4-row kernel it reads padded rows 2i .. 2i + 3, i.e. input rows 2i - 1 .. 2i + 2, and the
+    zero first row drops row 2i - 1. Columns alike, and both give (H - 2) // 2 + 1 rows.
+    """
+    out = F.pad(weight_OI33, (1, 0, 1, 0))
+    return out.contiguous(memory_format=torch.channels_last) if is_channels_last(weight_OI33) else out.contiguous()
+
+
 def interleave_phases_2x(y_NKHW: torch.Tensor, bias_C: torch.Tensor) -> torch.Tensor:
     """The four phase convs' output [N, 4C, H + 1, W + 1] (conv of the input with `phase_kernels_2x`,
     padding 1) -> the upsampled conv's output [N, C, 2H, 2W], plus the conv's bias: pixel (2i + p,

@@ -37,9 +37,8 @@ CUDA graphs (`cuda_graphs`, on CUDA). A stream's steady calls replay a CUDA grap
 (stages.cuda_graphs CallGraphRunner): the call's hundreds of kernels launch as one, and the GPU does
 not wait on the host between them. A TAEHV stream's calls from its second on go through the graphs;
 a Wan VAE stream's once its previous call allocated no cache slot (WanVAECache `new_slots`): from its
-fourth, as its first two calls change the slots' frame counts and later ones overwrite them in place.
-Wan VAE graphs also read and write the stage's shared conv windows, which replays, like eager calls,
-use one call at a time.
+fourth, as its first two calls change the slots' frame counts and later ones overwrite them in place
+(its conv windows too: each stream owns its own, stages.wan_vae "Windows").
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ import torch
 from stages.cuda_graphs import SPARE_PREFIX, CallGraphRunner, SparePool
 from stages.errors import BadFrameError, BadRequestError, StreamExistsError, StreamNotFoundError
 from stages.taehv import TAEHV, TAEHVCache
-from stages.wan_vae import LATENT_MEAN, LATENT_STD, ConvWindows, WanVAE, WanVAECache
+from stages.wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAECache
 
 VAE_KINDS = ("wan", "taehv")
 LATENT_SCALINGS = ("reference", "symmetric")
@@ -185,8 +184,6 @@ class _VAEStage:
         """Closed TAEHV streams' caches, keyed by their first call's (batch, height, width) (module docstring)."""
         self._first_keys: dict[str, tuple] = {}
         """Open TAEHV stream -> the (batch, height, width) of its first call."""
-        self._windows = ConvWindows()
-        """The Wan VAE's scratch conv windows, shared by this stage's streams (stages.wan_vae)."""
 
     @property
     def stream_ids(self) -> list[str]:
@@ -266,7 +263,7 @@ class VAEEncodeStage(_VAEStage):
     """Pixels -> latents for many streams. `encode` takes [B, 3, T, H, W] in [-1, 1] (H, W multiples of 8)."""
 
     def _new_cache(self) -> WanVAECache | TAEHVCache:
-        return self.model.new_encode_cache(self._windows) if self.vae_kind == "wan" else self.model.new_encode_cache()
+        return self.model.new_encode_cache()
 
     def encode(self, stream_id: str, frames_BCTHW: torch.Tensor) -> torch.Tensor:
         """The stream's next frames -> latents [B, 16, T', H/8, W/8] in the stage dtype (see module doc)."""
@@ -339,7 +336,7 @@ class VAEDecodeStage(_VAEStage):
         self.taehv_emit_first_frame = taehv_emit_first_frame
 
     def _new_cache(self) -> WanVAECache | TAEHVCache:
-        return self.model.new_decode_cache(self._windows) if self.vae_kind == "wan" else self.model.new_decode_cache()
+        return self.model.new_decode_cache()
 
     def decode(self, stream_id: str, latents_BCTHW: torch.Tensor) -> torch.Tensor:
         """The stream's next latents [B, 16, T, h, w] -> frames [B, 3, T', 8h, 8w] fp32 in [-1, 1]."""

@@ -29,12 +29,15 @@ zero padding, so chunked calls give what one long causal pass gives. Two layers 
   later calls run `time_conv` (C -> 2C) and interleave the halves into 2x frames.
 
 Windows. On the GPU path (`VAEOps.fold_bias`) a residual block's two convs, and the encoder's and
-the decoder's head conv, do not concatenate their slot with the new frames. The norm kernel that
-makes the new frames writes them into a scratch window [B, C, CACHE_T + T, H, W] behind the slot's
-frames (zeros before the first call); the conv reads the window whole, and its last CACHE_T frames
-go back to the slot (`ConvWindows`, shared by the streams of one stage). Same values, fewer copies
-of the largest activations, and the heads' norm + SiLU is one compiled kernel instead of five eager
-passes.
+the decoder's head conv, do not concatenate their slot with the new frames. Their slot holds a
+window [B, C, CACHE_T + T, H, W]: at each call its last CACHE_T frames move to its front (zeros
+before the first call), the norm kernel that makes the new frames writes them behind, and the conv
+reads the window whole (`_open_window`). One copy of CACHE_T frames per conv and call, where
+concatenating copied CACHE_T + T frames and keeping the last ones CACHE_T more (and a window shared
+by the streams, with the kept frames copied in and out, 2 * CACHE_T); a window is (CACHE_T + T) /
+CACHE_T times the kept frames' memory, 3x at the full-resolution levels (T = 4). The heads' norm +
+SiLU is one compiled kernel instead of five eager passes. The encoder's downsample convs read their input unpadded, through an equivalent 4x4 kernel
+(stages.fused.one_sided_pad_kernel), instead of a zero-padded copy of it.
 
 Worked example, encoder, frames 0 | 1..4 | 5..8: frame counts per call through the three stages are
 1 -> 1 -> 1 -> 1 latent, then 4 -> 4 -> 2 -> 1, then 4 -> 4 -> 2 -> 1: 9 frames -> 3 latents.
@@ -60,6 +63,7 @@ from stages.fused import (
     fold_output_pixels,
     is_channels_last,
     nearest_upsample_2x,
+    one_sided_pad_kernel,
     phase_kernels_2x,
     set_padded_input,
 )
@@ -98,18 +102,18 @@ class WanVAECache:
     """One stream's feature caches for the encoder or the decoder (never stored on a module).
 
     `slots[i]` belongs to the i-th CausalConv3d visited in a call: None before the stream's first
-    call, then a [B, C, <=CACHE_T, H, W] tensor (or FIRST_CHUNK_SEEN for a temporal upsample after
-    call 0). `num_calls` counts completed calls; call 0 takes the special first-chunk path.
+    call, then a [B, C, <=CACHE_T, H, W] tensor of kept frames (or FIRST_CHUNK_SEEN for a temporal
+    upsample after call 0), or on the GPU path a conv's window (module docstring, "Windows").
+    `num_calls` counts completed calls; call 0 takes the special first-chunk path.
 
-    A slot whose new frames have its tensor's shape is overwritten in place (`_keep`), so from a
-    stream's third call on (its first two change the slots' frame counts) a call allocates no cache
-    tensor and a CUDA graph of it stays valid; `new_slots` counts the slots the last call allocated.
+    A slot whose new frames have its tensor's shape is overwritten in place (`_keep`, `_open_window`),
+    so from a stream's third call on (its first two change the slots' frame counts) a call allocates
+    no cache tensor and a CUDA graph of it stays valid; `new_slots` counts the slots the last call
+    allocated.
     """
 
     slots: list[torch.Tensor | _FirstChunkSeen | None]
     num_calls: int = 0
-    windows: ConvWindows = field(default_factory=lambda: ConvWindows(), repr=False)  # defined below
-    """Scratch conv windows (`ConvWindows`), shared with the other streams of the same stage."""
     cursor: int = field(default=0, repr=False)
     """Next slot to hand out during a call; reset to 0 at the start of each call."""
     new_slots: int = field(default=0, repr=False)
@@ -182,52 +186,38 @@ def _cached_conv(conv: CausalConv3d, x_BCTHW: torch.Tensor, cache: WanVAECache, 
     return out_BCTHW
 
 
-class ConvWindows:
-    """Scratch input windows of the residual blocks' convs, shared by the streams of one stage
-    (calls run one at a time): one [B, C, CACHE_T + T, H, W] buffer per shape and memory layout.
-
-    A conv's window gets the stream's kept frames in front and the new frames, written there by
-    the norm kernel that makes them (`VAEOps.*_into`), behind; the conv reads it whole, and its last
-    CACHE_T frames go back to the stream's slot. That copies 2 * CACHE_T frames per conv (kept in,
-    last out), where concatenating kept and new frames and then keeping the last ones copied
-    CACHE_T + T + CACHE_T: 4 instead of 8 at the full-resolution levels (T = 4).
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
-
-    def get(self, like_BCTHW: torch.Tensor) -> torch.Tensor:
-        """The window for a call of frames shaped like `like_BCTHW`, in its memory layout."""
-        B, C, T, H, W = like_BCTHW.shape
-        layout = torch.channels_last_3d if is_channels_last(like_BCTHW) else torch.contiguous_format
-        key = (B, C, T, H, W, like_BCTHW.dtype, like_BCTHW.device, layout)
-        window = self._buffers.get(key)
-        if window is None:
-            window = torch.empty((B, C, CACHE_T + T, H, W), dtype=like_BCTHW.dtype, device=like_BCTHW.device,
-                                 memory_format=layout)
-            self._buffers[key] = window
-        return window
-
-
 def _open_window(cache: WanVAECache, index: int, like_BCTHW: torch.Tensor) -> torch.Tensor:
-    """A window for slot `index` with the slot's kept frames in front (zeros before the stream's
-    first call, as the causal padding); the caller writes the new frames behind them."""
-    window = cache.windows.get(like_BCTHW)
-    kept = cache.slots[index]
-    if isinstance(kept, torch.Tensor):
-        window[:, :, :CACHE_T].copy_(kept)
+    """Slot `index`'s window for a call of frames shaped like `like_BCTHW` (module docstring,
+    "Windows"): [B, C, CACHE_T + T, H, W] with the kept frames in front; the caller writes the new
+    frames behind them. A steady call gets the previous call's window with its last CACHE_T frames
+    moved to the front (one copy of CACHE_T frames); a call of a new frame count (a stream's first
+    calls) a new window, counted in `new_slots`, with the slot's last frames in front (zeros before
+    the stream's first call, as the causal padding)."""
+    B, C, T, H, W = like_BCTHW.shape
+    slot = cache.slots[index]
+    if isinstance(slot, torch.Tensor) and slot.shape == (B, C, CACHE_T + T, H, W):
+        if T >= CACHE_T:
+            slot[:, :, :CACHE_T].copy_(slot[:, :, T:])
+        else:  # the kept frames overlap their new place: frame by frame, front first
+            for t in range(CACHE_T):
+                slot[:, :, t].copy_(slot[:, :, T + t])
+        return slot
+    layout = torch.channels_last_3d if is_channels_last(like_BCTHW) else torch.contiguous_format
+    window = torch.empty((B, C, CACHE_T + T, H, W), dtype=like_BCTHW.dtype, device=like_BCTHW.device,
+                         memory_format=layout)
+    if isinstance(slot, torch.Tensor):
+        window[:, :, :CACHE_T].copy_(slot[:, :, -CACHE_T:])
     else:
         window[:, :, :CACHE_T].zero_()
+    cache.slots[index] = window
+    cache.new_slots += 1
     return window
 
 
-def _window_conv(conv: CausalConv3d, window_BCTHW: torch.Tensor, cache: WanVAECache, index: int, *,
-                 bias: bool = False) -> torch.Tensor:
-    """`conv` over a full window, without its bias unless `bias` (the caller's fused kernel adds it);
-    the window's last CACHE_T frames become slot `index`'s kept frames."""
-    out_BCTHW = conv.over_time_padded(window_BCTHW, bias=bias)
-    _keep(cache, index, window_BCTHW[:, :, -CACHE_T:])
-    return out_BCTHW
+def _window_conv(conv: CausalConv3d, window_BCTHW: torch.Tensor, *, bias: bool = False) -> torch.Tensor:
+    """`conv` over a full window, without its bias unless `bias` (the caller's fused kernel adds it).
+    The window stays in its slot: its last CACHE_T frames are the next call's kept frames."""
+    return conv.over_time_padded(window_BCTHW, bias=bias)
 
 
 class RMSNorm(nn.Module):
@@ -268,23 +258,32 @@ class Resample(nn.Module):
 
     ops: VAEOps = EAGER_VAE_OPS
     """`subpixel_upsample` set: the upsample conv runs as four phase convs (`use_ops` prepares their
-    kernels, `phase_weight`)."""
+    kernels, `phase_weight`). `fold_bias` set: the downsample conv runs on its unpadded input with
+    the 4x4 kernel of stages.fused.one_sided_pad_kernel (`pad_free_weight`)."""
 
     def use_ops(self, ops: VAEOps) -> None:
         """Take `ops`; with `subpixel_upsample`, fold the upsample conv's weights into the phase
-        kernels (a buffer outside the state dict: call this after the weights are loaded)."""
+        kernels, and on the GPU path (`fold_bias`) the downsample conv's into its pad-free 4x4 kernel
+        (buffers outside the state dict: call this after the weights are loaded)."""
         self.ops = ops
+        weight = self.resample[1].weight.detach()
         if ops.subpixel_upsample and self.mode in ("upsample2d", "upsample3d"):
-            self.register_buffer("phase_weight", phase_kernels_2x(self.resample[1].weight.detach()), persistent=False)
+            self.register_buffer("phase_weight", phase_kernels_2x(weight), persistent=False)
+        self._buffers.pop("pad_free_weight", None)
+        if ops.fold_bias and self.mode in ("downsample2d", "downsample3d"):
+            self.register_buffer("pad_free_weight", one_sided_pad_kernel(weight), persistent=False)
 
     def forward(self, x_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
         if self.mode == "upsample3d":
             x_BCTHW = self._upsample_time(x_BCTHW, cache)
         B, _, T, _, _ = x_BCTHW.shape
         x_BTCHW = x_BCTHW.transpose(1, 2).flatten(0, 1)
+        pad_free = self._buffers.get("pad_free_weight")
         if self.ops.subpixel_upsample and self.mode in ("upsample2d", "upsample3d"):
             phases_BKHW = F.conv2d(x_BTCHW, self.phase_weight, None, padding=1)
             y_BTCHW = self.ops.interleave_phases(phases_BKHW, self.resample[1].bias)
+        elif pad_free is not None:
+            y_BTCHW = F.conv2d(x_BTCHW, pad_free, self.resample[1].bias, stride=2, padding=1)
         else:
             y_BTCHW = self.resample(x_BTCHW)
         y_BCTHW = y_BTCHW.unflatten(0, (B, T)).transpose(1, 2)
@@ -350,7 +349,9 @@ class ResidualBlock(nn.Module):
     """RMSNorm + SiLU and the residual add as single calls (stages.fused; `WanVAE.use_compiled_ops`
     swaps in the compiled ones, which also take over the convs' bias adds)."""
 
-    def forward(self, x_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
+    def forward(self, x_BCTHW: torch.Tensor, cache: WanVAECache, x_bias_C: torch.Tensor | None = None) -> torch.Tensor:
+        """`x_bias_C` (GPU path only): a bias the input still lacks, its conv's (the encoder's RGB
+        conv), added here by the first norm and the residual instead of a pass of its own."""
         ops = self.ops
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
         if not ops.fold_bias:
@@ -360,16 +361,21 @@ class ResidualBlock(nn.Module):
             return x_BCTHW + skip_BCTHW
         if isinstance(self.shortcut, CausalConv3d):
             skip_BCTHW, skip_bias_C = self.shortcut(x_BCTHW, bias=False), self.shortcut.bias
+            if x_bias_C is not None:  # the 1x1 shortcut of (x + b) is its conv of x plus W @ b
+                skip_bias_C = skip_bias_C + self.shortcut.weight.flatten(1) @ x_bias_C
         else:
-            skip_BCTHW, skip_bias_C = x_BCTHW, None
+            skip_BCTHW, skip_bias_C = x_BCTHW, x_bias_C
         index = cache.take()
         window_BCTHW = _open_window(cache, index, x_BCTHW)
-        ops.norm_silu_into(window_BCTHW[:, :, CACHE_T:], x_BCTHW, norm1.gamma, norm1.scale)
-        y_BCTHW = _window_conv(conv1, window_BCTHW, cache, index)
+        if x_bias_C is None:
+            ops.norm_silu_into(window_BCTHW[:, :, CACHE_T:], x_BCTHW, norm1.gamma, norm1.scale)
+        else:
+            ops.bias_norm_silu_into(window_BCTHW[:, :, CACHE_T:], x_BCTHW, x_bias_C, norm1.gamma, norm1.scale)
+        y_BCTHW = _window_conv(conv1, window_BCTHW)
         index = cache.take()
         window_BCTHW = _open_window(cache, index, y_BCTHW)
         ops.bias_norm_silu_into(window_BCTHW[:, :, CACHE_T:], y_BCTHW, conv1.bias, norm2.gamma, norm2.scale)
-        y_BCTHW = _window_conv(conv2, window_BCTHW, cache, index)
+        y_BCTHW = _window_conv(conv2, window_BCTHW)
         return ops.bias_residual(y_BCTHW, conv2.bias, skip_BCTHW, skip_bias_C)
 
 
@@ -417,10 +423,9 @@ def _run_head(head: nn.Sequential, x_BCTHW: torch.Tensor, cache: WanVAECache, op
     ops.norm_silu_into(window_BCTHW[:, :, CACHE_T:], x_BCTHW, norm.gamma, norm.scale)
     folded = conv._buffers.get("folded_weight")
     if folded is None:
-        return _window_conv(conv, window_BCTHW, cache, index, bias=True)
+        return _window_conv(conv, window_BCTHW, bias=True)
     factor = folded.shape[-1] - 2  # a (f + 2)-wide kernel (stages.fused.fold_output_pixels)
     y_BKThw = F.conv3d(window_BCTHW, folded, None, (1, factor, factor), (0, 1, 1))
-    _keep(cache, index, window_BCTHW[:, :, -CACHE_T:])
     return ops.unfold_pixels(y_BKThw, conv.bias, factor)
 
 
@@ -469,8 +474,13 @@ class Encoder3d(nn.Module):
     """The head's norm (`_run_head`); `WanVAE.use_ops` sets it with the residual blocks'."""
 
     def forward(self, x_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
-        x_BCTHW = _cached_conv(self.conv1, x_BCTHW, cache)
-        x_BCTHW = _run_cached(self.downsamples, x_BCTHW, cache)
+        if self.ops.fold_bias:  # the RGB conv's bias rides in the first residual block's kernels
+            x_BCTHW = _cached_conv(self.conv1, x_BCTHW, cache, bias=False)
+            x_BCTHW = self.downsamples[0](x_BCTHW, cache, x_bias_C=self.conv1.bias)
+            x_BCTHW = _run_cached(self.downsamples[1:], x_BCTHW, cache)
+        else:
+            x_BCTHW = _cached_conv(self.conv1, x_BCTHW, cache)
+            x_BCTHW = _run_cached(self.downsamples, x_BCTHW, cache)
         x_BCTHW = _run_cached(self.middle, x_BCTHW, cache)
         return _run_head(self.head, x_BCTHW, cache, self.ops)
 
@@ -545,16 +555,13 @@ class WanVAE(nn.Module):
         """Compiled residual-block pieces with the convs' biases folded in (CUDA)."""
         self.use_ops(compiled_vae_ops())
 
-    def new_encode_cache(self, windows: ConvWindows | None = None) -> WanVAECache:
-        """A fresh per-stream encoder cache (one slot per encoder CausalConv3d: 26 for the Wan layout);
-        `windows` are the stage's shared scratch windows (None: the cache's own)."""
-        return WanVAECache(slots=[None] * _num_causal_convs(self.encoder),
-                           windows=windows if windows is not None else ConvWindows())
+    def new_encode_cache(self) -> WanVAECache:
+        """A fresh per-stream encoder cache (one slot per encoder CausalConv3d: 26 for the Wan layout)."""
+        return WanVAECache(slots=[None] * _num_causal_convs(self.encoder))
 
-    def new_decode_cache(self, windows: ConvWindows | None = None) -> WanVAECache:
+    def new_decode_cache(self) -> WanVAECache:
         """A fresh per-stream decoder cache (one slot per decoder CausalConv3d: 33 for the Wan layout)."""
-        return WanVAECache(slots=[None] * _num_causal_convs(self.decoder),
-                           windows=windows if windows is not None else ConvWindows())
+        return WanVAECache(slots=[None] * _num_causal_convs(self.decoder))
 
     def stream_encode(self, frames_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
         """Encode the next chunk of a stream's frames (pixels in [-1, 1]) to raw mu [B, Z, T', H/8, W/8].

@@ -291,7 +291,7 @@ def test_a_spare_taehv_cache_replays_the_closed_streams_graphs():
 
 def test_wan_vae_gpu_path_matches_the_plain_path():
     """The Wan VAE as the engine runs it on CUDA (channels-last-3d, compiled pieces with the biases
-    folded, the residual blocks' convs over the stage's shared windows) against the plain eager path,
+    folded, the residual blocks' convs over each stream's windows) against the plain eager path,
     both fp32 with the full layout's weights: two streams interleaved, three chunks each."""
     import copy
 
@@ -333,7 +333,7 @@ def test_wan_vae_gpu_path_matches_the_plain_path():
 
 def test_wan_vae_stage_graphs_equal_eager_over_a_stream():
     """The Wan VAE stages' CUDA graphs (a stream's calls from its fourth on) give the eager calls'
-    values, chunk after chunk, for two interleaved streams sharing the stage's conv windows and one
+    values, chunk after chunk, for two interleaved streams, each with its own conv windows, sharing one
     graph pool; closing a stream drops its graphs."""
     from stages.config import VAE_PRESETS
     from stages.fused import channels_last_weights_

@@ -216,6 +216,8 @@ def test_folded_biases_and_channels_last_give_the_plain_results(models, subpixel
     assert all(hasattr(m, "phase_weight") == (subpixel and m.mode.startswith("up"))
                for m in fast.modules() if type(m).__name__ == "Resample")
     assert fast.encoder.conv1.padded_weight.shape[1] == 16  # the RGB input conv on padded channels
+    assert all(("pad_free_weight" in m._buffers) == m.mode.startswith("down")
+               for m in fast.modules() if type(m).__name__ == "Resample")
     assert fast.state_dict().keys() == ours.state_dict().keys()
     video = _video(13, seed=3)
     chunks = [video[:, :, :1]] + [video[:, :, i : i + 4] for i in range(1, 13, 4)]
@@ -229,6 +231,24 @@ def test_folded_biases_and_channels_last_give_the_plain_results(models, subpixel
         (z_plain, y_plain), (z_fast, y_fast) = outs
         torch.testing.assert_close(z_fast, z_plain, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(y_fast, y_plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("height", "width"), [(8, 12), (7, 9)])
+def test_a_one_sided_pad_then_a_stride_2_conv_is_the_pad_free_4x4_conv(height, width):
+    """stages.fused.one_sided_pad_kernel: ZeroPad2d((0, 1, 0, 1)) then a 3x3 stride-2 conv equals the
+    4x4 kernel with padding 1 on the unpadded input, in fp64, for even and odd sizes alike."""
+    import torch.nn.functional as F
+
+    from stages.fused import one_sided_pad_kernel
+
+    g = torch.Generator().manual_seed(height)
+    x = torch.randn(2, 5, height, width, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 5, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(6, generator=g, dtype=torch.float64)
+    expected = F.conv2d(F.pad(x, (0, 1, 0, 1)), w, bias, stride=2)
+    got = F.conv2d(x, one_sided_pad_kernel(w), bias, stride=2, padding=1)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("factor", [2, 4])
@@ -263,10 +283,10 @@ def test_time_interleave_keeps_channels_last_and_values():
 
 
 @torch.no_grad()
-def test_streams_sharing_a_stages_conv_windows_stay_isolated(models):
-    """On the GPU path the residual blocks' convs read shared scratch windows (stages.wan_vae
-    ConvWindows): two streams interleaved through one stage get what each gets alone on the plain path,
-    and the windows are the stage's, not counted in a stream's cache bytes."""
+def test_streams_interleaved_through_one_stage_keep_their_own_conv_windows(models):
+    """On the GPU path the residual blocks' convs read windows kept in the stream's cache slots
+    (stages.wan_vae "Windows"): two streams interleaved through one stage get what each gets alone on
+    the plain path, share no slot tensor, and count their windows in their cache bytes."""
     import copy
     import dataclasses
 
@@ -291,8 +311,11 @@ def test_streams_sharing_a_stages_conv_windows_stay_isolated(models):
         for sid, video in videos.items():
             got = dec.decode(sid, enc.encode(sid, video[:, :, i:j]))
             torch.testing.assert_close(got, expected[sid][k], rtol=1e-5, atol=1e-5)
-    assert enc.cache_nbytes("a") == plain_enc.cache_nbytes("a")
-    assert dec.cache_nbytes("b") == plain_dec.cache_nbytes("b")
+    for stage, plain in ((enc, plain_enc), (dec, plain_dec)):
+        slots_a, slots_b = ([id(t) for t in stage._streams.get(sid).slots if isinstance(t, torch.Tensor)]
+                            for sid in ("a", "b"))
+        assert not set(slots_a) & set(slots_b)
+        assert stage.cache_nbytes("a") > plain.cache_nbytes("a")
 
 
 @pytest.mark.parametrize("fold_bias", [False, True])
