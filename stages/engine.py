@@ -51,11 +51,11 @@ import torch
 from scheduling.noise import NoiseController
 from stages.config import DIT_PRESETS, StreamConfig
 from stages.errors import BadFrameError, BadRequestError, StreamExistsError, StreamNotFoundError
-from stages.motion import HostScalar, motion_score
+from stages.motion import motion_score
 from stages.prompt_blend import encode_mix
 from stages.prompts import PromptMix, check_blend_chunks
 from stages.stream_batch import check_chains
-from stages.vae_stage import frames_model_to_uint8, frames_uint8_to_model, stack_frames, to_host
+from stages.vae_stage import HostCopy, frames_model_to_uint8, frames_uint8_to_model, stack_frames, to_host
 
 MIN_SIDE = 16
 MAX_SIDE = 2048
@@ -588,12 +588,12 @@ def encode_noisy(encoder, stream_id: str, frames_BCTHW: torch.Tensor, noise: Noi
     (z_noisy in `dtype`, current_step). The one place this is done, for the engine and stage actors.
     """
     # the motion score's read-back waits for the score alone: the encode is queued before it
-    motion = None if prev_last_BC1HW is None else HostScalar(motion_score(prev_last_BC1HW, frames_BCTHW))
+    motion = None if prev_last_BC1HW is None else HostCopy(motion_score(prev_last_BC1HW, frames_BCTHW))
     z_BCTHW = encoder.encode(stream_id, frames_BCTHW)
     if motion is None:
         scale, current_step = noise.init_noise_scale, None
     else:
-        scale, current_step = noise.update(motion.value())
+        scale, current_step = noise.update(float(motion.wait()))
     eps = torch.randn(z_BCTHW.shape, generator=generator, device=z_BCTHW.device, dtype=torch.float32)
     return (eps.to(z_BCTHW.dtype) * scale + z_BCTHW * (1 - scale)).to(dtype), current_step
 

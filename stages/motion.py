@@ -6,8 +6,8 @@ Legend: B batch, C channels (3), T frames, H height, W width; pixels in [-1, 1].
     motion = clamp(max_t r_t / 0.2, 0, 1)
 
 computed in float64 in that order (the controller's int() truncation is sensitive to the last ulp).
-The score is the one value a chunk reads back to the host; `HostScalar` lets the chunk's encode be
-queued before that read waits.
+The score is the one value a chunk reads back to the host (stages.vae_stage `HostCopy`, after the
+chunk's encode is queued).
 """
 
 from __future__ import annotations
@@ -20,34 +20,10 @@ MOTION_NORMALISER = 0.2
 
 def motion_score(prev_last_BC1HW: torch.Tensor, chunk_BCTHW: torch.Tensor) -> torch.Tensor:
     """Motion score in [0, 1] of `chunk_BCTHW` following the frame `prev_last_BC1HW`, as a float64
-    scalar on the frames' device (not read back: `HostScalar` does that)."""
+    scalar on the frames' device (not read back)."""
     if prev_last_BC1HW.shape[2] != 1:
         raise ValueError(f"prev_last_BC1HW must hold one frame, got shape {tuple(prev_last_BC1HW.shape)}")
     frames_BCTHW = torch.cat([prev_last_BC1HW, chunk_BCTHW], dim=2).to(torch.float64)
     diff_sq_BCTHW = (frames_BCTHW[:, :, 1:] - frames_BCTHW[:, :, :-1]) ** 2
     rms_T = torch.sqrt(diff_sq_BCTHW.mean(dim=(0, 1, 3, 4)))
     return (rms_T.max() / MOTION_NORMALISER).clamp(0, 1)
-
-
-class HostScalar:
-    """A device scalar on its way to the host: the copy is queued at once (into pinned memory on
-    CUDA, behind the kernels that make the value) and `value()` waits for that copy alone, not for
-    whatever was queued on the stream after it.
-
-    Example: score = HostScalar(motion_score(prev, chunk)); z = encoder.encode(chunk) (queued behind
-    the score's copy); score.value() returns as soon as the score has arrived, while the encode runs.
-    """
-
-    def __init__(self, x: torch.Tensor) -> None:
-        if x.is_cuda:
-            self._host = torch.empty((), dtype=x.dtype, pin_memory=True)
-            self._host.copy_(x, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host, self._ready = x, None
-
-    def value(self) -> float:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return float(self._host)

@@ -88,17 +88,36 @@ def frames_model_to_uint8(frames_BCTHW: torch.Tensor) -> torch.Tensor:
     return scaled_BCTHW.to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
 
 
+class HostCopy:
+    """A tensor on its way to the host. From a GPU the copy is queued at once, behind the kernels that
+    make the tensor, into page-locked memory (the caching host allocator's: a direct transfer, 0.11
+    ms for four 480x832 frames against 0.60 ms into pageable memory on an H200), and `wait()` waits
+    for that copy alone, not for what was queued on the stream after it. The block returns to the
+    allocator when the last view of it (a frame's numpy array, say) is gone.
+
+    Example: score = HostCopy(motion_score(prev, chunk)); z = encoder.encode(chunk) (queued behind the
+    score's copy); float(score.wait()) returns as soon as the score has arrived, while the encode runs.
+    """
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self._ready = None
+        if not x.is_cuda:
+            self._host = x.cpu()
+            return
+        self._host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        self._host.copy_(x, non_blocking=True)
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+
+    def wait(self) -> torch.Tensor:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host
+
+
 def to_host(x: torch.Tensor) -> torch.Tensor:
-    """x copied to the host, and the copy finished. From a GPU the copy lands in page-locked memory
-    (the caching host allocator's), a direct transfer: a chunk of four 480x832 frames (4.8 MB) took
-    0.11 ms against 0.60 ms into pageable memory on an H200. The block returns to the allocator when
-    the last view of it (a frame's numpy array, say) is gone."""
-    if not x.is_cuda:
-        return x.cpu()
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    host.copy_(x, non_blocking=True)
-    torch.cuda.current_stream(x.device).synchronize()
-    return host
+    """x on the host, the copy finished (`HostCopy`)."""
+    return HostCopy(x).wait()
 
 
 def _check_kind(vae_kind: str, model: torch.nn.Module, latent_scaling: str) -> None:

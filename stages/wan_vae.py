@@ -36,8 +36,9 @@ reads the window whole (`_open_window`). One copy of CACHE_T frames per conv and
 concatenating copied CACHE_T + T frames and keeping the last ones CACHE_T more (and a window shared
 by the streams, with the kept frames copied in and out, 2 * CACHE_T); a window is (CACHE_T + T) /
 CACHE_T times the kept frames' memory, 3x at the full-resolution levels (T = 4). The heads' norm +
-SiLU is one compiled kernel instead of five eager passes. The encoder's downsample convs read their input unpadded, through an equivalent 4x4 kernel
-(stages.fused.one_sided_pad_kernel), instead of a zero-padded copy of it.
+SiLU is one compiled kernel instead of five eager passes. The encoder's downsample convs read their
+input unpadded, through an equivalent 4x4 kernel (stages.fused.one_sided_pad_kernel), instead of a
+zero-padded copy of it.
 
 Worked example, encoder, frames 0 | 1..4 | 5..8: frame counts per call through the three stages are
 1 -> 1 -> 1 -> 1 latent, then 4 -> 4 -> 2 -> 1, then 4 -> 4 -> 2 -> 1: 9 frames -> 3 latents.
@@ -214,12 +215,6 @@ def _open_window(cache: WanVAECache, index: int, like_BCTHW: torch.Tensor) -> to
     return window
 
 
-def _window_conv(conv: CausalConv3d, window_BCTHW: torch.Tensor, *, bias: bool = False) -> torch.Tensor:
-    """`conv` over a full window, without its bias unless `bias` (the caller's fused kernel adds it).
-    The window stays in its slot: its last CACHE_T frames are the next call's kept frames."""
-    return conv.over_time_padded(window_BCTHW, bias=bias)
-
-
 class RMSNorm(nn.Module):
     """L2-normalise over channels, times sqrt(C) and a learned per-channel gain `gamma`."""
 
@@ -350,8 +345,9 @@ class ResidualBlock(nn.Module):
     swaps in the compiled ones, which also take over the convs' bias adds)."""
 
     def forward(self, x_BCTHW: torch.Tensor, cache: WanVAECache, x_bias_C: torch.Tensor | None = None) -> torch.Tensor:
-        """`x_bias_C` (GPU path only): a bias the input still lacks, its conv's (the encoder's RGB
-        conv), added here by the first norm and the residual instead of a pass of its own."""
+        """`x_bias_C` (GPU path, a block without a shortcut conv): a bias the input still lacks, its
+        conv's (the encoder's RGB conv), added here by the first norm and the residual instead of a
+        pass of its own."""
         ops = self.ops
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
         if not ops.fold_bias:
@@ -360,9 +356,9 @@ class ResidualBlock(nn.Module):
             x_BCTHW = _cached_conv(conv2, ops.norm_silu(x_BCTHW, norm2.gamma, norm2.scale), cache)
             return x_BCTHW + skip_BCTHW
         if isinstance(self.shortcut, CausalConv3d):
+            if x_bias_C is not None:
+                raise ValueError("an input bias is folded only into a block without a shortcut conv")
             skip_BCTHW, skip_bias_C = self.shortcut(x_BCTHW, bias=False), self.shortcut.bias
-            if x_bias_C is not None:  # the 1x1 shortcut of (x + b) is its conv of x plus W @ b
-                skip_bias_C = skip_bias_C + self.shortcut.weight.flatten(1) @ x_bias_C
         else:
             skip_BCTHW, skip_bias_C = x_BCTHW, x_bias_C
         index = cache.take()
@@ -371,11 +367,11 @@ class ResidualBlock(nn.Module):
             ops.norm_silu_into(window_BCTHW[:, :, CACHE_T:], x_BCTHW, norm1.gamma, norm1.scale)
         else:
             ops.bias_norm_silu_into(window_BCTHW[:, :, CACHE_T:], x_BCTHW, x_bias_C, norm1.gamma, norm1.scale)
-        y_BCTHW = _window_conv(conv1, window_BCTHW)
+        y_BCTHW = conv1.over_time_padded(window_BCTHW, bias=False)  # the window stays in its slot
         index = cache.take()
         window_BCTHW = _open_window(cache, index, y_BCTHW)
         ops.bias_norm_silu_into(window_BCTHW[:, :, CACHE_T:], y_BCTHW, conv1.bias, norm2.gamma, norm2.scale)
-        y_BCTHW = _window_conv(conv2, window_BCTHW)
+        y_BCTHW = conv2.over_time_padded(window_BCTHW, bias=False)
         return ops.bias_residual(y_BCTHW, conv2.bias, skip_BCTHW, skip_bias_C)
 
 
@@ -423,7 +419,7 @@ def _run_head(head: nn.Sequential, x_BCTHW: torch.Tensor, cache: WanVAECache, op
     ops.norm_silu_into(window_BCTHW[:, :, CACHE_T:], x_BCTHW, norm.gamma, norm.scale)
     folded = conv._buffers.get("folded_weight")
     if folded is None:
-        return _window_conv(conv, window_BCTHW, bias=True)
+        return conv.over_time_padded(window_BCTHW)
     factor = folded.shape[-1] - 2  # a (f + 2)-wide kernel (stages.fused.fold_output_pixels)
     y_BKThw = F.conv3d(window_BCTHW, folded, None, (1, factor, factor), (0, 1, 1))
     return ops.unfold_pixels(y_BKThw, conv.bias, factor)
@@ -474,9 +470,11 @@ class Encoder3d(nn.Module):
     """The head's norm (`_run_head`); `WanVAE.use_ops` sets it with the residual blocks'."""
 
     def forward(self, x_BCTHW: torch.Tensor, cache: WanVAECache) -> torch.Tensor:
-        if self.ops.fold_bias:  # the RGB conv's bias rides in the first residual block's kernels
+        first = self.downsamples[0]
+        if self.ops.fold_bias and isinstance(first, ResidualBlock) and not isinstance(first.shortcut, CausalConv3d):
+            # the RGB conv's bias rides in the first residual block's kernels
             x_BCTHW = _cached_conv(self.conv1, x_BCTHW, cache, bias=False)
-            x_BCTHW = self.downsamples[0](x_BCTHW, cache, x_bias_C=self.conv1.bias)
+            x_BCTHW = first(x_BCTHW, cache, x_bias_C=self.conv1.bias)
             x_BCTHW = _run_cached(self.downsamples[1:], x_BCTHW, cache)
         else:
             x_BCTHW = _cached_conv(self.conv1, x_BCTHW, cache)
