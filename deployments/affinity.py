@@ -14,6 +14,8 @@ that holds the stream's state. `StreamAffinityRouter` routes by an explicit tabl
     any other stream call                        the owner: learned, else listed in the replicas' routing
                                                  stats (a stream another ingress replica opened); unknown:
                                                  any replica, which answers StreamNotFoundError
+    warm_shape(h, w, vae, replica=R)             to R (the replica the Weir router asked to warm a shape
+                                                 up); R not advertised: any, which declines it
     calls without a stream (load, note_refused)  advertised replicas, most free slots first
 
 Scale-down never cuts a stream. What Ray Serve 2.60 does, read in its source:
@@ -114,6 +116,10 @@ class StreamAffinityRouter(RequestRouter):
         pending_request.routing_context.should_backoff = True  # retries sleep instead of spinning
         advertised = [r for r in candidate_replicas if r.replica_id in self._advertised]
         method = pending_request.metadata.call_method
+        named = str(pending_request.kwargs.get("replica") or "")
+        if method not in STREAM_METHODS and named:  # warm_shape: to the replica admission chose
+            chosen = [r for r in advertised if r.replica_id.unique_id == named]
+            return [chosen or advertised or candidate_replicas]  # not there: another one declines it
         if method not in STREAM_METHODS or not pending_request.args:
             return [[r] for r in sorted(advertised, key=_by_free_slots)] or [candidate_replicas]
         stream_id = str(pending_request.args[0])

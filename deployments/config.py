@@ -35,9 +35,9 @@ class PipelineSpec:
     max_streams: int = 8
     """Stream slots: the router never places more streams here (1..256)."""
     cold_shape_s: float | None = None
-    """Seconds of device time a stream of a resolution the pipeline has not run costs first (its
-    compiles); the router prices it into that stream's start-up. None: scheduling.priors'
-    estimate for the model and GPU class."""
+    """Seconds of device time a stream of a shape (resolution, VAE kind) the pipeline has not run costs
+    first (its compiles), for either VAE kind; the router prices it into that stream's start-up.
+    None: scheduling.priors' measurement for the model, VAE kind and GPU class."""
     warm_resolutions: tuple[tuple[int, int], ...] = ()
     """(height, width) the replica warms up before it takes clients, besides 480x832 on a GPU: the
     first stream of each starts without the new shape's compiles, and admission prices no

@@ -179,9 +179,11 @@ class PipelineStats:
     """Open streams per batching mode ('stream_batch' / 'step_by_step')."""
     num_blocks: int = 0
     """DiT blocks one forward runs on this pipeline (L)."""
-    warm_shapes: list[tuple[int, int]] = field(default_factory=list)
-    """(height, width) the pipeline has run (warm-up and streams): a stream of another resolution
+    warm_shapes: list[tuple[int, int, str]] = field(default_factory=list)
+    """(height, width, VAE kind) the pipeline has run (warm-ups and streams): a stream of another shape
     costs its compiles first (scheduling.admission `ReplicaInfo.cold_shape_s`)."""
+    warming_shapes: list[tuple[int, int, str]] = field(default_factory=list)
+    """Shapes it is warming up now, asked by the router for a refused stream (`Pipeline.warm_shape`)."""
     profile: ProfileSnapshot | None = None
     """The pipeline's measured stage-time models (seeded by scheduling.priors): what the router admits from."""
     replica_id: str = ""

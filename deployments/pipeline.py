@@ -72,7 +72,7 @@ from scheduling.batching import (
     SkipReason,
     StreamSpec,
 )
-from scheduling.priors import prior_of, seed_profile, vae_kind_ratio, work_scales
+from scheduling.priors import VAE_KINDS, prior_of, seed_profile, vae_kind_ratio, work_scales
 from scheduling.profile import Stage, StageProfile
 from scheduling.slo import MAX_FRAME_DEADLINE_S, MAX_TTFF_S, LatencyWindow, StreamSLO, percentile
 from stages.errors import (
@@ -287,7 +287,8 @@ SPARE_MEMORY_RESERVE = 0.3
 async def warm_up_executor(executor: Executor, height: int, width: int, *, steps: tuple[int, ...] = (1, 2),
                            vae: str = "wan", chunks: int | None = None,
                            ticks: list[tuple[int, float, object]] | None = None, streams: int = 1,
-                           startups: list[float] | None = None) -> float:
+                           startups: list[float] | None = None,
+                           failures: list[BaseException] | None = None) -> float:
     """Run throwaway streams through any executor before clients arrive (the graph executor's
     counterpart of StreamEngine.warm_up). Returns seconds; a failure is logged, not raised: a cold
     pipeline still serves, only slower at first.
@@ -304,7 +305,8 @@ async def warm_up_executor(executor: Executor, height: int, width: int, *, steps
     forward over n rows for an n-step stream, one chunk decoded): PipelineCore.calibrate turns them
     into the profile. `startups`, when given, receives the start-up cost (seconds beyond steady
     ticks over a stream's first STARTUP_CHUNKS steps) of STARTUP_PROBES streams opened on the pool of
-    the first step count: what the next clients' start-ups cost."""
+    the first step count: what the next clients' start-ups cost. `failures`, when given, receives
+    each exception the warm-up logged."""
     import numpy as np
 
     from scheduling.admission import STARTUP_CHUNKS
@@ -353,8 +355,10 @@ async def warm_up_executor(executor: Executor, height: int, width: int, *, steps
                     steady_s = [sec for _, sec, _ in steady]
                     if ticks is not None:
                         ticks.extend(steady)
-        except Exception:  # noqa: BLE001 - see docstring
+        except Exception as exc:  # noqa: BLE001 - see docstring
             log.warning("warm-up of %d-step streams failed", n, exc_info=True)
+            if failures is not None:
+                failures.append(exc)
         finally:
             for sid in opened:
                 await close(sid)
@@ -389,9 +393,6 @@ def build_engine_executor(spec: PipelineSpec) -> InProcessExecutor:
         EngineSpec(model=spec.model, vae=spec.vae, device=spec.device, dtype=spec.dtype,
                    checkpoint_dir=spec.checkpoint_dir, spare_streams=spec.resolved_spare_streams)
     )
-    others = tuple(v for v in engine.components.encoders if v != spec.vae)
-    if spec.device == "cuda" and others:  # the spec's own VAE is warmed by Pipeline, with calibration
-        engine.warm_up(480, 832, steps=(1, 2), vaes=others)
     return InProcessExecutor(engine)
 
 
@@ -466,7 +467,8 @@ async def warm_up_pipeline(core: PipelineCore) -> None:
     TTFF must not pay for kernels, cuDNN tuning and graph captures, and the router's first admissions
     should see this GPU's own times, not only the priors); then warm up each of the spec's
     `warm_resolutions` (their compiles, on any device; one stream, no calibration: the profile is the
-    nominal shape's). Every shape warmed joins the replica's warm shapes."""
+    nominal shape's); the other VAE kind at 480x832 after the spec's. Every shape warmed joins the
+    replica's warm shapes, (height, width, VAE kind)."""
     spec, executor = core.spec, core.executor
     if spec.device == "cuda":
         ticks: list[tuple[int, float, object]] = []
@@ -474,12 +476,11 @@ async def warm_up_pipeline(core: PipelineCore) -> None:
         await warm_up_executor(executor, 480, 832, steps=(1, 2), vae=spec.vae, ticks=ticks,
                                streams=spec.resolved_warm_streams, startups=startups)
         core.calibrate(ticks, startups)
-        core.warm_shapes.add((480, 832))
+        core.warm_shapes.add((480, 832, spec.vae))
+        for vae in VAE_KINDS:
+            await core.warm_shape(480, 832, vae)
     for height, width in spec.warm_resolutions:
-        if (height, width) not in core.warm_shapes:
-            seconds = await warm_up_executor(executor, height, width, steps=(1, 2), vae=spec.vae)
-            log.info("pipeline %s warmed %dx%d in %.1f s", core.name, height, width, seconds)
-            core.warm_shapes.add((height, width))
+        await core.warm_shape(height, width, spec.vae)
 
 
 @dataclass
@@ -556,8 +557,10 @@ class PipelineCore:
         self.scheduler = scheduler or build_scheduler(spec)
         self.clock = clock
         self.streams: dict[str, _StreamSlot] = {}
-        self.warm_shapes: set[tuple[int, int]] = set()
-        """(height, width) this pipeline has run: the warm-up's and every opened stream's."""
+        self.warm_shapes: set[tuple[int, int, str]] = set()
+        """(height, width, VAE kind) this pipeline has run: the warm-ups' and every opened stream's."""
+        self.warming_shapes: set[tuple[int, int, str]] = set()
+        """Shapes a warm-up is compiling now (`warm_shape`)."""
         self._wake = asyncio.Event()
         self._engine_lock = asyncio.Lock()
         """Held while a plan runs and by controls that reshape a stream (one engine user at a time)."""
@@ -633,6 +636,33 @@ class PipelineCore:
         if self._task is not None and self._task.done():
             raise PipelineFailedError(f"pipeline {self.name}'s batching loop stopped")
 
+    async def warm_shape(self, height: int, width: int, vae: str) -> bool:
+        """Compile a shape (height, width, VAE kind) before a stream needs it: throwaway 1- and 2-step
+        streams through the executor (`warm_up_executor`), holding the engine the while, so that no
+        plan runs in between (the router sends streams here meanwhile only if their TTFF allows the
+        wait: scheduling.admission, "Warm-ups on demand"). Returns whether the shape is warm now (False:
+        it failed, logged; the shape stays cold). A shape already warm, or warming, is not warmed again
+        (a second caller waits for the first)."""
+        key = (int(height), int(width), str(vae))
+        if key in self.warm_shapes:
+            return True
+        if key in self.warming_shapes:
+            async with self._engine_lock:
+                return key in self.warm_shapes
+        self.warming_shapes.add(key)
+        try:
+            async with self._engine_lock:
+                failures: list[BaseException] = []
+                seconds = await warm_up_executor(self.executor, height, width, steps=(1, 2), vae=vae,
+                                                 failures=failures)
+            if failures:
+                return False
+            self.warm_shapes.add(key)
+            log.info("pipeline %s warmed %dx%d (%s VAE) up in %.1f s", self.name, height, width, vae, seconds)
+            return True
+        finally:
+            self.warming_shapes.discard(key)
+
     # -- stream API (called by the ingress) --------------------------------------------------------------------
 
     async def open(self, stream_id: str, req: OpenRequest, opened_us: int | None = None) -> None:
@@ -653,7 +683,7 @@ class PipelineCore:
         opened_us = opened_us or now_us()
         self.scheduler.add_stream(stream_id, spec, self._to_clock(opened_us))
         self.streams[stream_id] = _StreamSlot(stream_id, req, opened_us, events=asyncio.Queue())
-        self.warm_shapes.add((req.height, req.width))
+        self.warm_shapes.add((req.height, req.width, req.vae or self.spec.vae))
 
     async def push(self, stream_id: str, frames: list[InFrame]) -> int:
         """Queue input frames; returns the stream's queued frames. Out-of-order seqs are BadFrameError."""
@@ -808,6 +838,7 @@ class PipelineCore:
             profile=self.scheduler.profile.snapshot(),
             warming=self._warming(),
             warm_shapes=sorted(self.warm_shapes),
+            warming_shapes=sorted(self.warming_shapes),
         )
         if drain_samples:
             sm = self._samples
@@ -1229,6 +1260,15 @@ class Pipeline:
 
     async def push(self, stream_id: str, frames: list[InFrame]) -> int:
         return await self.core.push(stream_id, frames)
+
+    async def warm_shape(self, height: int, width: int, vae: str, replica: str = "") -> bool:
+        """The router's request to warm a shape up for a refused stream (PipelineCore.warm_shape).
+        `replica` names the replica admission chose ('' = any); another one does nothing and returns
+        False (the router drops the warm-up when no report names it)."""
+        if replica and replica != self.replica_id:
+            return False
+        self._ensure_started()
+        return await self.core.warm_shape(height, width, vae)
 
     async def control(self, stream_id: str, op: str, value: object = None) -> None:
         if op == "prompt":  # a PromptChange (deployments.messages), or a plain prompt

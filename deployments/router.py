@@ -44,7 +44,7 @@ from deployments.messages import AdmissionGrant, OpenRequest, PipelineStats
 from deployments.pipeline import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, stream_spec
 from deployments.tenants import StreamQuota
 from scheduling.admission import AdmissionController, ReplicaInfo, StreamRequest
-from scheduling.priors import cold_shape_s, prior_of, seed_profile
+from scheduling.priors import VAE_KINDS, cold_shape_s, prior_of, seed_profile
 from scheduling.profile import ProfileBook, StageProfile
 from stages.errors import AdmissionRefusedError, BadRequestError, StreamExistsError, StreamNotFoundError
 
@@ -97,7 +97,8 @@ class RouterAdmission:
         prior = prior_of(spec.model, spec.vae)
         gpu_class = gpu_class_of(spec.gpu_type)
         cost = gpu_class.cost_per_hour if gpu_class is not None else 1.0
-        cold_s = spec.cold_shape_s if spec.cold_shape_s is not None else cold_shape_s(spec.model, spec.gpu_type)
+        cold_s = spec.cold_shape_s if spec.cold_shape_s is not None else {
+            vae: cold_shape_s(spec.model, spec.gpu_type, vae) for vae in VAE_KINDS}
         self.admission.add_replica(ReplicaInfo(key, spec.gpu_type, prior.shape, prior.num_blocks,
                                                max(1, max_streams), cost_per_hour=cost, cold_shape_s=cold_s))
         self.pool_of[key] = pool
@@ -144,8 +145,8 @@ class RouterAdmission:
         reported = set(stats.active_stream_ids)
         unseen = [sid for sid, (owner, _) in self.reserved.items() if owner == key and sid not in reported]
         self.admission.set_warming(key, stats.warming, keep=unseen)
-        if stats.warm_shapes:
-            self.admission.set_warm_shapes(key, stats.warm_shapes)
+        if stats.warm_shapes or stats.warming_shapes:
+            self.admission.set_warm_shapes(key, stats.warm_shapes, warming=stats.warming_shapes, now=now)
         if stats.profile is not None:
             snap = stats.profile
             self.book.put(StageProfile(snap.gpu_class, snap.shape, encode=snap.encode,
@@ -216,7 +217,8 @@ class RouterAdmission:
             raise StreamExistsError(f"stream {stream_id!r} is already admitted", stream_id=stream_id)
         self.quota.acquire(req.tenant, stream_id)
         shape = self._nominal_shape(model, req.vae)
-        request = StreamRequest(stream_id, shape, stream_spec(req, model, shape.vae), resolution=(req.height, req.width))
+        request = StreamRequest(stream_id, shape, stream_spec(req, model, shape.vae), resolution=(req.height, req.width),
+                                vae=req.vae)
         try:
             decision = self.admission.admit(request, self.clock(), retry_after_s=self.service.retry_after_s)
         except BaseException:
@@ -289,6 +291,8 @@ class Router:
         self.control = RouterAdmission(service)
         self._metrics = metrics
         self._lock = asyncio.Lock()
+        self._warm_ups: set[asyncio.Task] = set()
+        """Warm-up requests in flight (`_ask_warm_up`)."""
 
     async def report(self, pool: str, stats: PipelineStats) -> None:
         """A pipeline replica's periodic load report."""
@@ -312,11 +316,36 @@ class Router:
             try:
                 return self.control.admit(stream_id, req)
             except AdmissionRefusedError as exc:
+                if "warm_up_replica" in exc.details:
+                    self._ask_warm_up(str(exc.details["warm_up_replica"]), exc.details["warm_up_shape"])
                 if "quota" not in exc.details:
                     self._note_refused(req.model or self.service.pipelines[0].model)
                 raise
             finally:
                 self._report()
+
+    def _ask_warm_up(self, replica_id: str, shape: tuple[int, int, str]) -> None:
+        """Have the replica admission chose warm a shape up for a refused stream (scheduling.admission,
+        "Warm-ups on demand"), in a task: the warm-up takes as long as the compiles, and the replica's
+        reports say when it is done. A warm-up that fails, or that reached another replica, is cancelled
+        (the next such stream asks again)."""
+        pool = self.control.pool_of[replica_id]
+        height, width, vae = shape
+
+        async def ask() -> None:
+            try:
+                done = await self.pipelines[pool].warm_shape.remote(
+                    height, width, vae, replica="" if replica_id == pool else replica_id)
+            except Exception:  # noqa: BLE001 - the stream was refused anyway; a later one asks again
+                log.warning("warm-up of %dx%d (%s) on %s failed", height, width, vae, replica_id, exc_info=True)
+                done = False
+            if not done:
+                self.control.admission.cancel_warm_up(replica_id, shape)
+
+        log.info("asking %s of %s to warm %dx%d (%s VAE) up", replica_id, pool, height, width, vae)
+        task = asyncio.get_running_loop().create_task(ask())
+        self._warm_ups.add(task)
+        task.add_done_callback(self._warm_ups.discard)
 
     def _note_refused(self, model: str) -> None:
         """Tell the model's pools a stream found no slot (their autoscaling policy's admission-wait signal)."""

@@ -19,6 +19,18 @@ and checks, with a safety margin:
       resolution the replica has not run adds the replica's `cold_shape_s` (the new shape's compiles)
       to that start-up and to its TTFF: it goes where that stalls nobody, an idle replica or one
       whose streams have the slack, and a replica already warm for it is preferred by the same test.
+      A shape is a (height, width, VAE kind): each kind compiles its own VAE (tens of seconds for the
+      Wan VAE, scheduling.priors `COLD_SHAPE_S`).
+
+Warm-ups on demand: when no replica fits and the only thing between the stream and an idle replica is
+its cold shape (it fits there once the shape is warm), the refusal names that replica and shape
+(`AdmissionRefusedError` details `warm_up_replica`, `warm_up_shape`) with a retry hint of the shape's
+`cold_shape_s`: the caller has the replica warm the shape up (deployments.pipeline `warm_shape`) and
+the client retries then. Until the replica reports the shape warm (`set_warm_shapes`), its warm-up
+counts as start-up work ahead of any stream there, and the shape is not charged twice; one warm-up at
+a time per replica; a warm-up the replica neither reports warm nor in progress WARM_UP_REPORT_GRACE_S
+after it was asked for is taken as failed (the next such request asks again). A client whose TTFF
+allows the compiles is simply admitted cold instead, as above.
 
 Among the replicas that pass, it picks the cheapest GPU class for this stream: the replica's price times
 the share of its capacity the stream takes, cost_per_hour * Δρ / max_row_load. Within that class it fills
@@ -70,6 +82,12 @@ chunks while its caches fill, and the first two with full caches (a new CUDA-gra
 call, one capture). The replica counts start-ups with it; the router also takes it as the wall time
 of a start-up it has not heard about yet."""
 
+WARM_UP_REPORT_GRACE_S = 10.0
+"""A requested warm-up the replica reports neither done nor in progress after this long has failed."""
+
+WarmKey = tuple[int, int, str]
+"""A shape a replica compiles for: (height, width, VAE kind)."""
+
 
 @dataclass(frozen=True)
 class StreamRequest:
@@ -80,7 +98,16 @@ class StreamRequest:
     spec: StreamSpec
     resolution: tuple[int, int] | None = None
     """The stream's (height, width); None: the profile's nominal one. A replica that has not run it
-    yet prices its compiles (`ReplicaInfo.cold_shape_s`)."""
+    with the stream's VAE kind yet prices its compiles (`ReplicaInfo.cold_shape_s`)."""
+    vae: str = ""
+    """The stream's VAE kind; '' = the profile's (`shape.vae`)."""
+
+    @property
+    def warm_key(self) -> WarmKey | None:
+        """(height, width, VAE kind) the stream's replica must have compiled; None: no resolution given."""
+        if self.resolution is None:
+            return None
+        return (int(self.resolution[0]), int(self.resolution[1]), self.vae or self.shape.vae)
 
 
 @dataclass(frozen=True)
@@ -98,10 +125,17 @@ class ReplicaInfo:
     """Stream slots (memory for per-stream caches), >= 1."""
     cost_per_hour: float = 1.0
     """Price of the replica, >= 0, in any consistent unit."""
-    cold_shape_s: float = 0.0
-    """Device time a stream of a resolution the replica has not run costs on top of its start-up (the
+    cold_shape_s: float | Mapping[str, float] = 0.0
+    """Device time a stream of a shape the replica has not run costs on top of its start-up (the
     compiles, cuDNN's autotuning and graph captures of the new shapes), >= 0; every stream there waits
-    through it (scheduling.priors `cold_shape_s`)."""
+    through it (scheduling.priors `cold_shape_s`). One figure for every VAE kind, or one per kind
+    (a kind not listed: the largest listed)."""
+
+    def cold_s(self, vae: str) -> float:
+        """`cold_shape_s` for a shape with VAE kind `vae`."""
+        if isinstance(self.cold_shape_s, Mapping):
+            return float(self.cold_shape_s.get(vae, max(self.cold_shape_s.values(), default=0.0)))
+        return float(self.cold_shape_s)
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -112,7 +146,8 @@ class ReplicaInfo:
             raise ValueError(f"max_streams={self.max_streams} must be >= 1")
         if self.cost_per_hour < 0.0:
             raise ValueError(f"cost_per_hour={self.cost_per_hour} must be >= 0")
-        if self.cold_shape_s < 0.0:
+        values = self.cold_shape_s.values() if isinstance(self.cold_shape_s, Mapping) else [self.cold_shape_s]
+        if any(not v >= 0.0 for v in values):
             raise ValueError(f"cold_shape_s={self.cold_shape_s} must be >= 0")
 
 
@@ -163,6 +198,8 @@ class ReplicaEstimate:
     """The stream's share of the replica's price: price * Δρ / max_row_load."""
     retry_after_s: float | None = None
     """When refused only because streams are starting up there: about when they are through."""
+    warm_up_fits: bool = False
+    """Refused, but it would fit were its shape warm there: a replica to warm the shape up on."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +235,12 @@ class AdmissionStats:
     unattainable: int
     live_streams: int
     replicas: tuple[ReplicaLoadStats, ...]
+
+
+def _warm_key(shape: Sequence) -> WarmKey:
+    """A reported shape as a WarmKey."""
+    height, width, vae = shape
+    return int(height), int(width), str(vae)
 
 
 def assign_modes(
@@ -238,13 +281,20 @@ class _Replica:
     closing: int = 0
     """Streams the replica reported still running that the controller no longer counts (released,
     still closing there): they hold slots until the replica lets them go."""
-    warm_shapes: set[tuple[int, int]] | None = None
-    """(height, width) the replica has run (reported, plus those admitted since); None: not reported,
-    taken as warm for every shape."""
+    warm_shapes: set[WarmKey] | None = None
+    """Shapes the replica has run (reported, plus those admitted since); None: not reported, taken as
+    warm for every shape."""
+    shape_warmups: dict[WarmKey, tuple[float, float]] = field(default_factory=dict)
+    """Warm-ups asked of the replica and not yet reported done: shape -> (asked at, seconds)."""
 
-    def is_cold(self, resolution: tuple[int, int] | None) -> bool:
-        """Whether a stream of `resolution` would be the replica's first of it (never for None)."""
-        return resolution is not None and self.warm_shapes is not None and resolution not in self.warm_shapes
+    def is_cold(self, key: WarmKey | None) -> bool:
+        """Whether a stream of shape `key` would be the replica's first of it (never for None)."""
+        return key is not None and self.warm_shapes is not None and key not in self.warm_shapes
+
+    def warm_up_left_s(self, now: float | None) -> float:
+        """Device work left of the warm-ups in progress (their whole estimate when `now` is None)."""
+        return sum(seconds if now is None else max(0.0, asked + seconds - now)
+                   for asked, seconds in self.shape_warmups.values())
 
 
 @dataclass(frozen=True)
@@ -315,9 +365,10 @@ class AdmissionController:
 
     # -- admission ----------------------------------------------------------------------------------
 
-    def estimate(self, request: StreamRequest) -> tuple[ReplicaEstimate, ...]:
-        """Every replica's estimate for the request, without changing anything."""
-        return tuple(self._estimate(r, request) for r in self._replicas.values())
+    def estimate(self, request: StreamRequest, now: float | None = None) -> tuple[ReplicaEstimate, ...]:
+        """Every replica's estimate for the request, without changing anything (`now` None: warm-ups
+        in progress count whole)."""
+        return tuple(self._estimate(r, request, now) for r in self._replicas.values())
 
     def admit(
         self, request: StreamRequest, now: float, retry_after_s: float | None = None
@@ -329,13 +380,12 @@ class AdmissionController:
         BadRequestError when no GPU class has a profile for the shape, SLOUnattainableError when even an
         idle replica of any profiled class misses the SLO, AdmissionRefusedError otherwise.
         """
-        del now  # decisions depend on load, not on the time; kept for the scheduler interface
         if request.stream_id in self._placement:
             raise StreamExistsError(
                 f"stream {request.stream_id!r} is already admitted", stream_id=request.stream_id
             )
         self._check_attainable(request)
-        estimates = self.estimate(request)
+        estimates = self.estimate(request, now)
         fitting = [e for e in estimates if e.fits]
         if not fitting:
             self._refused += 1
@@ -344,6 +394,20 @@ class AdmissionController:
             if waits and len(waits) == len(estimates):  # every replica is only busy starting streams
                 hint = min(hint, max(0.5, min(waits)))
             reasons = "; ".join(f"{e.replica_id}: {e.reason}" for e in estimates) or "no replica serves it"
+            warming_it = [r.warm_up_left_s(now) for r in self._replicas.values()
+                          if request.warm_key in r.shape_warmups]
+            if warming_it:  # its shape is warming up somewhere: retry when that is through
+                hint = max(hint, min(warming_it))
+            warm_up = self._ask_warm_up(request, estimates, now)
+            if warm_up is not None:
+                replica_id, seconds = warm_up
+                h, w, vae = request.warm_key
+                raise AdmissionRefusedError(
+                    f"no replica can take stream {request.stream_id!r} within its SLO now ({reasons}); "
+                    f"replica {replica_id} warms {h}x{w} ({vae} VAE) up for it: retry in about {seconds:.0f} s",
+                    retry_after_s=max(hint, seconds), estimates=estimates,
+                    warm_up_replica=replica_id, warm_up_shape=request.warm_key,
+                )
             raise AdmissionRefusedError(
                 f"no replica can take stream {request.stream_id!r} within its SLO now ({reasons})",
                 retry_after_s=hint,
@@ -354,8 +418,8 @@ class AdmissionController:
         replica.streams[request.stream_id] = request.spec
         profile = self.profiles.get(replica.info.gpu_class, replica.info.shape)
         startup_s = self._startup_s(replica, request, profile)
-        if replica.is_cold(request.resolution):
-            replica.warm_shapes.add(request.resolution)
+        if replica.is_cold(request.warm_key):
+            replica.warm_shapes.add(request.warm_key)
         replica.warming[request.stream_id] = Warming(startup_s, STARTUP_CHUNKS * request.spec.chunk_period_s)
         self._placement[request.stream_id] = best.replica_id
         self._admitted += 1
@@ -405,13 +469,50 @@ class AdmissionController:
         until it closes them). Raises ValueError for an unknown replica."""
         self._replica(replica_id).closing = max(0, count)
 
-    def set_warm_shapes(self, replica_id: str, shapes: Sequence[tuple[int, int]]) -> None:
-        """The resolutions the replica reports it has run, added to those known: a pipeline never
-        forgets a shape, and one admitted there since the report is being compiled by its stream.
+    def set_warm_shapes(self, replica_id: str, shapes: Sequence[WarmKey], *, warming: Sequence[WarmKey] = (),
+                        now: float | None = None) -> None:
+        """The shapes the replica reports it has run, added to those known: a pipeline never forgets a
+        shape, and one admitted there since the report is being compiled by its stream. `warming`:
+        the shapes it reports warming up; a warm-up asked of it that it reports neither done nor in
+        progress WARM_UP_REPORT_GRACE_S after the asking (`now`) is dropped (module docstring).
         Raises ValueError for an unknown replica."""
         replica = self._replica(replica_id)
         admitted = replica.warm_shapes or set()
-        replica.warm_shapes = {tuple(s) for s in shapes} | admitted
+        replica.warm_shapes = {_warm_key(s) for s in shapes} | admitted
+        in_progress = {_warm_key(s) for s in warming}
+        for key, (asked, seconds) in list(replica.shape_warmups.items()):
+            done = key in replica.warm_shapes
+            lost = key not in in_progress and now is not None and now - asked > WARM_UP_REPORT_GRACE_S
+            if done or lost:
+                del replica.shape_warmups[key]
+            elif key in in_progress and now is not None:  # running past its estimate: a second more at least
+                replica.shape_warmups[key] = (asked, max(seconds, now - asked + 1.0))
+
+    def warm_ups_on(self, replica_id: str) -> dict[WarmKey, tuple[float, float]]:
+        """The warm-ups asked of the replica and not reported done: shape -> (asked at, seconds)."""
+        return dict(self._replica(replica_id).shape_warmups)
+
+    def cancel_warm_up(self, replica_id: str, key: WarmKey) -> None:
+        """Forget a warm-up the caller could not hand to the replica."""
+        self._replica(replica_id).shape_warmups.pop(_warm_key(key), None)
+
+    def _ask_warm_up(self, request: StreamRequest, estimates: Sequence[ReplicaEstimate],
+                     now: float) -> tuple[str, float] | None:
+        """The replica to warm the refused request's shape up on, and the seconds it takes, recorded as
+        in progress there (module docstring, "Warm-ups on demand"); None when there is none: no
+        resolution given, a warm-up of it already asked for somewhere, or no idle replica where it
+        would then fit."""
+        key = request.warm_key
+        if key is None or any(key in r.shape_warmups for r in self._replicas.values()):
+            return None
+        for e in sorted(estimates, key=lambda e: list(self._replicas).index(e.replica_id)):
+            replica = self._replicas[e.replica_id]
+            idle = not (replica.streams or replica.warming or replica.closing or replica.shape_warmups)
+            if e.warm_up_fits and idle and not replica.draining:
+                seconds = replica.info.cold_s(key[2])
+                replica.shape_warmups[key] = (now, seconds)
+                return replica.info.replica_id, seconds
+        return None
 
     def warming_on(self, replica_id: str) -> dict[str, Warming]:
         """The replica's streams still in their start-up."""
@@ -487,8 +588,12 @@ class AdmissionController:
 
     @staticmethod
     def _cold_s(replica: _Replica, request: StreamRequest) -> float:
-        """The replica's cold_shape_s when the stream's resolution is new there, else 0."""
-        return replica.info.cold_shape_s if replica.is_cold(request.resolution) else 0.0
+        """The replica's cold_shape_s when the stream's shape is new there, else 0 (also while it warms
+        the shape up: that work counts as the warm-up's, `_Replica.warm_up_left_s`)."""
+        key = request.warm_key
+        if not replica.is_cold(key) or key in replica.shape_warmups:
+            return 0.0
+        return replica.info.cold_s(key[2])
 
     @classmethod
     def _startup_s(cls, replica: _Replica, request: StreamRequest, profile: StageProfile) -> float:
@@ -496,16 +601,17 @@ class AdmissionController:
         work, plus the new resolution's compiles (`_cold_s`)."""
         return profile.startup_s() * request.spec.dit_scale + cls._cold_s(replica, request)
 
-    def _estimate(self, replica: _Replica, request: StreamRequest) -> ReplicaEstimate:
+    def _estimate(self, replica: _Replica, request: StreamRequest, now: float | None = None) -> ReplicaEstimate:
         info, spec, shape = replica.info, request.spec, request.shape
         inf = float("inf")
 
-        def refuse(reason: str, retry_after_s: float | None = None, **numbers: float) -> ReplicaEstimate:
+        def refuse(reason: str, retry_after_s: float | None = None, warm_up_fits: bool = False,
+                   **numbers: float) -> ReplicaEstimate:
             values = {"ttff_s": inf, "latency_s": inf, "row_load": inf, "tick_s": inf, "worst_slack_s": -inf}
             values.update(numbers)
             return ReplicaEstimate(
                 info.replica_id, info.gpu_class, False, reason, None, cost_per_hour=inf,
-                retry_after_s=retry_after_s, **values
+                retry_after_s=retry_after_s, warm_up_fits=warm_up_fits, **values
             )
 
         if info.shape != shape:
@@ -532,9 +638,12 @@ class AdmissionController:
         ]
         worst = min(slacks, default=inf)
         warming = replica.warming.values()
-        ahead_s = sum(w.work_s for w in warming)  # start-up work the replica still has to do
-        # a resolution new to the replica: its compiles, which every stream there waits through
-        ttff += ahead_s + self._cold_s(replica, request)
+        # start-up work the replica still has to do: its streams' and its shape warm-ups'
+        warm_up_s = replica.warm_up_left_s(now)
+        ahead_s = sum(w.work_s for w in warming) + warm_up_s
+        # a shape new to the replica: its compiles, which every stream there waits through
+        cold_s = self._cold_s(replica, request)
+        ttff += ahead_s + cold_s
         startup_s = ahead_s + self._startup_s(replica, request, profile)
         numbers = {
             "ttff_s": ttff,
@@ -550,6 +659,12 @@ class AdmissionController:
             reason = f"forwards of {after.tick_s * 1e3:.0f} ms too slow for step-by-step streams"
         elif ttff > spec.slo.ttff_s * margin:
             reason = f"TTFF {ttff:.3f}s > {spec.slo.ttff_s * margin:.3f}s"
+            if cold_s or warm_up_s:
+                reason += f" (of which {cold_s + warm_up_s:.1f}s compiling shapes)"
+                warm_fits = (ttff - cold_s - warm_up_s <= spec.slo.ttff_s * margin
+                             and latency <= spec.slo.frame_deadline_s * margin and worst >= startup_s)
+                if warm_fits:  # only the compiles stand in the way: wait for a warm-up, or ask for one
+                    return refuse(reason, retry_after_s=warm_up_s or None, warm_up_fits=bool(cold_s), **numbers)
         elif latency > spec.slo.frame_deadline_s * margin:
             reason = f"latency {latency:.3f}s > {spec.slo.frame_deadline_s * margin:.3f}s"
         elif worst < 0.0:

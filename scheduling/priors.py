@@ -104,11 +104,21 @@ def prior_of(model: str, vae: str = "wan") -> ProfilePrior:
                          f"VAEs {list(VAE_KINDS)}") from None
 
 
-COLD_SHAPE_S: dict[str, float] = {"tiny": 0.0, "wan-1.3b": 10.0, "wan-14b": 20.0}
-"""model -> seconds of device time (H200) a pipeline spends on the first stream of a resolution it has
-not run: torch.compile's pieces for the new shapes, cuDNN's autotuning of the VAE convs, the CUDA-graph
-captures. An estimate, not yet measured (the engine's whole start-up warm-up, both VAEs and four step
-counts at one resolution, took 25 s on an H200); the tiny CPU model compiles nothing."""
+COLD_SHAPE_S: dict[tuple[str, str], float] = {
+    ("tiny", "wan"): 0.0, ("tiny", "taehv"): 0.0,
+    ("wan-1.3b", "taehv"): 9.0, ("wan-1.3b", "wan"): 42.0,
+    ("wan-14b", "taehv"): 18.0, ("wan-14b", "wan"): 52.0,
+}
+"""(model, VAE kind) -> seconds (H200) a pipeline stalls on the first stream of a resolution it has not
+run with that VAE: torch.compile's pieces for the new shapes, cuDNN's autotuning of the VAE convs, the
+CUDA-graph captures; every stream on the replica waits through them. Measured for wan-1.3b, 1 step,
+after the serving start-up warm-up at 480x832 (BENCHMARKS.md, "Cold shapes"): a first TAEHV stream at
+512x512 / 384x672 lost 7.5 / 7.8 s over its first two chunks (the DiT's compiles and captures for the
+new token count, the TAEHV's), a first Wan VAE stream after it, the DiT already warm, 30.8 / 25.6 s
+more (the Wan VAE's norm kernels compiled for each new level shape, once for the 1-frame first chunk
+and once for 4-frame chunks, and its convs autotuned); so a Wan VAE stream first at a shape about 38 s.
+Rounded up by 10-20%. wan-14b: not measured; 1.3B's plus the DiT's part scaled by its one-row time
+(about 2x). The tiny CPU model compiles nothing."""
 
 
 def vae_kind_ratio(model: str, vae: str, profile_vae: str) -> float:
@@ -124,9 +134,12 @@ def vae_kind_ratio(model: str, vae: str, profile_vae: str) -> float:
             / (theirs.encode.per_item_s + theirs.decode.per_item_s))
 
 
-def cold_shape_s(model: str, gpu_class: str) -> float:
-    """COLD_SHAPE_S of the model scaled to the GPU class (0 for a model without an entry)."""
-    return COLD_SHAPE_S.get(model, 0.0) * class_time_factor(gpu_class)
+def cold_shape_s(model: str, gpu_class: str, vae: str) -> float:
+    """COLD_SHAPE_S of the model with VAE kind `vae`, scaled to the GPU class (0 without an entry).
+
+    Example: cold_shape_s("wan-1.3b", "h100", "taehv") -> 9.0 * 1.1 = 9.9.
+    """
+    return COLD_SHAPE_S.get((model, vae), 0.0) * class_time_factor(gpu_class)
 
 
 def work_scales(model: str, height: int, width: int) -> tuple[float, float]:

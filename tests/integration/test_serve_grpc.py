@@ -24,6 +24,9 @@ pytestmark = pytest.mark.integration
 H = W = 32
 FPS = 4.0
 SLOTS = 3
+COLD_S = 8.0
+"""What a shape the pipeline has not run is said to cost (the tiny model's warm-up of one takes a few
+seconds on the box): a stream whose TTFF cannot wait for that is refused and the shape warmed up."""
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def weir(tmp_path_factory):
     from deployments.config import PipelineSpec, ServiceConfig
 
     service = ServiceConfig(
-        pipelines=(PipelineSpec(model="tiny", device="cpu", max_streams=SLOTS, num_cpus=0),),
+        pipelines=(PipelineSpec(model="tiny", device="cpu", max_streams=SLOTS, num_cpus=0, cold_shape_s=COLD_S),),
         grpc_port=free_port(), http_port=free_port(), stats_interval_s=0.5,
         recordings_dir=str(tmp_path_factory.mktemp("recordings")),
     )
@@ -163,6 +166,33 @@ def test_stream_over_capacity_is_refused_with_retry_hint(weir):
     assert refused.retry_after_s > 0
     for r in results:  # the admitted streams were not slowed into losing frames
         assert r.seqs == list(range(n))
+    asyncio.run(_wait_idle(weir))
+
+
+def test_a_new_resolution_is_warmed_up_for_a_stream_that_cannot_wait_and_admits_its_retry(weir):
+    """A stream at a resolution the pipeline has not run, whose TTFF cannot include the compiles (COLD_S),
+    is refused with RESOURCE_EXHAUSTED naming the warm-up it started and a hint of its duration; the
+    client that retries at the hints is admitted once the replica reports the shape warm, and gets every
+    frame. A second stream of that shape is then admitted at once."""
+    from cluster.client import stream_frames
+    from cluster.video import generated_clip
+
+    h, w, n = 48, 64, 5
+    clip = list(generated_clip(n, h, w, seed=3))
+    told = []
+
+    async def run():
+        first = await stream_frames(_address(weir), clip, _opts(height=h, width=w, ttff_ms=4000), retry_for_s=90.0,
+                                    on_refused=lambda err, wait_s: told.append((str(err), wait_s)))
+        second = await stream_frames(_address(weir), clip, _opts(height=h, width=w, ttff_ms=4000))
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert told and f"warms {h}x{w} (wan VAE) up for it" in told[0][0], told
+    assert told[0][1] >= COLD_S
+    assert first.admission_retries == len(told) and first.seqs == list(range(n))
+    assert all(f.shape == (h, w, 3) for _, f in first.frames)
+    assert second.admission_retries == 0 and second.seqs == list(range(n))
     asyncio.run(_wait_idle(weir))
 
 

@@ -83,7 +83,7 @@ def test_two_streams_share_the_loop_and_get_every_frame_in_order(engine):
     assert fa == list(range(9)) and fb == list(range(9))
     assert sa.frames_out == 9 and sa.frames_skipped == 0 and sa.ttff_ms > 0
     assert core.load().tick_ms_by_batch, "ticks were measured"
-    assert core.load().warm_shapes == [(H, W)]  # the resolution its streams ran, for admission
+    assert core.load().warm_shapes == [(H, W, "wan")]  # the shape its streams ran, for admission
     assert not core.streams
 
 
@@ -266,12 +266,13 @@ def _controller(max_streams: int = 2, retry_after_s: float = 3.0) -> tuple[Route
 
 def _load(active: list[str], profile: StageProfile | None = None,
           requests: dict[str, OpenRequest] | None = None, max_streams: int = 2,
-          warm_shapes: list[tuple[int, int]] | None = None) -> PipelineStats:
+          warm_shapes: list[tuple[int, int, str]] | None = None,
+          warming_shapes: list[tuple[int, int, str]] | None = None) -> PipelineStats:
     return PipelineStats(pipeline="Pipeline-0-tiny", model="tiny", gpu_type="cpu", max_streams=max_streams,
                          active_streams=len(active), active_stream_ids=list(active),
                          active_requests=requests or {},
                          profile=(profile or seed_profile("tiny", "cpu")).snapshot(),
-                         warm_shapes=warm_shapes or [])
+                         warm_shapes=warm_shapes or [], warming_shapes=warming_shapes or [])
 
 
 def test_every_model_has_a_profile_prior_per_vae():
@@ -399,7 +400,7 @@ def test_a_new_resolution_goes_where_its_compiles_stall_nobody():
     def controller():
         service = ServiceConfig(pipelines=(PipelineSpec(max_streams=3, cold_shape_s=5.0),), retry_after_s=3.0)
         ctl = RouterAdmission(service, clock=_Clock())
-        ctl.update("Pipeline-0-tiny", _load([], max_streams=3, warm_shapes=[(32, 32)]))
+        ctl.update("Pipeline-0-tiny", _load([], max_streams=3, warm_shapes=[(32, 32, "wan")]))
         return ctl
 
     ctl = controller()
@@ -413,6 +414,82 @@ def test_a_new_resolution_goes_where_its_compiles_stall_nobody():
     # a second stream of that shape waits for the compiles in progress, but is not charged them again
     second = idle.admit("same-shape", _req(height=48, width=48))
     assert grant.predicted_ttff_ms <= second.predicted_ttff_ms < grant.predicted_ttff_ms + 5000
+
+
+def test_a_cold_shape_the_ttff_cannot_wait_for_is_warmed_up_on_an_idle_replica():
+    """A stream whose TTFF (2 s) cannot include its shape's compiles (5 s) but would fit once they are
+    done: refused, naming an idle replica to warm the shape up on and a retry hint of the compiles'
+    time; a second such stream meanwhile is refused without a second warm-up, its hint when that one
+    is through; the replica's report of the shape warm admits the retry. A shape is per VAE kind."""
+    clock = _Clock()
+    service = ServiceConfig(pipelines=(PipelineSpec(max_streams=3, cold_shape_s=5.0),), retry_after_s=1.0)
+    ctl = RouterAdmission(service, clock=clock)
+    ctl.update("Pipeline-0-tiny", _load([], max_streams=3, warm_shapes=[(32, 32, "wan")]))
+    with pytest.raises(AdmissionRefusedError, match="warms 48x48 \\(wan VAE\\) up for it") as refused:
+        ctl.admit("cold", _req(height=48, width=48, ttff_ms=2000))
+    assert refused.value.details["warm_up_replica"] == "Pipeline-0-tiny"
+    assert refused.value.details["warm_up_shape"] == (48, 48, "wan")
+    assert refused.value.retry_after_s == 5.0
+    clock.t += 2.0
+    with pytest.raises(AdmissionRefusedError, match="compiling shapes") as again:
+        ctl.admit("cold-2", _req(height=48, width=48, ttff_ms=2000))
+    assert "warm_up_replica" not in again.value.details and again.value.retry_after_s == pytest.approx(3.0)
+    # a stream whose TTFF allows the wait for the warm-up in progress is admitted behind it
+    patient = ctl.admit("patient", _req(ttff_ms=30000))
+    assert patient.predicted_ttff_ms >= 3000
+    ctl.release("patient")
+    clock.t += 3.0
+    ctl.update("Pipeline-0-tiny", _load([], max_streams=3, warm_shapes=[(32, 32, "wan"), (48, 48, "wan")]))
+    grant = ctl.admit("cold", _req(height=48, width=48, ttff_ms=2000))
+    assert grant.predicted_ttff_ms < 2000
+    # the same resolution with the other VAE kind is a shape of its own
+    with pytest.raises(AdmissionRefusedError, match="start-up|TTFF"):
+        ctl.admit("taehv", _req(height=48, width=48, ttff_ms=2000, vae="taehv"))
+
+
+def test_a_warm_up_is_asked_only_of_an_idle_replica_and_dropped_when_never_reported():
+    clock = _Clock()
+    service = ServiceConfig(pipelines=(PipelineSpec(max_streams=3, cold_shape_s=5.0),), retry_after_s=1.0)
+    ctl = RouterAdmission(service, clock=clock)
+    ctl.update("Pipeline-0-tiny", _load([], max_streams=3, warm_shapes=[(32, 32, "wan")]))
+    ctl.admit("busy", _req())
+    with pytest.raises(AdmissionRefusedError) as refused:
+        ctl.admit("cold", _req(height=48, width=48, ttff_ms=2000))
+    assert "warm_up_replica" not in refused.value.details  # its compiles would stall "busy"
+    ctl.release("busy")
+    ctl.update("Pipeline-0-tiny", _load([], max_streams=3, warm_shapes=[(32, 32, "wan")]))
+    with pytest.raises(AdmissionRefusedError) as asked:
+        ctl.admit("cold", _req(height=48, width=48, ttff_ms=2000))
+    assert asked.value.details["warm_up_shape"] == (48, 48, "wan")
+    # reported in progress: kept past the grace; then neither warm nor warming: dropped, asked again
+    clock.t += 20.0
+    ctl.update("Pipeline-0-tiny", _load([], max_streams=3, warm_shapes=[(32, 32, "wan")],
+                                       warming_shapes=[(48, 48, "wan")]))
+    assert ctl.admission.warm_ups_on("Pipeline-0-tiny")
+    ctl.update("Pipeline-0-tiny", _load([], max_streams=3, warm_shapes=[(32, 32, "wan")]))
+    assert not ctl.admission.warm_ups_on("Pipeline-0-tiny")
+    with pytest.raises(AdmissionRefusedError) as again:
+        ctl.admit("cold", _req(height=48, width=48, ttff_ms=2000))
+    assert again.value.details["warm_up_shape"] == (48, 48, "wan")
+
+
+def test_warm_shape_compiles_a_shape_once_and_reports_it(engine):
+    """PipelineCore.warm_shape runs the throwaway streams at the shape, reports it warming meanwhile
+    and warm after; a second call for it does nothing more; a shape the executor cannot run stays cold."""
+    spec = PipelineSpec(model="tiny", max_streams=2, num_cpus=0)
+    core = PipelineCore("p0", spec, InProcessExecutor(engine), service=ServiceConfig(stats_interval_s=0.2))
+
+    async def run():
+        task = asyncio.get_running_loop().create_task(core.warm_shape(32, 48, "wan"))
+        await asyncio.sleep(0)
+        warming = core.load().warming_shapes
+        first, second = await task, await core.warm_shape(32, 48, "wan")
+        bad = await core.warm_shape(30, 48, "wan")  # not a multiple of 16: the engine refuses it
+        return warming, first, second, bad
+
+    warming, first, second, bad = asyncio.run(run())
+    assert warming == [(32, 48, "wan")] and first and second and not bad
+    assert core.load().warm_shapes == [(32, 48, "wan")] and not core.load().warming_shapes
 
 
 def test_an_slo_below_the_latency_floor_is_unattainable():
@@ -485,7 +562,7 @@ def test_warm_resolutions_are_warmed_before_clients_and_reported(engine, caplog)
     core = PipelineCore("p0", spec, InProcessExecutor(engine), service=ServiceConfig(stats_interval_s=0.2))
     with caplog.at_level("INFO", logger="weir.pipeline"):
         asyncio.run(warm_up_pipeline(core))
-    assert core.load().warm_shapes == [(32, 48)] and not core.streams
+    assert core.load().warm_shapes == [(32, 48, "wan")] and not core.streams
     assert any("warmed 32x48" in r.getMessage() for r in caplog.records)
     assert not any("failed" in r.getMessage() for r in caplog.records)
     assert _resolutions("512x512, 720x1280") == ((512, 512), (720, 1280)) and _resolutions("") == ()
