@@ -26,6 +26,13 @@ Tables print to stdout; --json writes every row.
 --kernels N        also profile each stage (encode, DiT step, decode: its last call of the breakdown pass,
                    made KERNEL_TABLE_CALLS more times) and print its kernel time and count per call and its
                    N costliest kernels; the JSON rows carry the tables.
+--cold-shapes 512x512,384x672
+                   also what a first stream at each of these shapes costs, right after the start-up warm-up
+                   at the first resolution (before any other row compiles anything): per shape and VAE
+                   kind, in --vae order, one 1-step stream of COLD_CHUNKS chunks, then a second one; the
+                   cold stream's TTFF and its time beyond the second's steady chunks (`cold_extra_s`: the
+                   compiles, autotuning and captures every stream on a pipeline would wait through;
+                   scheduling.priors COLD_SHAPE_S). The first kind at a shape also pays the DiT's part.
 --check-precision  run the DiT in fp32 and in the bench dtype on the same random weights over a few
                    chunks (cluster/precision_bench.py) and print the relative error of the outputs
                    (target rel_l2 <= 1e-2).
@@ -326,6 +333,7 @@ def engine_main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-fps", type=float, default=16.0, help="input frame rate of the capacity table")
     p.add_argument("--kernels", type=int, default=0, metavar="N",
                    help="also profile each stage and print its top N kernels (in the JSON too)")
+    p.add_argument("--cold-shapes", default="", help="first-stream cost at these shapes, e.g. 512x512,384x672")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="measure the first stream without the start-up warm-up")
     args = p.parse_args(argv)
@@ -352,6 +360,15 @@ def engine_main(argv: list[str] | None = None) -> int:
           f"TTFF {ttff_cold_ms:.0f} ms", file=sys.stderr)
     engine.close_stream("cold")
     print(f"# built {args.model} on {device} ({dtype}) in {build_s:.1f} s", file=sys.stderr)
+    cold = []
+    for shape in filter(None, args.cold_shapes.split(",")):
+        h, w = (int(x) for x in shape.split("x"))
+        for vae in vaes:
+            cold.append(bench_cold_shape(engine, h, w, vae))
+            print(json.dumps(cold[-1]), file=sys.stderr)
+    if cold:
+        print("# first stream at a new shape (after the warm-up at the first resolution)")
+        print_table(cold, ["resolution", "vae", "cold_ttff_ms", "cold_extra_s", "second_ttff_ms", "steady_chunk_ms"])
     for (h, w) in resolutions:
         for vae in vaes:
             for steps in [int(s) for s in args.steps.split(",")]:
@@ -364,7 +381,7 @@ def engine_main(argv: list[str] | None = None) -> int:
     table = [asdict(r) for r in rows]
     print_table(table, ["resolution", "vae", "steps", "fps", "fps_p50", "dit_ms", "enc_ms", "dec_ms", "chunk_p50_ms",
                         "chunk_p99_ms", "ttff_warm_ms", "ttff_cold_ms", "peak_mem_gib"])
-    result: dict = {"rows": table, "argv": argv}
+    result: dict = {"rows": table, "argv": argv, "cold_shapes": cold}
     if args.streams:
         capacity = []
         for (h, w) in resolutions:
@@ -398,6 +415,46 @@ def engine_main(argv: list[str] | None = None) -> int:
         if args.json:
             _write_json(args.json, result)
     return 0
+
+
+COLD_CHUNKS = 12
+"""Chunks of each --cold-shapes stream: past its KV caches' filling and its full-cache graph capture."""
+
+
+def bench_cold_shape(engine, height: int, width: int, vae: str) -> dict:
+    """A first 1-step stream at (height, width, vae), then a second (module docstring, --cold-shapes)."""
+    import torch
+
+    from stages.engine import StreamParams
+
+    frame = np.full((height, width, 3), 100, np.uint8)
+
+    def run(sid: str) -> tuple[float, list[float]]:
+        engine.open_stream(sid, StreamParams(prompt="cold shape", num_steps=1, height=height, width=width, vae=vae))
+        chunks, ttff, seq, t0 = [], None, 0, time.perf_counter()
+        try:
+            for c in range(COLD_CHUNKS):
+                tc = time.perf_counter()
+                outs = []
+                for _ in range(1 if c == 0 else 4):
+                    outs += engine.push_frame(sid, seq, frame)
+                    seq += 1
+                if engine.device.type == "cuda":
+                    torch.cuda.synchronize(engine.device)
+                chunks.append(time.perf_counter() - tc)
+                if outs and ttff is None:
+                    ttff = time.perf_counter() - t0
+        finally:
+            engine.close_stream(sid)
+        return ttff if ttff is not None else float("nan"), chunks
+
+    cold_ttff, cold = run(f"cold_{vae}_{height}x{width}")
+    warm_ttff, warm = run(f"second_{vae}_{height}x{width}")
+    steady = statistics.median(warm[len(warm) // 2:])
+    extra = sum(max(0.0, c - w) for c, w in zip(cold, warm))
+    return {"resolution": f"{height}x{width}", "vae": vae, "cold_ttff_ms": 1000 * cold_ttff,
+            "cold_extra_s": extra, "second_ttff_ms": 1000 * warm_ttff, "steady_chunk_ms": 1000 * steady,
+            "cold_chunks_s": cold, "second_chunks_s": warm}
 
 
 def _formatted(rows: list[dict], formats: dict[str, str]) -> list[dict]:

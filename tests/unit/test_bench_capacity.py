@@ -54,3 +54,19 @@ def test_engine_row_kernel_tables_profile_each_stage():
         assert times == sorted(times, reverse=True) and sum(times) <= table["ms"] * 1.0001
     assert any("conv" in name for name, _, _ in row.kernels["decode"]["top"])
     assert engine.stats().active_streams == 0
+
+
+def test_cold_shape_row_times_a_first_stream_and_a_second_at_a_new_shape():
+    """`--cold-shapes`: both streams run COLD_CHUNKS chunks and emit frames; the cold stream's extra time
+    is its time beyond the second stream's, chunk by chunk, so never negative."""
+    from cluster.bench import COLD_CHUNKS, bench_cold_shape
+
+    torch.set_num_threads(1)
+    engine = StreamEngine(EngineSpec(model="tiny", vae="taehv"))
+    row = bench_cold_shape(engine, 48, 32, "taehv")
+    assert row["resolution"] == "48x32" and row["vae"] == "taehv"
+    assert len(row["cold_chunks_s"]) == len(row["second_chunks_s"]) == COLD_CHUNKS
+    assert row["cold_ttff_ms"] > 0 and row["second_ttff_ms"] > 0 and row["steady_chunk_ms"] > 0
+    assert row["cold_extra_s"] == pytest.approx(
+        sum(max(0.0, c - w) for c, w in zip(row["cold_chunks_s"], row["second_chunks_s"])))
+    assert engine.stats().active_streams == 0
