@@ -112,13 +112,14 @@ COLD_SHAPE_S: dict[tuple[str, str], float] = {
 """(model, VAE kind) -> seconds (H200) a pipeline stalls on the first stream of a resolution it has not
 run with that VAE: torch.compile's pieces for the new shapes, cuDNN's autotuning of the VAE convs, the
 CUDA-graph captures; every stream on the replica waits through them. Measured for wan-1.3b, 1 step,
-after the serving start-up warm-up at 480x832 (BENCHMARKS.md, "Cold shapes"): a first TAEHV stream at
-512x512 / 384x672 lost 7.5 / 7.8 s over its first two chunks (the DiT's compiles and captures for the
-new token count, the TAEHV's), a first Wan VAE stream after it, the DiT already warm, 30.8 / 25.6 s
-more (the Wan VAE's norm kernels compiled for each new level shape, once for the 1-frame first chunk
-and once for 4-frame chunks, and its convs autotuned); so a Wan VAE stream first at a shape about 38 s.
-Rounded up by 10-20%. wan-14b: not measured; 1.3B's plus the DiT's part scaled by its one-row time
-(about 2x). The tiny CPU model compiles nothing."""
+after the start-up warm-up at 480x832, on fresh machines (BENCHMARKS.md, "Cold shapes"; `weir bench
+engine --cold-shapes`): a first TAEHV stream at 512x512 / 384x672 lost 4.8 / 5.1 s over its first two
+chunks (the DiT's compiles and captures for the new token count, and the TAEHV's), 7.5 / 7.8 s in an
+earlier probe; a first Wan VAE stream after it, the DiT already warm, 21.0 / 20.3 s more (30.8 / 25.6
+s in the probe: the Wan VAE's norm kernels compiled for each level's new shape, once for the 1-frame
+first chunk and once for 4-frame chunks, and its convs autotuned). So a Wan VAE stream first at a
+shape costs both parts; the figures below sit above every run. wan-14b: not measured; 1.3B's plus the
+DiT's part scaled by its one-row time (about 2x). The tiny CPU model compiles nothing."""
 
 
 def vae_kind_ratio(model: str, vae: str, profile_vae: str) -> float:
