@@ -501,18 +501,18 @@ class AdmissionController:
         """The replica to warm the refused request's shape up on, and the seconds it takes, recorded as
         in progress there (module docstring, "Warm-ups on demand"); None when there is none: no
         resolution given, a warm-up of it already asked for somewhere, or no idle replica where it
-        would then fit."""
+        would then fit (of those, the cheapest GPU class)."""
         key = request.warm_key
         if key is None or any(key in r.shape_warmups for r in self._replicas.values()):
             return None
-        for e in sorted(estimates, key=lambda e: list(self._replicas).index(e.replica_id)):
-            replica = self._replicas[e.replica_id]
-            idle = not (replica.streams or replica.warming or replica.closing or replica.shape_warmups)
-            if e.warm_up_fits and idle and not replica.draining:
-                seconds = replica.info.cold_s(key[2])
-                replica.shape_warmups[key] = (now, seconds)
-                return replica.info.replica_id, seconds
-        return None
+        idle = [self._replicas[e.replica_id] for e in estimates if e.warm_up_fits]
+        idle = [r for r in idle if not (r.streams or r.warming or r.closing or r.shape_warmups or r.draining)]
+        if not idle:
+            return None
+        replica = min(idle, key=lambda r: r.info.cost_per_hour)  # the cheapest; the first registered of those
+        seconds = replica.info.cold_s(key[2])
+        replica.shape_warmups[key] = (now, seconds)
+        return replica.info.replica_id, seconds
 
     def warming_on(self, replica_id: str) -> dict[str, Warming]:
         """The replica's streams still in their start-up."""

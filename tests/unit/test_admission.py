@@ -411,3 +411,27 @@ def test_a_report_keeps_the_estimate_of_a_stream_it_does_not_know_yet():
     assert "a" in ctl.warming_on("h")
     ctl.set_warming("h", {"a": Warming(0.1, 1.0)}, keep=["a"])  # the replica's own figure wins
     assert ctl.warming_on("h")["a"] == Warming(0.1, 1.0)
+
+
+def test_a_cold_shape_is_warmed_on_the_cheapest_idle_replica_and_per_vae_kind():
+    """Three replicas, none warm for 480x832 with the Wan VAE, the cheaper class's first one busy: the
+    refusal asks the cheaper class's idle one to warm the shape up (its Wan VAE figure, 40 s, not its
+    TAEHV one); the retry after its report goes there."""
+    book = ProfileBook([make_profile("h100"), make_profile("l40s", 1.5)])
+    ctl = AdmissionController(book)
+    cold = {"wan": 40.0, "taehv": 8.0}
+    for rid, gpu_class, price in (("h-0", "h100", 4.0), ("l-0", "l40s", 1.0), ("l-1", "l40s", 1.0)):
+        ctl.add_replica(ReplicaInfo(rid, gpu_class, SHAPE, BLOCKS, 4, price, cold_shape_s=cold))
+        ctl.set_warm_shapes(rid, [(512, 512, SHAPE.vae)])
+    busy = ctl.admit(StreamRequest("busy", SHAPE, spec(deadline=2.0, ttff=60.0), resolution=(512, 512)), now=0.0)
+    assert busy.replica_id == "l-0"
+    request = StreamRequest("s", SHAPE, spec(deadline=2.0, ttff=2.0), resolution=(480, 832), vae="wan")
+    assert request.warm_key == (480, 832, "wan")
+    with pytest.raises(AdmissionRefusedError, match="l-1 warms 480x832") as refused:
+        ctl.admit(request, now=0.0)
+    assert refused.value.details["warm_up_replica"] == "l-1" and refused.value.retry_after_s == 40.0
+    assert ctl.warm_ups_on("l-1") == {(480, 832, "wan"): (0.0, 40.0)}
+    assert not ctl.warm_ups_on("h-0") and not ctl.warm_ups_on("l-0")
+    ctl.set_warm_shapes("l-1", [(480, 832, "wan")], now=41.0)
+    assert not ctl.warm_ups_on("l-1")
+    assert ctl.admit(request, now=41.0).replica_id == "l-1"
