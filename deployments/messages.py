@@ -184,6 +184,8 @@ class PipelineStats:
     costs its compiles first (scheduling.admission `ReplicaInfo.cold_shape_s`)."""
     warming_shapes: list[tuple[int, int, str]] = field(default_factory=list)
     """Shapes it is warming up now, asked by the router for a refused stream (`Pipeline.warm_shape`)."""
+    shape_warmups_total: int = 0
+    """Shapes its warm-ups have compiled since start (start-up ones and those asked for), cumulative."""
     profile: ProfileSnapshot | None = None
     """The pipeline's measured stage-time models (seeded by scheduling.priors): what the router admits from."""
     replica_id: str = ""

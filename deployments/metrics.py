@@ -72,6 +72,9 @@ class MetricsExporter:
         self.gpu_mem = Gauge("weir_gpu_memory_bytes", "Accelerator memory allocated by the engines.", mg, registry=r)
         self.graphs_off = Gauge("weir_cuda_graphs_disabled", "CUDA-graph runners of the engines that run eager "
                                 "after failed captures (several times slower; 0 is healthy).", mg, registry=r)
+        self.shape_warmups = Counter("weir_shape_warmups", "Shapes (resolution, VAE kind) pipelines' warm-ups "
+                                     "compiled: at start-up and for streams refused while cold.", mg, registry=r)
+        self.shapes_warming = Gauge("weir_shapes_warming", "Shapes pipelines are warming up now.", mg, registry=r)
         self.healthy = Gauge("weir_pipelines_healthy", "Pipelines reporting healthy.", mg, registry=r)
         self.opens = Counter("weir_stream_opens", "Stream open attempts by outcome.", ("tier", "outcome"), registry=r)
         self.admitted = Gauge("weir_admitted_streams", "Streams the router has admitted and not released.",
@@ -103,6 +106,8 @@ class MetricsExporter:
         prev = self._latest.get((s.pipeline, s.replica_id))  # one series per replica of a pool
         self.frames_out.labels(*mg).inc(_increase(s.frames_out_total, prev.frames_out_total if prev else 0))
         self.slow_ticks.labels(*mg).inc(_increase(s.slow_ticks_total, prev.slow_ticks_total if prev else 0))
+        self.shape_warmups.labels(*mg).inc(
+            _increase(s.shape_warmups_total, prev.shape_warmups_total if prev else 0))
         for reason, total in s.skipped_by_reason.items():  # cumulative per pipeline: count the increase
             before = prev.skipped_by_reason.get(reason, 0) if prev else 0
             self.skipped_reason.labels(*mg, reason).inc(_increase(total, before))
@@ -116,6 +121,7 @@ class MetricsExporter:
         self.gpu_mem.labels(*mg).set(sum(p.gpu_memory_bytes for p in group))
         self.graphs_off.labels(*mg).set(sum(p.cuda_graphs_disabled for p in group))
         self.healthy.labels(*mg).set(sum(1 for p in group if p.healthy))
+        self.shapes_warming.labels(*mg).set(sum(len(p.warming_shapes) for p in group))
         for mode in ("stream_batch", "step_by_step"):
             self.modes.labels(*mg, mode).set(sum(p.streams_by_mode.get(mode, 0) for p in group))
 

@@ -575,6 +575,7 @@ class PipelineCore:
         self._skipped_by_reason: dict[str, int] = {}
         self._misses_total = 0
         self._slow_ticks_total = 0
+        self._shape_warmups_total = 0
         self._slow_ticks_unlogged = 0
         self._slow_tick_logged_s: float | None = None
         self._samples = PipelineStats(pipeline=name, model=spec.model, gpu_type=spec.gpu_type)
@@ -658,6 +659,7 @@ class PipelineCore:
             if failures:
                 return False
             self.warm_shapes.add(key)
+            self._shape_warmups_total += 1
             log.info("pipeline %s warmed %dx%d (%s VAE) up in %.1f s", self.name, height, width, vae, seconds)
             return True
         finally:
@@ -828,6 +830,7 @@ class PipelineCore:
             frames_skipped_total=self._skipped_total,
             deadline_misses_total=self._misses_total,
             slow_ticks_total=self._slow_ticks_total,
+            shape_warmups_total=self._shape_warmups_total,
             gpu_memory_bytes=self.executor.memory_bytes(),
             cuda_graphs_disabled=getattr(self.executor, "graphs_disabled", lambda: 0)(),
             active_stream_ids=sorted(self.streams),

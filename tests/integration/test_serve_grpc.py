@@ -194,6 +194,21 @@ def test_a_new_resolution_is_warmed_up_for_a_stream_that_cannot_wait_and_admits_
     assert all(f.shape == (h, w, 3) for _, f in first.frames)
     assert second.admission_retries == 0 and second.seqs == list(range(n))
     asyncio.run(_wait_idle(weir))
+    assert _metric(weir, 'weir_shape_warmups_total{gpu_type="cpu",model="tiny"}') >= 1  # counted
+
+
+def _metric(service, series: str, timeout_s: float = 15.0) -> float:
+    """The value of one series on the metrics endpoint, once it is there (pipelines push their stats
+    every stats interval)."""
+    url = f"http://127.0.0.1:{service.http_port}/metrics"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+            if line.startswith(series + " ") and float(line.split()[-1]) > 0:
+                return float(line.split()[-1])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{series} not on {url} (or 0) after {timeout_s} s")
+        time.sleep(0.5)
 
 
 def test_corrupt_frame_is_invalid_argument_and_costs_no_other_stream(weir):
@@ -245,7 +260,7 @@ def test_unary_rpcs_and_metrics_endpoint(weir):
                  "weir_admitted_streams", "weir_streams_refused_total", "weir_pipeline_fps", "weir_stage_seconds",
                  "weir_gpu_memory_bytes", "weir_stream_opens_total", "weir_streams_starting",
                  "weir_cuda_graphs_disabled", "weir_slow_ticks_total",
-                 "weir_stream_startup_seconds"):
+                 "weir_stream_startup_seconds", "weir_shape_warmups_total", "weir_shapes_warming"):
         assert name in text, name
     assert 'weir_ttff_seconds_count{gpu_type="cpu",model="tiny",tier="standard"}' in text
     assert 'weir_stream_opens_total{outcome="refused",tier="standard"}' in text
