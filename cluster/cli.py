@@ -26,6 +26,12 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+RETRY_FOR_S = 60.0
+"""How long `weir stream` and `weir bench serve` ask again after refusals by default: longer than a
+cold-shape warm-up a refusal starts on an H100 or H200 (the 1.3B model's Wan VAE one: 42 s on an H200,
+46 s on an H100, scheduling.priors COLD_SHAPE_S), so that a first stream at a new resolution gets in
+after it. Slower GPU classes take longer: raise it there."""
+
 
 # ---- local cluster -------------------------------------------------------------------------------------
 
@@ -549,7 +555,7 @@ def _add_stream_args(p: argparse.ArgumentParser, *, prompt_required: bool, fps: 
     p.add_argument("--deadline-ms", type=float, default=0.0, help="per-frame deadline; 0 = server default")
     p.add_argument("--api-key", default=None, help="default: $WEIR_API_KEY")
     p.add_argument("--jpeg", action="store_true", help="send and receive JPEG instead of raw RGB")
-    p.add_argument("--retry-for-s", type=float, default=30.0,
+    p.add_argument("--retry-for-s", type=float, default=RETRY_FOR_S,
                    help="when refused (RESOURCE_EXHAUSTED), ask again at the server's retry hint for up to "
                         "this long; 0 = give up at the first refusal")
 
