@@ -97,8 +97,8 @@ class RouterAdmission:
         prior = prior_of(spec.model, spec.vae)
         gpu_class = gpu_class_of(spec.gpu_type)
         cost = gpu_class.cost_per_hour if gpu_class is not None else 1.0
-        cold_s = spec.cold_shape_s if spec.cold_shape_s is not None else {
-            vae: cold_shape_s(spec.model, spec.gpu_type, vae) for vae in VAE_KINDS}
+        cold_s = {vae: spec.cold_shape_s if spec.cold_shape_s is not None else cold_shape_s(spec.model, spec.gpu_type, vae)
+                  for vae in VAE_KINDS}
         self.admission.add_replica(ReplicaInfo(key, spec.gpu_type, prior.shape, prior.num_blocks,
                                                max(1, max_streams), cost_per_hour=cost, cold_shape_s=cold_s))
         self.pool_of[key] = pool

@@ -125,17 +125,15 @@ class ReplicaInfo:
     """Stream slots (memory for per-stream caches), >= 1."""
     cost_per_hour: float = 1.0
     """Price of the replica, >= 0, in any consistent unit."""
-    cold_shape_s: float | Mapping[str, float] = 0.0
-    """Device time a stream of a shape the replica has not run costs on top of its start-up (the
-    compiles, cuDNN's autotuning and graph captures of the new shapes), >= 0; every stream there waits
-    through it (scheduling.priors `cold_shape_s`). One figure for every VAE kind, or one per kind
-    (a kind not listed: the largest listed)."""
+    cold_shape_s: Mapping[str, float] = field(default_factory=dict)
+    """VAE kind -> device time a stream of a shape with that kind the replica has not run costs on top
+    of its start-up (the compiles, cuDNN's autotuning and graph captures of the new shapes), >= 0;
+    every stream there waits through it (scheduling.priors `cold_shape_s`). A kind not listed costs
+    the largest listed; none listed: 0."""
 
     def cold_s(self, vae: str) -> float:
         """`cold_shape_s` for a shape with VAE kind `vae`."""
-        if isinstance(self.cold_shape_s, Mapping):
-            return float(self.cold_shape_s.get(vae, max(self.cold_shape_s.values(), default=0.0)))
-        return float(self.cold_shape_s)
+        return float(self.cold_shape_s.get(vae, max(self.cold_shape_s.values(), default=0.0)))
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -146,8 +144,7 @@ class ReplicaInfo:
             raise ValueError(f"max_streams={self.max_streams} must be >= 1")
         if self.cost_per_hour < 0.0:
             raise ValueError(f"cost_per_hour={self.cost_per_hour} must be >= 0")
-        values = self.cold_shape_s.values() if isinstance(self.cold_shape_s, Mapping) else [self.cold_shape_s]
-        if any(not v >= 0.0 for v in values):
+        if any(not v >= 0.0 for v in self.cold_shape_s.values()):
             raise ValueError(f"cold_shape_s={self.cold_shape_s} must be >= 0")
 
 
@@ -398,7 +395,7 @@ class AdmissionController:
                           if request.warm_key in r.shape_warmups]
             if warming_it:  # its shape is warming up somewhere: retry when that is through
                 hint = max(hint, min(warming_it))
-            warm_up = self._ask_warm_up(request, estimates, now)
+            warm_up = None if warming_it else self._ask_warm_up(request, estimates, now)
             if warm_up is not None:
                 replica_id, seconds = warm_up
                 h, w, vae = request.warm_key
@@ -500,10 +497,10 @@ class AdmissionController:
                      now: float) -> tuple[str, float] | None:
         """The replica to warm the refused request's shape up on, and the seconds it takes, recorded as
         in progress there (module docstring, "Warm-ups on demand"); None when there is none: no
-        resolution given, a warm-up of it already asked for somewhere, or no idle replica where it
-        would then fit (of those, the cheapest GPU class)."""
+        resolution given, or no idle replica where it would then fit (of those, the cheapest GPU
+        class). The caller asks only when no warm-up of the shape is in progress anywhere."""
         key = request.warm_key
-        if key is None or any(key in r.shape_warmups for r in self._replicas.values()):
+        if key is None:
             return None
         idle = [self._replicas[e.replica_id] for e in estimates if e.warm_up_fits]
         idle = [r for r in idle if not (r.streams or r.warming or r.closing or r.shape_warmups or r.draining)]
